@@ -1,0 +1,140 @@
+// The engine: PrimaryReplicator and SecondaryReplica.
+//
+// A PrimaryReplicator checkpoints a running guest into epochs and streams them to a
+// SecondaryReplica over a replication channel, holding the guest's output until the
+// secondary acknowledges the epoch that caused it. Each side watches the other with
+// heartbeats; on a fault each asks the witness for the single active token, and only the
+// winner acts. See docs/engine.md for the state machine and docs/wire-format.md for the
+// bytes.
+//
+// Threads (all owned by the replicator): the primary runs an epoch thread (pause, then
+// stream), a control thread (acks, heartbeats in, failure detection, fault handling) and a
+// heartbeat thread; the secondary runs a receive thread (verify, ack, apply, failure
+// detection, fault handling) and a heartbeat thread. Public methods are thread-safe.
+#pragma once
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "lockstep/hypervisor.h"
+#include "replication_channel/channel.h"
+#include "vip_manager/witness.h"
+
+namespace lockstep {
+
+using Micros = std::chrono::microseconds;
+
+struct ReplicationOptions {
+  std::string vm_id;    // the protected VM; the same on both hosts
+  std::string host_id;  // this host, as the witness and the peer know it
+  std::array<uint8_t, 16> pairing_id{};  // both sides must agree
+  Micros epoch_interval{20'000};       // time between checkpoint pauses
+  Micros heartbeat_interval{1'000};    // a heartbeat goes out when nothing else did
+  Micros peer_loss_threshold{30'000};  // silence longer than this is a lost peer
+  bool delta_encoding = true;          // XOR+RLE deltas against the last copy sent
+  size_t max_device_state_bytes = 4u << 20;
+  std::chrono::milliseconds handshake_timeout{5'000};
+};
+
+// The explicit states of a replica. See docs/engine.md for the allowed transitions.
+enum class ReplicaState {
+  kIdle,          // not started
+  kSyncing,       // initial full synchronization in progress
+  kProtected,     // primary: epochs acknowledged; secondary: holds a complete epoch
+  kPrimaryAlone,  // primary lost its secondary, won the token, runs unprotected
+  kPromoting,     // secondary lost its primary and is asking the witness / resuming
+  kActive,        // secondary won and runs the guest
+  kFenced,        // lost the token (or could not ask): emits nothing for this VM
+  kStopped,       // protection ended on purpose (Stop() or the primary's GOODBYE)
+  kFailed,        // cannot go on (e.g. the primary died before the initial sync finished)
+};
+const char* ReplicaStateName(ReplicaState s);
+
+struct Transition {
+  std::chrono::system_clock::time_point at;
+  ReplicaState from;
+  ReplicaState to;
+  std::string reason;
+};
+
+struct ReplicationStats {
+  uint64_t epochs = 0;          // primary: epochs sent; secondary: epochs applied
+  uint64_t acked_epoch = 0;     // primary: highest ACK received; secondary: highest ACK sent
+  uint64_t current_epoch = 0;   // primary: last epoch captured
+  uint64_t bytes = 0;           // record bytes sent (primary) or received (secondary)
+  uint64_t raw_pages = 0, zero_pages = 0, delta_pages = 0;
+  Micros last_pause{0};         // primary: the last checkpoint pause
+  Micros pause_p50{0}, pause_p99{0}, pause_max{0};  // over the recent pauses
+  Micros last_ack_latency{0};   // primary: end of pause to ACK
+};
+
+class PrimaryReplicator {
+ public:
+  PrimaryReplicator(Hypervisor& hv, vip::Witness& witness, ReplicationOptions options);
+  ~PrimaryReplicator();  // Stop()s
+  PrimaryReplicator(const PrimaryReplicator&) = delete;
+  PrimaryReplicator& operator=(const PrimaryReplicator&) = delete;
+
+  // Registers with the witness, runs the handshake on `channel` and starts the initial
+  // synchronization and the epoch loop. Returns when the handshake is done; the state is
+  // then kSyncing and becomes kProtected when the secondary acknowledges epoch 1. On error
+  // (peer refused, wrong version, ...) the guest keeps running unprotected, untouched.
+  Status Start(std::unique_ptr<channel::Channel> channel);
+
+  // Ends protection on purpose: tells the secondary (GOODBYE) not to take over, releases
+  // held output and leaves the guest running. Idempotent.
+  void Stop();
+
+  ReplicaState state() const;
+  // Waits until the state is `s`; false on timeout.
+  bool WaitForState(ReplicaState s, std::chrono::milliseconds timeout) const;
+  // Waits until the state is none of kIdle, kSyncing, kProtected (a fault was handled).
+  bool WaitForFaultHandled(std::chrono::milliseconds timeout) const;
+  std::vector<Transition> transitions() const;
+  ReplicationStats stats() const;
+  // Why protection ended, if it did ("" otherwise).
+  std::string fault_reason() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+class SecondaryReplica {
+ public:
+  SecondaryReplica(Hypervisor& hv, vip::Witness& witness, ReplicationOptions options);
+  ~SecondaryReplica();  // Stop()s
+  SecondaryReplica(const SecondaryReplica&) = delete;
+  SecondaryReplica& operator=(const SecondaryReplica&) = delete;
+
+  // Validates the primary's HELLO on `channel` (version, pairing, VM, RAM layout against
+  // this hypervisor's), answers it, and starts receiving epochs. A refused handshake is
+  // answered with the reason, returned here, and leaves the replica untouched.
+  Status Start(std::unique_ptr<channel::Channel> channel);
+
+  // Stops receiving without taking over. Idempotent.
+  void Stop();
+
+  ReplicaState state() const;
+  bool WaitForState(ReplicaState s, std::chrono::milliseconds timeout) const;
+  bool WaitForFaultHandled(std::chrono::milliseconds timeout) const;
+  std::vector<Transition> transitions() const;
+  ReplicationStats stats() const;
+  std::string fault_reason() const;
+  // Highest epoch acknowledged to the primary; the replica holds exactly this epoch
+  // (or is applying it). Lock-free, cheap enough to poll.
+  uint64_t acked_epoch() const;
+  // The epoch the replica RAM holds (fully applied).
+  uint64_t applied_epoch() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lockstep

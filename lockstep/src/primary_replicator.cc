@@ -1,0 +1,329 @@
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+#include "epoch_stager.h"
+#include "lockstep/replicator.h"
+#include "lockstep/wire_format.h"
+#include "replica_common.h"
+
+namespace lockstep {
+
+using channel::Channel;
+using channel::ConstSlice;
+
+
+struct PrimaryReplicator::Impl {
+  Impl(Hypervisor& h, vip::Witness& w, ReplicationOptions o)
+      : hv(h), witness(w), opt(std::move(o)) {}
+
+  void EpochLoop();
+  void ControlLoop();
+  // Records the first fault; the control thread acts on it.
+  void SignalFault(const Status& s);
+  void HandleAck(uint64_t epoch);
+  void Teardown(bool orderly, const std::string& reason);
+
+  Hypervisor& hv;
+  vip::Witness& witness;
+  const ReplicationOptions opt;
+  RoleState role{true};
+  PauseWindow pauses;
+
+  std::unique_ptr<Channel> ch;
+  std::unique_ptr<EpochStager> stager;
+  std::unique_ptr<EpochStreamer> streamer;
+  std::unique_ptr<Heartbeater> heartbeat;
+  uint64_t term = 0;
+
+  std::thread epoch_thread;
+  std::thread control_thread;
+  std::atomic<bool> stopping{false};
+  std::atomic<bool> epoch_thread_done{false};
+  std::mutex wake_mu;
+  std::condition_variable wake_cv;  // wakes the epoch thread early on stop or fault
+
+  std::mutex fault_mu;
+  std::string fault;  // GUARDED_BY(fault_mu); first fault seen
+  std::atomic<bool> faulted{false};
+  // A checkpoint failed on this host: end protection on purpose, the guest goes on.
+  std::atomic<bool> local_failed{false};
+  std::string local_reason;  // GUARDED_BY(fault_mu)
+
+  std::atomic<uint64_t> captured{0};
+  std::atomic<uint64_t> sent{0};
+  std::atomic<uint64_t> acked{0};
+  std::atomic<int64_t> ack_latency_us{0};
+  // End of pause of recent epochs, for the ack latency; indexed by epoch % size.
+  std::array<std::atomic<int64_t>, 64> pause_end_ns{};
+
+  mutable std::mutex stats_mu;
+  StreamStats stream;  // GUARDED_BY(stats_mu) for readers; written by the epoch thread
+};
+
+void PrimaryReplicator::Impl::SignalFault(const Status& s) {
+  {
+    std::lock_guard<std::mutex> lock(fault_mu);
+    if (faulted.load()) return;
+    fault = s.ToString();
+    faulted.store(true);
+  }
+  wake_cv.notify_all();
+}
+
+void PrimaryReplicator::Impl::EpochLoop() {
+  uint64_t epoch = 1;
+  Status s = hv.StartDirtyLog();
+  bool local = !s.ok();
+  while (s.ok() && !stopping.load() && !faulted.load()) {
+    auto t0 = SteadyClock::now();
+    const bool full = epoch == 1;
+    s = hv.StopVcpus();
+    if (!s.ok()) break;
+    s = stager->Capture(hv, epoch, full);
+    if (s.ok()) {
+      if (full) hv.SetOutputMode(OutputMode::kBuffered);
+      hv.CloseOutputBarrier(epoch);
+    }
+    Status start = hv.StartVcpus();
+    auto t1 = SteadyClock::now();
+    if (!s.ok() || !start.ok()) {
+      s = (!s.ok() ? s : start).WithContext("checkpoint of epoch " + std::to_string(epoch));
+      local = true;
+      break;
+    }
+    pauses.Add(std::chrono::duration_cast<Micros>(t1 - t0));
+    pause_end_ns[epoch % pause_end_ns.size()].store(t1.time_since_epoch().count());
+    captured.store(epoch);
+
+    StreamStats delta;
+    s = streamer->Send(*stager, *ch, &delta);
+    if (!s.ok()) {
+      s = s.WithContext("sending epoch " + std::to_string(epoch));
+      break;
+    }
+    heartbeat->NoteSent();
+    sent.store(epoch);
+    {
+      std::lock_guard<std::mutex> lock(stats_mu);
+      stream.raw_pages += delta.raw_pages;
+      stream.zero_pages += delta.zero_pages;
+      stream.delta_pages += delta.delta_pages;
+      stream.bytes += delta.bytes;
+    }
+    ++epoch;
+    std::unique_lock<std::mutex> lock(wake_mu);
+    wake_cv.wait_until(lock, t0 + opt.epoch_interval,
+                       [&] { return stopping.load() || faulted.load(); });
+  }
+  if (!s.ok() && local) {
+    // This host's problem, not the link's: the secondary must not take over.
+    {
+      std::lock_guard<std::mutex> lock(fault_mu);
+      local_reason = s.ToString();
+    }
+    local_failed.store(true);
+  } else if (!s.ok()) {
+    SignalFault(s);
+  }
+  epoch_thread_done.store(true);
+  wake_cv.notify_all();
+}
+
+void PrimaryReplicator::Impl::HandleAck(uint64_t epoch) {
+  // An ACK for an epoch never sent would release output whose cause the secondary lacks.
+  if (epoch > captured.load()) {
+    SignalFault(Status::Corruption("the secondary acknowledged epoch " + std::to_string(epoch) +
+                                   ", which was never sent"));
+    return;
+  }
+  uint64_t prev = acked.load();
+  if (epoch <= prev) return;
+  acked.store(epoch);
+  hv.ReleaseOutput(epoch);
+  int64_t end = pause_end_ns[epoch % pause_end_ns.size()].load();
+  int64_t now = SteadyClock::now().time_since_epoch().count();
+  if (end != 0 && now > end) ack_latency_us.store((now - end) / 1000);
+  if (role.get() == ReplicaState::kSyncing) {
+    role.MoveTo(ReplicaState::kProtected, "the secondary acknowledged the initial synchronization");
+  }
+}
+
+void PrimaryReplicator::Impl::ControlLoop() {
+  std::vector<uint8_t> buf(64 << 10);
+  while (!stopping.load() && !faulted.load() && !local_failed.load()) {
+    size_t n = 0;
+    Status s = ch->Receive(buf, &n, opt.heartbeat_interval);
+    if (s.ok()) {
+      wire::RecordReader reader({buf.data(), n});
+      while (s.ok() && !reader.done()) {
+        wire::RecordView r;
+        s = reader.Next(&r);
+        if (!s.ok()) break;
+        switch (r.header.type) {
+          case wire::RecordType::kAck: HandleAck(r.header.epoch); break;
+          case wire::RecordType::kHeartbeat: break;
+          case wire::RecordType::kError:
+            s = Status::Corruption("the secondary reported: " + wire::DecodeReason(r));
+            break;
+          default:
+            s = Status::Corruption("unexpected " +
+                                   wire::RecordTypeName(static_cast<uint16_t>(r.header.type)) +
+                                   " record from the secondary");
+        }
+      }
+      if (!s.ok()) SignalFault(s.WithContext("from the secondary"));
+    } else if (s.code() != Status::Code::kTimedOut) {
+      if (!stopping.load()) SignalFault(s);
+    }
+    Status silence = CheckPeerSilence(*ch, opt.peer_loss_threshold, "secondary");
+    if (!silence.ok()) SignalFault(silence);
+  }
+  std::string reason;
+  {
+    std::lock_guard<std::mutex> lock(fault_mu);
+    reason = local_failed.load() ? "protection ended: " + local_reason : fault;
+  }
+  if (local_failed.load()) {
+    Teardown(true, reason);
+  } else {
+    Teardown(!faulted.load(), faulted.load() ? reason : "protection stopped by request");
+  }
+}
+
+// Runs on the control thread only, so the workers are joined by one owner.
+void PrimaryReplicator::Impl::Teardown(bool orderly, const std::string& reason) {
+  wake_cv.notify_all();
+  if (orderly) {
+    // Let the epoch in flight finish so the GOODBYE lands between epochs; a peer that stops
+    // reading cannot hold us here for long.
+    std::unique_lock<std::mutex> lock(wake_mu);
+    wake_cv.wait_for(lock, std::chrono::seconds(2), [&] { return epoch_thread_done.load(); });
+  }
+  bool clean = epoch_thread_done.load();
+  if (orderly && clean) {
+    auto bye = wire::EncodeReasonRecord(wire::RecordType::kGoodbye, reason);
+    ConstSlice slice{bye.data(), bye.size()};
+    (void)ch->Send({&slice, 1});
+  }
+  ch->Abort();
+  if (epoch_thread.joinable()) epoch_thread.join();
+  heartbeat->Stop();
+  (void)hv.StopDirtyLog();
+
+  if (orderly) {
+    hv.SetOutputMode(OutputMode::kPassThrough);
+    role.MoveTo(ReplicaState::kStopped, reason);
+    return;
+  }
+  // A fault: only the witness may let this replica go on releasing output.
+  auto decision = witness.RequestActive(opt.vm_id, opt.host_id, term);
+  if (decision.ok() && decision->granted) {
+    hv.SetOutputMode(OutputMode::kPassThrough);  // no other replica can ever contradict it
+    role.MoveTo(ReplicaState::kPrimaryAlone,
+                reason + "; the witness kept this host active (term " +
+                    std::to_string(decision->term) + "): running UNPROTECTED");
+    return;
+  }
+  (void)hv.StopVcpus();
+  hv.SetOutputMode(OutputMode::kDropped);
+  std::string why = decision.ok() ? "the witness gave the token to " + decision->holder
+                                  : "the witness could not be asked (" +
+                                        decision.status().ToString() + ")";
+  role.MoveTo(ReplicaState::kFenced, reason + "; " + why + ": fenced, guest stopped, output dropped");
+}
+
+PrimaryReplicator::PrimaryReplicator(Hypervisor& hv, vip::Witness& witness,
+                                     ReplicationOptions options)
+    : impl_(std::make_unique<Impl>(hv, witness, std::move(options))) {}
+
+PrimaryReplicator::~PrimaryReplicator() { Stop(); }
+
+Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
+  Impl& m = *impl_;
+  if (m.role.get() != ReplicaState::kIdle) {
+    return Status::FailedPrecondition("this replicator was already started; make a new one");
+  }
+  std::vector<RamBlock> blocks = m.hv.RamBlocks();
+  LOCKSTEP_RETURN_IF_ERROR(ValidateRamLayout(blocks));
+  Result<uint64_t> term = m.witness.Register(m.opt.vm_id, m.opt.host_id);
+  if (!term.ok()) return term.status().WithContext("registering with the witness");
+
+  wire::Hello hello;
+  hello.pairing_id = m.opt.pairing_id;
+  hello.witness_term = *term;
+  hello.vm_id = m.opt.vm_id;
+  hello.host_id = m.opt.host_id;
+  hello.blocks = RamLayout(blocks);
+  auto rec = wire::EncodeHello(hello);
+  ConstSlice slice{rec.data(), rec.size()};
+  LOCKSTEP_RETURN_IF_ERROR(channel->Send({&slice, 1}).WithContext("sending HELLO"));
+  std::vector<uint8_t> buf(64 << 10);
+  wire::RecordView r;
+  Status s = ReceiveRecord(*channel, buf, m.opt.handshake_timeout, &r);
+  if (!s.ok()) return s.WithContext("waiting for the secondary's HELLO_REPLY");
+  wire::HelloReply reply;
+  LOCKSTEP_RETURN_IF_ERROR(wire::DecodeHelloReply(r, &reply));
+  if (!reply.accepted) {
+    return Status::PeerRejected("secondary " + reply.host_id + " refused protection of " +
+                                m.opt.vm_id + ": " + reply.reason);
+  }
+
+  m.term = *term;
+  m.ch = std::move(channel);
+  m.stager = std::make_unique<EpochStager>(blocks, m.opt.max_device_state_bytes);
+  m.streamer = std::make_unique<EpochStreamer>(blocks, m.opt.delta_encoding);
+  LOCKSTEP_RETURN_IF_ERROR(m.streamer->Register(*m.ch, *m.stager));
+  m.heartbeat = std::make_unique<Heartbeater>(
+      *m.ch, m.opt.heartbeat_interval, [&m] { return m.sent.load(); },
+      [&m](const Status& e) { m.SignalFault(e); });
+  m.role.MoveTo(ReplicaState::kSyncing, "paired with " + reply.host_id + ", term " +
+                                             std::to_string(m.term));
+  m.heartbeat->Start();
+  m.epoch_thread = std::thread([&m] { m.EpochLoop(); });
+  m.control_thread = std::thread([&m] { m.ControlLoop(); });
+  return Status::Ok();
+}
+
+void PrimaryReplicator::Stop() {
+  Impl& m = *impl_;
+  m.stopping.store(true);
+  m.wake_cv.notify_all();
+  if (m.control_thread.joinable()) m.control_thread.join();
+  if (m.role.get() == ReplicaState::kIdle) m.role.MoveTo(ReplicaState::kStopped, "never started");
+}
+
+ReplicaState PrimaryReplicator::state() const { return impl_->role.get(); }
+
+bool PrimaryReplicator::WaitForState(ReplicaState s, std::chrono::milliseconds timeout) const {
+  return impl_->role.WaitUntil([s](ReplicaState cur) { return cur == s; }, timeout);
+}
+
+bool PrimaryReplicator::WaitForFaultHandled(std::chrono::milliseconds timeout) const {
+  return impl_->role.WaitUntil(IsSettled, timeout);
+}
+
+std::vector<Transition> PrimaryReplicator::transitions() const { return impl_->role.log(); }
+
+std::string PrimaryReplicator::fault_reason() const { return impl_->role.end_reason(); }
+
+ReplicationStats PrimaryReplicator::stats() const {
+  const Impl& m = *impl_;
+  ReplicationStats out;
+  out.epochs = m.sent.load();
+  out.acked_epoch = m.acked.load();
+  out.current_epoch = m.captured.load();
+  {
+    std::lock_guard<std::mutex> lock(m.stats_mu);
+    out.bytes = m.stream.bytes;
+    out.raw_pages = m.stream.raw_pages;
+    out.zero_pages = m.stream.zero_pages;
+    out.delta_pages = m.stream.delta_pages;
+  }
+  m.pauses.Summarize(&out);
+  out.last_ack_latency = Micros(m.ack_latency_us.load());
+  return out;
+}
+
+}  // namespace lockstep

@@ -1,0 +1,193 @@
+#include "replica_common.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "lockstep/wire_format.h"
+
+namespace lockstep {
+
+const char* ReplicaStateName(ReplicaState s) {
+  switch (s) {
+    case ReplicaState::kIdle: return "IDLE";
+    case ReplicaState::kSyncing: return "SYNCING";
+    case ReplicaState::kProtected: return "PROTECTED";
+    case ReplicaState::kPrimaryAlone: return "PRIMARY_ALONE";
+    case ReplicaState::kPromoting: return "PROMOTING";
+    case ReplicaState::kActive: return "ACTIVE";
+    case ReplicaState::kFenced: return "FENCED";
+    case ReplicaState::kStopped: return "STOPPED";
+    case ReplicaState::kFailed: return "FAILED";
+  }
+  return "?";
+}
+
+bool IsSettled(ReplicaState s) {
+  return s != ReplicaState::kIdle && s != ReplicaState::kSyncing &&
+         s != ReplicaState::kProtected && s != ReplicaState::kPromoting;
+}
+
+bool RoleState::Allowed(ReplicaState from, ReplicaState to) const {
+  using S = ReplicaState;
+  if (from == S::kIdle) return to == S::kSyncing || to == S::kStopped;
+  if (primary_) {
+    switch (from) {
+      case S::kSyncing:
+        return to == S::kProtected || to == S::kPrimaryAlone || to == S::kFenced ||
+               to == S::kStopped;
+      case S::kProtected:
+        return to == S::kPrimaryAlone || to == S::kFenced || to == S::kStopped;
+      case S::kPrimaryAlone:
+        return to == S::kStopped;
+      default:
+        return false;
+    }
+  }
+  switch (from) {
+    case S::kSyncing:
+      return to == S::kProtected || to == S::kFailed || to == S::kStopped;
+    case S::kProtected:
+      return to == S::kPromoting || to == S::kStopped;
+    case S::kPromoting:
+      return to == S::kActive || to == S::kFenced || to == S::kFailed;
+    default:
+      return false;
+  }
+}
+
+bool RoleState::MoveTo(ReplicaState to, std::string reason) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ReplicaState from = state_.load();
+    if (!Allowed(from, to)) return false;
+    log_.push_back({std::chrono::system_clock::now(), from, to, reason});
+    if (IsSettled(to)) end_reason_ = reason;
+    state_.store(to, std::memory_order_release);
+  }
+  cv_.notify_all();
+  return true;
+}
+
+std::vector<Transition> RoleState::log() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return log_;
+}
+
+std::string RoleState::end_reason() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return end_reason_;
+}
+
+Heartbeater::Heartbeater(channel::Channel& channel, Micros interval,
+                         std::function<uint64_t()> latest_epoch,
+                         std::function<void(const Status&)> on_error)
+    : channel_(channel),
+      interval_(interval),
+      latest_epoch_(std::move(latest_epoch)),
+      on_error_(std::move(on_error)) {}
+
+Heartbeater::~Heartbeater() { Stop(); }
+
+void Heartbeater::Start() {
+  NoteSent();
+  thread_ = std::thread([this] { Run(); });
+}
+
+void Heartbeater::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Heartbeater::Run() {
+  uint8_t record[wire::kControlRecordBytes];
+  const int64_t interval_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(interval_).count();
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stop_) {
+    int64_t since = Now() - last_sent_ns_.load(std::memory_order_relaxed);
+    if (since >= interval_ns) {
+      lock.unlock();
+      size_t n = wire::EncodeHeartbeat(latest_epoch_(), record);
+      channel::ConstSlice slice{record, n};
+      Status s = channel_.Send({&slice, 1});
+      lock.lock();
+      if (!s.ok()) {
+        if (!stop_) on_error_(s.WithContext("sending a heartbeat"));
+        return;
+      }
+      NoteSent();
+      since = 0;
+    }
+    cv_.wait_for(lock, std::chrono::nanoseconds(interval_ns - since));
+  }
+}
+
+Status CheckPeerSilence(const channel::Channel& channel, Micros threshold, const char* peer) {
+  auto silent = std::chrono::duration_cast<Micros>(SteadyClock::now() - channel.LastHeardFrom());
+  if (silent <= threshold) return Status::Ok();
+  return Status::PeerLost(std::string("no word from the ") + peer + " for " + Millis(silent) +
+                          " (threshold " + Millis(threshold) + ")");
+}
+
+void PauseWindow::Add(Micros pause) {
+  std::lock_guard<std::mutex> lock(mu_);
+  uint32_t us = static_cast<uint32_t>(std::min<int64_t>(pause.count(), UINT32_MAX));
+  us_[count_ % kWindow] = us;
+  ++count_;
+  last_ = us;
+}
+
+void PauseWindow::Summarize(ReplicationStats* out) const {
+  std::array<uint32_t, kWindow> copy;
+  size_t n;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    n = std::min(count_, kWindow);
+    std::copy(us_.begin(), us_.begin() + n, copy.begin());
+    out->last_pause = Micros(last_);
+  }
+  if (n == 0) return;
+  std::sort(copy.begin(), copy.begin() + n);
+  auto pct = [&](double p) { return Micros(copy[std::min(n - 1, static_cast<size_t>(p * n))]); };
+  out->pause_p50 = pct(0.50);
+  out->pause_p99 = pct(0.99);
+  out->pause_max = Micros(copy[n - 1]);
+}
+
+Status ValidateRamLayout(const std::vector<RamBlock>& blocks) {
+  if (blocks.empty()) return Status::InvalidArgument("the hypervisor reports no guest RAM");
+  for (const auto& b : blocks) {
+    if (b.host == nullptr || b.length == 0 || b.length % wire::kPageSize != 0) {
+      return Status::InvalidArgument("RAM block '" + b.id + "' has length " +
+                                     std::to_string(b.length) +
+                                     ", not a positive multiple of 4096, or no mapping");
+    }
+  }
+  return Status::Ok();
+}
+
+std::vector<wire::BlockLayout> RamLayout(const std::vector<RamBlock>& blocks) {
+  std::vector<wire::BlockLayout> out;
+  for (const auto& b : blocks) out.push_back({b.id, b.length});
+  return out;
+}
+
+Status ReceiveRecord(channel::Channel& ch, std::vector<uint8_t>& buf, std::chrono::milliseconds timeout,
+                     wire::RecordView* out) {
+  size_t n = 0;
+  LOCKSTEP_RETURN_IF_ERROR(ch.Receive(buf, &n, timeout));
+  wire::RecordReader reader({buf.data(), n});
+  return reader.Next(out);
+}
+
+
+std::string Millis(Micros d) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f ms", static_cast<double>(d.count()) / 1000.0);
+  return buf;
+}
+
+}  // namespace lockstep

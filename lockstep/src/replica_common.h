@@ -1,0 +1,114 @@
+// Pieces both replicas share: the role state machine with its transition log, the
+// heartbeat sender, the silence check of the failure detector, and the pause window.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/status.h"
+#include "lockstep/replicator.h"
+#include "lockstep/wire_format.h"
+#include "replication_channel/channel.h"
+
+namespace lockstep {
+
+using SteadyClock = std::chrono::steady_clock;
+
+// The replica's state and every change of it, with the reason. Thread-safe.
+class RoleState {
+ public:
+  explicit RoleState(bool primary) : primary_(primary) {}
+
+  ReplicaState get() const { return state_.load(std::memory_order_acquire); }
+  // Moves to `to` if the role allows it from the current state; returns whether it did.
+  bool MoveTo(ReplicaState to, std::string reason);
+  template <typename Pred>
+  bool WaitUntil(Pred pred, std::chrono::milliseconds timeout) const {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return pred(state_.load()); });
+  }
+  std::vector<Transition> log() const;
+  // The reason given with the last move into a state that ends protection.
+  std::string end_reason() const;
+
+ private:
+  bool Allowed(ReplicaState from, ReplicaState to) const;
+
+  const bool primary_;
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  std::atomic<ReplicaState> state_{ReplicaState::kIdle};
+  std::vector<Transition> log_;  // GUARDED_BY(mu_)
+  std::string end_reason_;       // GUARDED_BY(mu_)
+};
+
+// Whether `s` means a fault was handled or protection ended.
+bool IsSettled(ReplicaState s);
+
+// Sends a HEARTBEAT whenever nothing else went to the peer for one interval. Send errors
+// are reported once through `on_error`. Thread-safe.
+class Heartbeater {
+ public:
+  Heartbeater(channel::Channel& channel, Micros interval, std::function<uint64_t()> latest_epoch,
+              std::function<void(const Status&)> on_error);
+  ~Heartbeater();  // Stop()s
+  void Start();
+  // Joins the thread. Call after Abort()ing the channel if a Send may be blocked.
+  void Stop();
+  // Tells the heartbeater something else just went out.
+  void NoteSent() { last_sent_ns_.store(Now(), std::memory_order_relaxed); }
+
+ private:
+  static int64_t Now() { return SteadyClock::now().time_since_epoch().count(); }
+  void Run();
+
+  channel::Channel& channel_;
+  const Micros interval_;
+  std::function<uint64_t()> latest_epoch_;
+  std::function<void(const Status&)> on_error_;
+  std::atomic<int64_t> last_sent_ns_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;  // GUARDED_BY(mu_)
+  std::thread thread_;
+};
+
+// kPeerLost when the peer has been silent for longer than `threshold`.
+Status CheckPeerSilence(const channel::Channel& channel, Micros threshold, const char* peer);
+
+// The last kWindow checkpoint pauses, for percentiles. Add() takes a mutex but never
+// allocates. Thread-safe.
+class PauseWindow {
+ public:
+  static constexpr size_t kWindow = 1024;
+  void Add(Micros pause);
+  // Fills last/p50/p99/max of `out`.
+  void Summarize(ReplicationStats* out) const;
+
+ private:
+  mutable std::mutex mu_;
+  std::array<uint32_t, kWindow> us_{};  // GUARDED_BY(mu_)
+  size_t count_ = 0;                    // GUARDED_BY(mu_)
+  uint32_t last_ = 0;                   // GUARDED_BY(mu_)
+};
+
+// kInvalidArgument unless every block is mapped and a positive multiple of the page size.
+Status ValidateRamLayout(const std::vector<RamBlock>& blocks);
+// The layout as the handshake carries it.
+std::vector<wire::BlockLayout> RamLayout(const std::vector<RamBlock>& blocks);
+// Receives one message into `buf` and reads its first record. Handshake only.
+Status ReceiveRecord(channel::Channel& ch, std::vector<uint8_t>& buf,
+                     std::chrono::milliseconds timeout, wire::RecordView* out);
+
+// A human-readable duration in milliseconds ("12.3 ms").
+std::string Millis(Micros d);
+
+}  // namespace lockstep

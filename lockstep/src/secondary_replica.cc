@@ -1,0 +1,320 @@
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "epoch_assembler.h"
+#include "epoch_stager.h"
+#include "lockstep/replicator.h"
+#include "lockstep/wire_format.h"
+#include "replica_common.h"
+
+namespace lockstep {
+
+using channel::Channel;
+using channel::ConstSlice;
+
+namespace {
+
+std::string DescribeLayout(const std::vector<wire::BlockLayout>& blocks) {
+  std::string s;
+  for (const auto& b : blocks) {
+    if (!s.empty()) s += ", ";
+    s += b.id + " " + std::to_string(b.length >> 10) + " KiB";
+  }
+  return s.empty() ? "no RAM" : s;
+}
+
+std::string HexId(const std::array<uint8_t, 16>& id) {
+  static const char* kHex = "0123456789abcdef";
+  std::string s;
+  for (uint8_t b : id) {
+    s += kHex[b >> 4];
+    s += kHex[b & 15];
+  }
+  return s;
+}
+
+// Why this secondary cannot take `hello`, or "" if it can.
+std::string RefusalReason(const wire::Hello& hello, const ReplicationOptions& opt,
+                          const std::vector<wire::BlockLayout>& mine) {
+  if (hello.page_size != wire::kPageSize) {
+    return "page size " + std::to_string(hello.page_size) + " is not supported (4096 only)";
+  }
+  if (hello.pairing_id != opt.pairing_id) {
+    return "pairing id " + HexId(hello.pairing_id) + " is not this host's pairing (" +
+           HexId(opt.pairing_id) + "); pair the hosts again";
+  }
+  if (hello.vm_id != opt.vm_id) {
+    return "this secondary replicates VM '" + opt.vm_id + "', not '" + hello.vm_id + "'";
+  }
+  if (hello.blocks != mine) {
+    return "the guest configurations differ: the primary has [" + DescribeLayout(hello.blocks) +
+           "], this secondary has [" + DescribeLayout(mine) +
+           "]; start the secondary with the same machine type and memory size";
+  }
+  return "";
+}
+
+}  // namespace
+
+struct SecondaryReplica::Impl {
+  Impl(Hypervisor& h, vip::Witness& w, ReplicationOptions o)
+      : hv(h), witness(w), opt(std::move(o)) {}
+
+  void ReceiveLoop();
+  Status SendAck(uint64_t epoch);
+  void Teardown(Status fault, bool goodbye);
+
+  Hypervisor& hv;
+  vip::Witness& witness;
+  const ReplicationOptions opt;
+  RoleState role{false};
+
+  std::unique_ptr<Channel> ch;
+  std::unique_ptr<EpochAssembler> assembler;
+  std::unique_ptr<Heartbeater> heartbeat;
+  PageArena arena;                  // the staging area: one whole epoch, as received
+  std::vector<uint8_t> device;      // device state of the applied epoch (capacity fixed)
+  uint64_t term = 0;
+  std::string primary_host;
+
+  std::thread receive_thread;
+  std::atomic<bool> stopping{false};
+  std::mutex fault_mu;
+  Status heartbeat_fault;  // GUARDED_BY(fault_mu)
+  std::atomic<bool> heartbeat_failed{false};
+
+  std::atomic<uint64_t> acked{0};
+  std::atomic<uint64_t> applied{0};
+  std::atomic<uint64_t> bytes{0};
+};
+
+Status SecondaryReplica::Impl::SendAck(uint64_t epoch) {
+  uint8_t rec[wire::kControlRecordBytes];
+  size_t n = wire::EncodeAck(epoch, rec);
+  ConstSlice slice{rec, n};
+  LOCKSTEP_RETURN_IF_ERROR(ch->Send({&slice, 1}));
+  heartbeat->NoteSent();
+  return Status::Ok();
+}
+
+void SecondaryReplica::Impl::ReceiveLoop() {
+  size_t used = 0;  // bytes of the open epoch in the arena
+  Status fault;
+  bool goodbye = false;
+  while (!stopping.load()) {
+    if (heartbeat_failed.load()) {
+      std::lock_guard<std::mutex> lock(fault_mu);
+      fault = heartbeat_fault;
+      break;
+    }
+    size_t n = 0;
+    std::span<uint8_t> room(arena.data() + used, arena.size() - used);
+    Status s = ch->Receive(room, &n, opt.heartbeat_interval);
+    if (s.code() == Status::Code::kTimedOut) {
+      fault = CheckPeerSilence(*ch, opt.peer_loss_threshold, "primary");
+      if (!fault.ok()) break;
+      continue;
+    }
+    if (!s.ok()) {
+      fault = s;
+      break;
+    }
+    bytes.fetch_add(n, std::memory_order_relaxed);
+    std::span<const uint8_t> msg(room.data(), n);
+    // Control messages are handled and forgotten; they never enter the staged epoch.
+    auto type = n >= 2 ? static_cast<wire::RecordType>(wire::GetU16(msg.data()))
+                       : wire::RecordType::kEpochBegin;
+    if (type == wire::RecordType::kHeartbeat || type == wire::RecordType::kGoodbye ||
+        type == wire::RecordType::kError) {
+      wire::RecordReader reader(msg);
+      wire::RecordView r;
+      fault = reader.Next(&r);
+      if (!fault.ok()) break;
+      if (type == wire::RecordType::kGoodbye) {
+        goodbye = true;
+        fault = Status::Aborted("the primary ended protection: " + wire::DecodeReason(r));
+        break;
+      }
+      if (type == wire::RecordType::kError) {
+        fault = Status::Corruption("the primary reported: " + wire::DecodeReason(r));
+        break;
+      }
+      continue;
+    }
+    auto progress = assembler->Feed(msg);
+    if (!progress.ok()) {
+      fault = progress.status();
+      auto err = wire::EncodeReasonRecord(wire::RecordType::kError, fault.ToString());
+      ConstSlice slice{err.data(), err.size()};
+      (void)ch->Send({&slice, 1});
+      break;
+    }
+    used += n;
+    if (*progress == EpochAssembler::Progress::kCommitted) {
+      uint64_t epoch = assembler->open_epoch();
+      // ACK first: the epoch is complete and verified in memory, and the primary's output
+      // waits on this. Applying it can overlap with the ACK's flight.
+      acked.store(epoch);
+      fault = SendAck(epoch);
+      auto dev = assembler->Apply({arena.data(), used});
+      device.assign(dev.begin(), dev.end());
+      applied.store(epoch);
+      used = 0;
+      if (role.get() == ReplicaState::kSyncing) {
+        role.MoveTo(ReplicaState::kProtected, "initial synchronization complete (epoch " +
+                                                  std::to_string(epoch) + ")");
+      }
+      if (!fault.ok()) break;
+    }
+    fault = CheckPeerSilence(*ch, opt.peer_loss_threshold, "primary");
+    if (!fault.ok()) break;
+  }
+  assembler->Discard();
+  Teardown(fault, goodbye);
+}
+
+// Runs on the receive thread, after its loop.
+void SecondaryReplica::Impl::Teardown(Status fault, bool goodbye) {
+  ch->Abort();
+  heartbeat->Stop();
+  if (stopping.load() || goodbye) {
+    role.MoveTo(ReplicaState::kStopped,
+                goodbye ? fault.message() : std::string("stopped by request"));
+    return;
+  }
+  std::string reason = fault.ToString();
+  if (applied.load() == 0) {
+    role.MoveTo(ReplicaState::kFailed,
+                reason + "; the initial synchronization never completed, so there is no "
+                         "checkpoint to resume from");
+    return;
+  }
+  role.MoveTo(ReplicaState::kPromoting, reason);
+  auto decision = witness.RequestActive(opt.vm_id, opt.host_id, term);
+  if (!decision.ok() || !decision->granted) {
+    std::string why = decision.ok() ? "the witness gave the token to " + decision->holder
+                                    : "the witness could not be asked (" +
+                                          decision.status().ToString() + ")";
+    role.MoveTo(ReplicaState::kFenced, why + ": not taking over");
+    return;
+  }
+  const uint64_t epoch = applied.load();
+  Status s = hv.LoadDeviceState(device);
+  if (!s.ok()) {
+    role.MoveTo(ReplicaState::kFailed, "won the token but could not load the device state of "
+                                       "epoch " + std::to_string(epoch) + ": " + s.ToString());
+    return;
+  }
+  hv.SetOutputMode(OutputMode::kPassThrough);
+  Status announced = hv.Announce();
+  s = hv.StartVcpus();
+  if (!s.ok()) {
+    role.MoveTo(ReplicaState::kFailed, "won the token but could not start the vCPUs: " +
+                                           s.ToString());
+    return;
+  }
+  role.MoveTo(ReplicaState::kActive,
+              "took over from " + primary_host + " at epoch " + std::to_string(epoch) +
+                  " (term " + std::to_string(decision->term) + ") after: " + reason +
+                  (announced.ok() ? "" : "; announcing failed: " + announced.ToString()));
+}
+
+SecondaryReplica::SecondaryReplica(Hypervisor& hv, vip::Witness& witness,
+                                   ReplicationOptions options)
+    : impl_(std::make_unique<Impl>(hv, witness, std::move(options))) {}
+
+SecondaryReplica::~SecondaryReplica() { Stop(); }
+
+Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
+  Impl& m = *impl_;
+  if (m.role.get() != ReplicaState::kIdle) {
+    return Status::FailedPrecondition("this replica was already started; make a new one");
+  }
+  std::vector<RamBlock> blocks = m.hv.RamBlocks();
+  LOCKSTEP_RETURN_IF_ERROR(ValidateRamLayout(blocks));
+
+  std::vector<uint8_t> buf(1 << 20);
+  wire::RecordView r;
+  Status s = ReceiveRecord(*channel, buf, m.opt.handshake_timeout, &r);
+  if (!s.ok()) return s.WithContext("waiting for the primary's HELLO");
+  wire::Hello hello;
+  wire::HelloReply reply;
+  reply.host_id = m.opt.host_id;
+  s = wire::DecodeHello(r, &hello);
+  if (s.ok()) reply.reason = RefusalReason(hello, m.opt, RamLayout(blocks));
+  else reply.reason = s.message();
+  reply.accepted = reply.reason.empty();
+  auto rec = wire::EncodeHelloReply(reply);
+  ConstSlice slice{rec.data(), rec.size()};
+  Status sent = channel->Send({&slice, 1});
+  if (!reply.accepted) {
+    channel->Abort();
+    if (!s.ok()) return s.WithContext("refused the primary's handshake");
+    return Status::InvalidArgument("refused the primary's handshake: " + reply.reason);
+  }
+  LOCKSTEP_RETURN_IF_ERROR(sent.WithContext("answering HELLO"));
+
+  m.term = hello.witness_term;
+  m.primary_host = hello.host_id;
+  m.ch = std::move(channel);
+  std::vector<ReplicaBlock> replica;
+  uint64_t pages = 0;
+  for (const auto& b : blocks) {
+    replica.push_back({b.host, b.length / wire::kPageSize});
+    pages += b.length / wire::kPageSize;
+  }
+  m.assembler = std::make_unique<EpochAssembler>(std::move(replica), 0);
+  // Room for the largest epoch (every page raw, the device state, four framing records)
+  // plus one more message, which Receive() needs whole.
+  size_t largest_epoch = pages * (wire::kHeaderBytes + wire::kPageSize) +
+                         m.opt.max_device_state_bytes + 8 * wire::kHeaderBytes + 64;
+  m.arena = PageArena(largest_epoch + m.opt.max_device_state_bytes + (2u << 20));
+  m.device.reserve(m.opt.max_device_state_bytes);
+  m.heartbeat = std::make_unique<Heartbeater>(
+      *m.ch, m.opt.heartbeat_interval, [&m] { return m.acked.load(); },
+      [&m](const Status& e) {
+        std::lock_guard<std::mutex> lock(m.fault_mu);
+        m.heartbeat_fault = e;
+        m.heartbeat_failed.store(true);
+      });
+  m.role.MoveTo(ReplicaState::kSyncing, "paired with " + hello.host_id + ", term " +
+                                             std::to_string(m.term));
+  m.heartbeat->Start();
+  m.receive_thread = std::thread([&m] { m.ReceiveLoop(); });
+  return Status::Ok();
+}
+
+void SecondaryReplica::Stop() {
+  Impl& m = *impl_;
+  m.stopping.store(true);
+  if (m.receive_thread.joinable()) m.receive_thread.join();
+  if (m.role.get() == ReplicaState::kIdle) m.role.MoveTo(ReplicaState::kStopped, "never started");
+}
+
+ReplicaState SecondaryReplica::state() const { return impl_->role.get(); }
+
+bool SecondaryReplica::WaitForState(ReplicaState s, std::chrono::milliseconds timeout) const {
+  return impl_->role.WaitUntil([s](ReplicaState cur) { return cur == s; }, timeout);
+}
+
+bool SecondaryReplica::WaitForFaultHandled(std::chrono::milliseconds timeout) const {
+  return impl_->role.WaitUntil(IsSettled, timeout);
+}
+
+std::vector<Transition> SecondaryReplica::transitions() const { return impl_->role.log(); }
+std::string SecondaryReplica::fault_reason() const { return impl_->role.end_reason(); }
+uint64_t SecondaryReplica::acked_epoch() const { return impl_->acked.load(); }
+uint64_t SecondaryReplica::applied_epoch() const { return impl_->applied.load(); }
+
+ReplicationStats SecondaryReplica::stats() const {
+  ReplicationStats out;
+  out.epochs = impl_->applied.load();
+  out.acked_epoch = impl_->acked.load();
+  out.current_epoch = impl_->applied.load();
+  out.bytes = impl_->bytes.load();
+  return out;
+}
+
+}  // namespace lockstep

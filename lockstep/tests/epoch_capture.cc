@@ -1,0 +1,61 @@
+#include "epoch_capture.h"
+
+#include <thread>
+
+#include "epoch_stager.h"
+#include "replication_channel/loopback.h"
+
+namespace lockstep::testing {
+
+std::vector<CapturedEpoch> CaptureEpochs(SimulatedGuest& guest, int count, bool delta,
+                                         std::chrono::milliseconds run_for) {
+  auto blocks = guest.RamBlocks();
+  EpochStager stager(blocks, 1 << 20);
+  EpochStreamer streamer(blocks, delta);
+  auto link = channel::LoopbackLink::Create();
+  auto a = link->TakeA();
+  auto b = link->TakeB();
+  std::vector<CapturedEpoch> out;
+  std::vector<uint8_t> buf(channel::kMaxMessageBytes);
+  (void)guest.StartDirtyLog();
+  for (int i = 1; i <= count; ++i) {
+    std::this_thread::sleep_for(run_for);
+    (void)guest.StopVcpus();
+    Status s = stager.Capture(guest, i, i == 1);
+    CapturedEpoch e;
+    e.epoch = i;
+    e.ram_hash = guest.RamHash();
+    (void)guest.StartVcpus();
+    if (!s.ok()) return out;
+    StreamStats stats;
+    // The loopback link copies on send, so one thread can send then drain.
+    if (!streamer.Send(stager, *a, &stats).ok()) return out;
+    for (;;) {
+      size_t n = 0;
+      if (!b->Receive(buf, &n, std::chrono::milliseconds(0)).ok()) break;
+      e.messages.emplace_back(buf.begin(), buf.begin() + n);
+    }
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+std::vector<ReplicaBlock> ReplicaBlocksOf(SimulatedGuest& guest) {
+  std::vector<ReplicaBlock> out;
+  for (const auto& b : guest.RamBlocks()) out.push_back({b.host, b.length / wire::kPageSize});
+  return out;
+}
+
+Result<bool> FeedEpoch(EpochAssembler& a, const CapturedEpoch& e, std::vector<uint8_t>* staged) {
+  staged->clear();
+  bool committed = false;
+  for (const auto& m : e.messages) {
+    auto r = a.Feed(m);
+    if (!r.ok()) return r.status();
+    staged->insert(staged->end(), m.begin(), m.end());
+    committed = *r == EpochAssembler::Progress::kCommitted;
+  }
+  return committed;
+}
+
+}  // namespace lockstep::testing

@@ -1,0 +1,247 @@
+// Corruption and fault-injection tests of the secondary's gatekeeper, over real epochs of a
+// running simulated guest: flipped bits, truncation, lost, reordered, replayed and forged
+// records are all rejected, and the replica's RAM never changes unless a whole, verified
+// epoch is applied.
+#include <catch2/catch.hpp>
+#include <random>
+
+#include "common/crc32c.h"
+#include "epoch_assembler.h"
+#include "epoch_capture.h"
+
+using namespace lockstep;
+using namespace lockstep::testing;
+
+namespace {
+
+GuestConfig SmallGuest() {
+  GuestConfig c;
+  c.blocks = {{"pc.ram", 2u << 20}, {"vga.vram", 256u << 10}, {"pc.bios", 64u << 10}};
+  c.pages_per_step = 2;
+  c.step_delay = std::chrono::microseconds(100);
+  return c;
+}
+
+struct Fixture {
+  SimulatedGuest primary{SmallGuest()};
+  SimulatedGuest replica{SmallGuest()};
+  std::vector<CapturedEpoch> epochs;
+  std::vector<uint8_t> staged;
+
+  explicit Fixture(bool delta = true) {
+    primary.Boot();
+    epochs = CaptureEpochs(primary, 6, delta, std::chrono::milliseconds(15));
+    REQUIRE(epochs.size() == 6);
+  }
+
+  // Applies epochs [1, upto] to the replica through a fresh assembler, returns it.
+  std::unique_ptr<EpochAssembler> ApplyThrough(uint64_t upto) {
+    auto a = std::make_unique<EpochAssembler>(ReplicaBlocksOf(replica), 0);
+    for (uint64_t e = 1; e <= upto; ++e) {
+      auto r = FeedEpoch(*a, epochs[e - 1], &staged);
+      REQUIRE(r.ok());
+      REQUIRE(*r);
+      a->Apply(staged);
+      REQUIRE(replica.RamHash() == epochs[e - 1].ram_hash);
+    }
+    return a;
+  }
+};
+
+// Splits each message into one message per record (records are whole in messages, so
+// this is a valid way to send the same epoch).
+std::vector<std::vector<uint8_t>> SplitRecords(const std::vector<std::vector<uint8_t>>& messages) {
+  std::vector<std::vector<uint8_t>> out;
+  for (const auto& m : messages) {
+    wire::RecordReader reader(m);
+    size_t at = 0;
+    while (!reader.done()) {
+      wire::RecordView r;
+      REQUIRE(reader.Next(&r).ok());
+      size_t len = wire::kHeaderBytes + r.payload.size();
+      out.emplace_back(m.begin() + static_cast<long>(at), m.begin() + static_cast<long>(at + len));
+      at += len;
+    }
+  }
+  return out;
+}
+
+// Feeds `messages` as epoch data; true if any Feed committed.
+bool Committed(EpochAssembler& a, const std::vector<std::vector<uint8_t>>& messages,
+               Status* first_error) {
+  for (const auto& m : messages) {
+    auto r = a.Feed(m);
+    if (!r.ok()) {
+      *first_error = r.status();
+      return false;
+    }
+    if (*r == EpochAssembler::Progress::kCommitted) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE("real epochs apply to an exact copy, with and without deltas", "[corruption]") {
+  for (bool delta : {true, false}) {
+    Fixture f(delta);
+    f.ApplyThrough(6);
+  }
+}
+
+TEST_CASE("a flipped bit anywhere in an epoch is rejected and nothing is applied",
+          "[corruption]") {
+  Fixture f;
+  auto base = f.ApplyThrough(3);
+  const uint32_t before = f.replica.RamHash();
+  const auto& victim = f.epochs[3];
+  std::mt19937_64 rng(11);
+  for (int trial = 0; trial < 300; ++trial) {
+    auto msgs = victim.messages;
+    auto& m = msgs[rng() % msgs.size()];
+    size_t bit = rng() % (m.size() * 8);
+    m[bit / 8] ^= static_cast<uint8_t>(1u << (bit % 8));
+    EpochAssembler a(ReplicaBlocksOf(f.replica), 3);
+    Status err;
+    REQUIRE_FALSE(Committed(a, msgs, &err));
+    REQUIRE(err.code() == Status::Code::kCorruption);
+    REQUIRE(f.replica.RamHash() == before);
+  }
+}
+
+TEST_CASE("a truncated epoch never commits", "[corruption]") {
+  Fixture f;
+  f.ApplyThrough(2);
+  const uint32_t before = f.replica.RamHash();
+  const auto& victim = f.epochs[2];
+  std::mt19937_64 rng(5);
+  for (int trial = 0; trial < 200; ++trial) {
+    auto msgs = victim.messages;
+    size_t keep = rng() % msgs.size();  // whole messages kept
+    msgs.resize(keep + 1);
+    auto& last = msgs.back();
+    last.resize(rng() % last.size());  // the last one cut at any byte
+    EpochAssembler a(ReplicaBlocksOf(f.replica), 2);
+    Status err;
+    REQUIRE_FALSE(Committed(a, msgs, &err));
+    REQUIRE(f.replica.RamHash() == before);
+  }
+}
+
+TEST_CASE("lost, reordered, replayed and skipped epochs are rejected", "[corruption]") {
+  Fixture f;
+  f.ApplyThrough(3);
+  const uint32_t before = f.replica.RamHash();
+  Status err;
+  SECTION("replaying an applied epoch") {
+    EpochAssembler a(ReplicaBlocksOf(f.replica), 3);
+    REQUIRE_FALSE(Committed(a, f.epochs[2].messages, &err));
+    REQUIRE(err.message().find("replayed") != std::string::npos);
+  }
+  SECTION("skipping an epoch") {
+    EpochAssembler a(ReplicaBlocksOf(f.replica), 3);
+    REQUIRE_FALSE(Committed(a, f.epochs[4].messages, &err));
+    REQUIRE(err.message().find("out of order") != std::string::npos);
+  }
+  auto records = SplitRecords(f.epochs[3].messages);
+  REQUIRE(records.size() >= 4);  // BEGIN, at least one page, DEVICE_STATE, COMMIT
+  SECTION("the records, one per message, still commit") {
+    EpochAssembler a(ReplicaBlocksOf(f.replica), 3);
+    REQUIRE(Committed(a, records, &err));
+  }
+  SECTION("a record of another epoch spliced in") {
+    auto other = SplitRecords(f.epochs[4].messages);
+    records.insert(records.begin() + 1, other[1]);
+    EpochAssembler a(ReplicaBlocksOf(f.replica), 3);
+    REQUIRE_FALSE(Committed(a, records, &err));
+    REQUIRE(err.message().find("inside epoch 4") != std::string::npos);
+  }
+  SECTION("any one record lost") {
+    for (size_t drop = 0; drop + 1 < records.size(); ++drop) {
+      auto msgs = records;
+      msgs.erase(msgs.begin() + static_cast<long>(drop));
+      EpochAssembler a(ReplicaBlocksOf(f.replica), 3);
+      REQUIRE_FALSE(Committed(a, msgs, &err));
+    }
+  }
+  SECTION("two records swapped") {
+    for (size_t i = 0; i + 2 < records.size(); ++i) {
+      auto msgs = records;
+      std::swap(msgs[i], msgs[i + 1]);
+      EpochAssembler a(ReplicaBlocksOf(f.replica), 3);
+      REQUIRE_FALSE(Committed(a, msgs, &err));
+    }
+  }
+  REQUIRE(f.replica.RamHash() == before);
+}
+
+TEST_CASE("well-formed but forged records are rejected", "[corruption]") {
+  Fixture f;
+  f.ApplyThrough(1);
+  const uint32_t before = f.replica.RamHash();
+  auto record = [](wire::RecordType t, uint64_t epoch, uint32_t block, uint64_t page,
+                   std::vector<uint8_t> payload, uint16_t flags = 0) {
+    std::vector<uint8_t> rec(wire::kHeaderBytes + payload.size());
+    wire::RecordHeader h;
+    h.type = t;
+    h.epoch = epoch;
+    h.block = block;
+    h.page = page;
+    h.flags = flags;
+    wire::EncodeHeader(h, payload, {}, rec.data());
+    std::copy(payload.begin(), payload.end(), rec.begin() + wire::kHeaderBytes);
+    return rec;
+  };
+  auto begin = [&](uint64_t pages) {
+    std::vector<uint8_t> p(wire::kEpochBeginPayloadBytes);
+    wire::EncodeEpochBegin({pages, 0}, p.data());
+    return record(wire::RecordType::kEpochBegin, 2, 0, 0, p);
+  };
+  EpochAssembler a(ReplicaBlocksOf(f.replica), 1);
+  Status err;
+  SECTION("block out of range") {
+    REQUIRE_FALSE(Committed(a, {begin(1), record(wire::RecordType::kPageZero, 2, 9, 0, {})}, &err));
+    REQUIRE(err.message().find("RAM block 9") != std::string::npos);
+  }
+  SECTION("page out of range") {
+    REQUIRE_FALSE(Committed(a, {begin(1), record(wire::RecordType::kPageZero, 2, 0, 1u << 30, {})}, &err));
+    REQUIRE(err.message().find("outside RAM block") != std::string::npos);
+  }
+  SECTION("the same page twice") {
+    REQUIRE_FALSE(Committed(a, {begin(2), record(wire::RecordType::kPageZero, 2, 0, 5, {}),
+                                record(wire::RecordType::kPageZero, 2, 0, 5, {})}, &err));
+    REQUIRE(err.message().find("twice") != std::string::npos);
+  }
+  SECTION("more pages than announced") {
+    REQUIRE_FALSE(Committed(a, {begin(1), record(wire::RecordType::kPageZero, 2, 0, 5, {}),
+                                record(wire::RecordType::kPageZero, 2, 0, 6, {})}, &err));
+  }
+  SECTION("a raw page of the wrong size") {
+    REQUIRE_FALSE(Committed(a, {begin(1), record(wire::RecordType::kPageRaw, 2, 0, 5, std::vector<uint8_t>(100))}, &err));
+  }
+  SECTION("a delta against a base the replica does not have") {
+    std::vector<uint8_t> delta(4 + 4 + 8);
+    wire::PutU32(delta.data(), 0x12345678);  // CRC of a page nobody has
+    wire::PutU16(delta.data() + 4, 0);
+    wire::PutU16(delta.data() + 6, 8);
+    delta.resize(4 + 4 + 8 + 4);
+    wire::PutU16(delta.data() + 16, 4096 - 8);
+    wire::PutU16(delta.data() + 18, 0);
+    REQUIRE_FALSE(Committed(a, {begin(1), record(wire::RecordType::kPageXorRle, 2, 0, 5, delta)}, &err));
+    REQUIRE(err.message().find("diverged") != std::string::npos);
+  }
+  SECTION("a commit whose counts disagree") {
+    std::vector<uint8_t> c(wire::kEpochCommitPayloadBytes);
+    wire::EncodeEpochCommit({0, 0, 2, 0}, c.data());
+    REQUIRE_FALSE(Committed(a, {begin(0), record(wire::RecordType::kDeviceState, 2, 0, 0, {}),
+                                record(wire::RecordType::kEpochCommit, 2, 0, 0, c)}, &err));
+  }
+  SECTION("a first epoch that is not FULL") {
+    EpochAssembler fresh(ReplicaBlocksOf(f.replica), 0);
+    std::vector<uint8_t> p(wire::kEpochBeginPayloadBytes);
+    wire::EncodeEpochBegin({0, 0}, p.data());
+    REQUIRE_FALSE(Committed(fresh, {record(wire::RecordType::kEpochBegin, 1, 0, 0, p)}, &err));
+    REQUIRE(err.message().find("FULL") != std::string::npos);
+  }
+  REQUIRE(f.replica.RamHash() == before);
+}

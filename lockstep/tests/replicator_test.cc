@@ -1,0 +1,365 @@
+// The engine end to end in one process: two simulated guests, a loopback link with fault
+// injection, an in-process witness. Output commit, atomicity at random kill points,
+// failure detection, the witness rule and handshake refusals.
+#include "lockstep/replicator.h"
+
+#include <catch2/catch.hpp>
+#include <future>
+#include <map>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include "replication_channel/loopback.h"
+#include "simulated_guest.h"
+
+using namespace lockstep;
+using namespace lockstep::testing;
+using namespace std::chrono_literals;
+using S = ReplicaState;
+
+namespace {
+
+// One side's connection to a shared witness that can be cut off.
+class WitnessLink final : public vip::Witness {
+ public:
+  explicit WitnessLink(vip::InProcessWitness& w) : w_(w) {}
+  Result<uint64_t> Register(std::string_view vm, std::string_view holder) override {
+    if (!reachable_) return Status::TimedOut("witness unreachable from this host");
+    return w_.Register(vm, holder);
+  }
+  Result<vip::WitnessDecision> RequestActive(std::string_view vm, std::string_view c,
+                                             uint64_t term) override {
+    ++requests_;
+    if (!reachable_) return Status::TimedOut("witness unreachable from this host");
+    return w_.RequestActive(vm, c, term);
+  }
+  std::atomic<bool> reachable_{true};
+  std::atomic<int> requests_{0};
+
+ private:
+  vip::InProcessWitness& w_;
+};
+
+GuestConfig TestGuest() {
+  GuestConfig c;
+  c.blocks = {{"pc.ram", 2u << 20}, {"vga.vram", 256u << 10}, {"pc.bios", 64u << 10}};
+  c.pages_per_step = 2;
+  c.output_every = 4;
+  c.step_delay = std::chrono::microseconds(100);
+  return c;
+}
+
+ReplicationOptions Options(const std::string& host) {
+  ReplicationOptions o;
+  o.vm_id = "vm-test";
+  o.host_id = host;
+  o.pairing_id[0] = 0x5A;
+  o.epoch_interval = 5ms;
+  o.heartbeat_interval = 1ms;
+  o.peer_loss_threshold = 50ms;
+  return o;
+}
+
+struct Pair {
+  explicit Pair(GuestConfig pcfg = TestGuest(), GuestConfig scfg = TestGuest(),
+                ReplicationOptions popt = Options("hostA"), ReplicationOptions sopt = Options("hostB"))
+      : pg(pcfg), sg(scfg), pw(witness), sw(witness) {
+    link = channel::LoopbackLink::Create();
+    pg.SetBarrierHook([this](uint64_t epoch, uint64_t hash) {
+      std::lock_guard<std::mutex> lock(mu);
+      hashes[epoch] = hash;
+    });
+    pg.SetEmitHook([this](const Packet& p) {
+      // Output commit: ReleaseOutput(N) may run only once the secondary acked N, and only
+      // packets of epochs <= N may leave by it. Other releases (a switch to pass-through)
+      // are checked by the tests against the final state.
+      std::lock_guard<std::mutex> lock(mu);
+      released.push_back(p);
+      if (p.released_by_ack_of != 0) {
+        if (p.released_by_ack_of > secondary->acked_epoch() || p.epoch > p.released_by_ack_of) {
+          ++early_releases;
+        }
+      } else if (p.epoch != 0) {  // epoch 0: sent before protection began
+        ++released_without_ack;
+      }
+    });
+    sg.SetStartHook([this] {
+      std::lock_guard<std::mutex> lock(mu);
+      std::string why;
+      resume_invariant_ok = sg.CheckInvariant(&why);
+      resume_why = why;
+      resume_hash = sg.ImageHash();
+      resume_step = sg.steps();
+    });
+    primary = std::make_unique<PrimaryReplicator>(pg, pw, popt);
+    secondary = std::make_unique<SecondaryReplica>(sg, sw, sopt);
+  }
+
+  ~Pair() {
+    primary->Stop();
+    secondary->Stop();
+    // The guests' vCPU threads outlive the replicators below them: unhook first.
+    pg.SetEmitHook(nullptr);
+    (void)pg.StopVcpus();
+    (void)sg.StopVcpus();
+  }
+
+  // Boots the primary guest and starts both replicas; returns both Start() results.
+  std::pair<Status, Status> Start() {
+    pg.Boot();
+    auto sec = std::async(std::launch::async, [this] { return secondary->Start(link->TakeB()); });
+    Status p = primary->Start(link->TakeA());
+    return {p, sec.get()};
+  }
+
+  void StartProtected() {
+    auto [p, s] = Start();
+    REQUIRE(p.ok());
+    REQUIRE(s.ok());
+    REQUIRE(primary->WaitForState(S::kProtected, 10s));
+    REQUIRE(secondary->WaitForState(S::kProtected, 10s));
+  }
+
+  // The primary host "dies": it can no longer reach the witness, so whatever it notices
+  // it fences itself (as a dead host would simply say nothing).
+  void KillPrimarySide() { pw.reachable_ = false; }
+
+  SimulatedGuest pg, sg;
+  vip::InProcessWitness witness;
+  WitnessLink pw, sw;
+  std::shared_ptr<channel::LoopbackLink> link;
+  std::unique_ptr<PrimaryReplicator> primary;
+  std::unique_ptr<SecondaryReplica> secondary;
+
+  std::mutex mu;
+  std::map<uint64_t, uint64_t> hashes;  // epoch -> primary image at its pause
+  std::vector<Packet> released;
+  int early_releases = 0;
+  int released_without_ack = 0;  // held, then released by a switch to pass-through
+  bool resume_invariant_ok = false;
+  std::string resume_why;
+  uint64_t resume_hash = 0;
+  uint64_t resume_step = 0;
+};
+
+std::string Log(const std::vector<Transition>& log) {
+  std::string s;
+  for (const auto& t : log) {
+    s += std::string(ReplicaStateName(t.from)) + " -> " + ReplicaStateName(t.to) + ": " + t.reason + "\n";
+  }
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("epochs flow, output is released on ack, and an orderly stop is not a failover",
+          "[replicator]") {
+  Pair p;
+  p.StartProtected();
+  std::this_thread::sleep_for(300ms);
+  auto st = p.primary->stats();
+  INFO(Log(p.primary->transitions()));
+  REQUIRE(st.epochs >= 5);
+  REQUIRE(st.acked_epoch >= 3);
+  REQUIRE(st.raw_pages + st.zero_pages + st.delta_pages > 0);
+  REQUIRE(st.delta_pages > 0);  // small writes into known pages become deltas
+  REQUIRE(st.pause_p50.count() > 0);
+  p.primary->Stop();
+  REQUIRE(p.primary->state() == S::kStopped);
+  REQUIRE(p.secondary->WaitForState(S::kStopped, 5s));
+  INFO(Log(p.secondary->transitions()));
+  REQUIRE(p.secondary->fault_reason().find("ended protection") != std::string::npos);
+  // The normal path and an orderly stop never touch the witness.
+  REQUIRE(p.witness.requests() == 0);
+  REQUIRE_FALSE(p.sg.running());
+  std::lock_guard<std::mutex> lock(p.mu);
+  REQUIRE(p.early_releases == 0);
+  REQUIRE(p.released.size() > 10);
+}
+
+TEST_CASE("a packet is never released before the secondary acknowledged its epoch",
+          "[replicator][output-commit]") {
+  GuestConfig g = TestGuest();
+  g.output_every = 1;  // a packet every step
+  Pair p(g, g);
+  p.StartProtected();
+  std::this_thread::sleep_for(500ms);
+  p.primary->Stop();
+  std::lock_guard<std::mutex> lock(p.mu);
+  REQUIRE(p.early_releases == 0);
+  REQUIRE(p.released.size() > 100);
+  for (size_t i = 1; i < p.released.size(); ++i) {
+    REQUIRE(p.released[i].step > p.released[i - 1].step);  // in order, none twice
+  }
+}
+
+TEST_CASE("killing the primary at random points: the secondary resumes exactly an acked epoch",
+          "[replicator][kill]") {
+  std::mt19937_64 rng(Catch::rngSeed() + 17);
+  int promoted = 0, failed_in_sync = 0;
+  for (int trial = 0; trial < 12; ++trial) {
+    Pair p;
+    auto [ps, ss] = p.Start();
+    REQUIRE(ps.ok());
+    REQUIRE(ss.ok());
+    // Some kills land in the initial synchronization, most in later epochs.
+    std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 150));
+    p.KillPrimarySide();
+    uint64_t cut = p.link->BytesDeliveredAtoB() + rng() % (256u << 10);
+    p.link->CutAfterBytes(cut);
+    REQUIRE(p.secondary->WaitForFaultHandled(10s));
+    REQUIRE(p.primary->WaitForFaultHandled(10s));
+    INFO("trial " << trial << "\nsecondary:\n" << Log(p.secondary->transitions())
+                  << "primary:\n" << Log(p.primary->transitions()));
+    // Never two actives: the dead primary fenced itself and drops its output.
+    REQUIRE(p.primary->state() == S::kFenced);
+    REQUIRE(p.pg.output_mode() == OutputMode::kDropped);
+    if (p.secondary->state() == S::kFailed) {
+      // Cut before the first complete checkpoint: nothing to resume, nothing resumed.
+      REQUIRE(p.secondary->applied_epoch() == 0);
+      REQUIRE(p.sw.requests_ == 0);
+      REQUIRE_FALSE(p.sg.running());
+      ++failed_in_sync;
+      continue;
+    }
+    REQUIRE(p.secondary->state() == S::kActive);
+    ++promoted;
+    const uint64_t epoch = p.secondary->applied_epoch();
+    REQUIRE(epoch == p.secondary->acked_epoch());
+    REQUIRE(epoch >= p.primary->stats().acked_epoch);
+    std::lock_guard<std::mutex> lock(p.mu);
+    REQUIRE(p.resume_invariant_ok);
+    REQUIRE(p.hashes.count(epoch) == 1);
+    REQUIRE(p.resume_hash == p.hashes[epoch]);  // exactly the primary's image at epoch N
+    REQUIRE(p.sg.announcements() == 1);
+    REQUIRE(p.early_releases == 0);
+    REQUIRE(p.released_without_ack == 0);
+    // No reply the client saw is rolled back: every released packet's step is covered.
+    for (const auto& pkt : p.released) REQUIRE(pkt.step <= p.resume_step);
+  }
+  INFO("promoted " << promoted << ", died in initial sync " << failed_in_sync);
+  REQUIRE(promoted > 0);
+}
+
+TEST_CASE("silence is detected within the threshold plus one interval", "[replicator][detector]") {
+  Pair p;
+  p.StartProtected();
+  auto t0 = std::chrono::steady_clock::now();
+  p.link->Stall();  // a pulled cable: no reset, just silence
+  REQUIRE(p.secondary->WaitForFaultHandled(10s));
+  auto detected_after = std::chrono::steady_clock::now() - t0;
+  REQUIRE(p.primary->WaitForFaultHandled(10s));
+  INFO(Log(p.secondary->transitions()) << Log(p.primary->transitions()));
+  // The threshold is 50 ms: never early, and (generous bound for a loaded 2-core box) soon.
+  REQUIRE(detected_after >= 45ms);
+  REQUIRE(detected_after < 50ms + 1ms + 450ms);
+  REQUIRE(Log(p.secondary->transitions()).find("no word from the primary") != std::string::npos);
+  REQUIRE(Log(p.primary->transitions()).find("no word from the secondary") != std::string::npos);
+  // Both sides asked; exactly one is active.
+  int actives = (p.primary->state() == S::kPrimaryAlone) + (p.secondary->state() == S::kActive);
+  REQUIRE(actives == 1);
+  int fenced = (p.primary->state() == S::kFenced) + (p.secondary->state() == S::kFenced);
+  REQUIRE(fenced == 1);
+  REQUIRE(p.witness.requests() == 2);
+}
+
+TEST_CASE("no promotion without the witness token", "[replicator][witness]") {
+  Pair p;
+  p.StartProtected();
+  std::this_thread::sleep_for(50ms);
+  p.KillPrimarySide();
+  p.sw.reachable_ = false;  // and the secondary cannot reach the witness either
+  p.link->Cut();
+  REQUIRE(p.secondary->WaitForFaultHandled(10s));
+  INFO(Log(p.secondary->transitions()));
+  REQUIRE(p.secondary->state() == S::kFenced);
+  REQUIRE(p.secondary->fault_reason().find("could not be asked") != std::string::npos);
+  REQUIRE_FALSE(p.sg.running());
+  REQUIRE(p.sg.emitted().empty());
+  REQUIRE(p.sg.announcements() == 0);
+}
+
+TEST_CASE("a primary that loses its secondary goes on alone and releases what it held",
+          "[replicator][witness]") {
+  Pair p;
+  p.StartProtected();
+  std::this_thread::sleep_for(50ms);
+  p.sw.reachable_ = false;  // the secondary host dies
+  p.link->Cut();
+  REQUIRE(p.primary->WaitForFaultHandled(10s));
+  INFO(Log(p.primary->transitions()));
+  REQUIRE(p.primary->state() == S::kPrimaryAlone);
+  REQUIRE(p.primary->fault_reason().find("UNPROTECTED") != std::string::npos);
+  REQUIRE(p.pg.output_mode() == OutputMode::kPassThrough);
+  REQUIRE(p.pg.held_packets() == 0);
+  uint64_t before = p.pg.steps();
+  std::this_thread::sleep_for(20ms);
+  REQUIRE(p.pg.steps() > before);  // the guest runs on
+}
+
+TEST_CASE("a primary lost during the initial synchronization leaves nothing to resume",
+          "[replicator]") {
+  GuestConfig big = TestGuest();
+  big.blocks = {{"pc.ram", 32u << 20}, {"pc.bios", 64u << 10}};
+  Pair p(big, big);
+  p.link->CutAfterBytes(64u << 10);  // inside epoch 1 (mostly zero pages: 32 bytes each)
+  auto [ps, ss] = p.Start();
+  REQUIRE(ps.ok());
+  REQUIRE(ss.ok());
+  REQUIRE(p.secondary->WaitForFaultHandled(10s));
+  INFO(Log(p.secondary->transitions()));
+  REQUIRE(p.secondary->state() == S::kFailed);
+  REQUIRE(p.secondary->fault_reason().find("never completed") != std::string::npos);
+  REQUIRE(p.sw.requests_ == 0);
+  REQUIRE_FALSE(p.sg.running());
+}
+
+TEST_CASE("handshake refusals leave both guests as they were", "[replicator][handshake]") {
+  SECTION("different guest configuration") {
+    GuestConfig other = TestGuest();
+    other.blocks[0].second = 4u << 20;
+    Pair p(TestGuest(), other);
+    uint32_t before = p.sg.RamHash();
+    auto [ps, ss] = p.Start();
+    REQUIRE(ps.code() == Status::Code::kPeerRejected);
+    REQUIRE(ps.message().find("guest configurations differ") != std::string::npos);
+    REQUIRE(ss.message().find("pc.ram 2048 KiB") != std::string::npos);
+    REQUIRE(ss.message().find("pc.ram 4096 KiB") != std::string::npos);
+    REQUIRE(p.sg.RamHash() == before);
+    REQUIRE(p.pg.running());
+    REQUIRE(p.pg.output_mode() == OutputMode::kPassThrough);
+  }
+  SECTION("another pairing") {
+    ReplicationOptions sopt = Options("hostB");
+    sopt.pairing_id[0] = 0x11;
+    Pair p(TestGuest(), TestGuest(), Options("hostA"), sopt);
+    auto [ps, ss] = p.Start();
+    REQUIRE(ps.code() == Status::Code::kPeerRejected);
+    REQUIRE(ps.message().find("pair the hosts again") != std::string::npos);
+    REQUIRE_FALSE(ss.ok());
+  }
+  SECTION("another VM") {
+    ReplicationOptions sopt = Options("hostB");
+    sopt.vm_id = "vm-other";
+    Pair p(TestGuest(), TestGuest(), Options("hostA"), sopt);
+    auto [ps, ss] = p.Start();
+    REQUIRE(ps.code() == Status::Code::kPeerRejected);
+    REQUIRE(ps.message().find("vm-other") != std::string::npos);
+  }
+}
+
+TEST_CASE("a failed checkpoint ends protection on purpose, without a takeover",
+          "[replicator]") {
+  Pair p;
+  p.StartProtected();
+  p.pg.FailNextSave();
+  REQUIRE(p.primary->WaitForFaultHandled(10s));
+  REQUIRE(p.secondary->WaitForFaultHandled(10s));
+  INFO(Log(p.primary->transitions()) << Log(p.secondary->transitions()));
+  REQUIRE(p.primary->state() == S::kStopped);
+  REQUIRE(p.primary->fault_reason().find("injected device-state failure") != std::string::npos);
+  REQUIRE(p.secondary->state() == S::kStopped);
+  REQUIRE(p.witness.requests() == 0);
+  REQUIRE(p.pg.running());
+}

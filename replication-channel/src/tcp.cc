@@ -1,0 +1,673 @@
+// The TCP transport (see tcp.h for the wire format and socket options).
+//
+// Every socket is non-blocking; a call that has to wait does so in ppoll() on the socket
+// and on an eventfd that Abort() signals, so Abort() wakes blocked calls on any kernel.
+// Send() and Receive() pass caller memory straight to sendmsg()/recv() and allocate
+// nothing on success.
+
+#include "replication_channel/tcp.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <charconv>
+#include <climits>
+#include <cstring>
+#include <ctime>
+#include <mutex>
+#include <string>
+#include <utility>
+
+#include "gather.h"
+
+namespace lockstep::channel {
+
+namespace {
+
+constexpr size_t kFrameHeaderBytes = 4;
+// Most iovecs one sendmsg() takes.
+constexpr size_t kIovBatch = IOV_MAX;
+constexpr int kListenBacklog = 16;
+// Timeouts at least this long wait forever (and cannot overflow a time_point).
+constexpr std::chrono::microseconds kForever = std::chrono::hours(24 * 365);
+
+std::string Errno(int err) { return std::strerror(err); }
+
+// Closes a file descriptor when it goes out of scope unless released.
+class UniqueFd {
+ public:
+  explicit UniqueFd(int fd = -1) : fd_(fd) {}
+  UniqueFd(UniqueFd&& other) noexcept : fd_(other.release()) {}
+  UniqueFd& operator=(UniqueFd&& other) noexcept {
+    if (this != &other) {
+      reset();
+      fd_ = other.release();
+    }
+    return *this;
+  }
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  ~UniqueFd() { reset(); }
+
+  int get() const { return fd_; }
+  int release() { return std::exchange(fd_, -1); }
+  void reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_;
+};
+
+// When a wait ends; infinite for very long timeouts.
+class Deadline {
+ public:
+  explicit Deadline(std::chrono::microseconds timeout)
+      : infinite_(timeout >= kForever),
+        when_(Clock::now() + std::max(timeout, std::chrono::microseconds::zero())) {}
+
+  // The time left, for ppoll(): nullptr when infinite, else a non-negative span in *ts.
+  const timespec* Remaining(timespec* ts) const {
+    if (infinite_) return nullptr;
+    auto left = std::max(when_ - Clock::now(), Clock::duration::zero());
+    auto secs = std::chrono::duration_cast<std::chrono::seconds>(left);
+    ts->tv_sec = static_cast<time_t>(secs.count());
+    ts->tv_nsec = static_cast<long>(std::chrono::nanoseconds(left - secs).count());
+    return ts;
+  }
+
+ private:
+  bool infinite_;
+  Clock::time_point when_;
+};
+
+// Waits until `fd` reports `events` (or an error/hang-up, which the next system call on
+// it will report), `wake_fd` becomes readable (kAborted) or `deadline` passes
+// (kTimedOut). `what` names the operation for messages.
+Status WaitFor(int fd, short events, int wake_fd, const Deadline& deadline, const char* what) {
+  while (true) {
+    pollfd fds[2] = {{fd, events, 0}, {wake_fd, POLLIN, 0}};
+    timespec ts;
+    int n = ::ppoll(fds, 2, deadline.Remaining(&ts), nullptr);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Status::FromErrno(std::string("poll while waiting to ") + what, errno);
+    }
+    if (fds[1].revents != 0) return Status::Aborted(std::string(what) + ": aborted");
+    if (fds[0].revents != 0) return Status::Ok();
+    return Status::TimedOut(std::string(what) + ": timed out");
+  }
+}
+
+// A parsed "HOST:PORT" / "[V6]:PORT".
+struct SocketAddress {
+  sockaddr_storage storage{};
+  socklen_t length = 0;
+
+  int family() const { return storage.ss_family; }
+  const sockaddr* get() const { return reinterpret_cast<const sockaddr*>(&storage); }
+};
+
+Result<SocketAddress> ParseAddress(std::string_view address, bool allow_port_zero) {
+  auto bad = [&](std::string_view why) {
+    return Status::InvalidArgument("bad tcp address '" + std::string(address) +
+                                   "': " + std::string(why));
+  };
+  std::string host;
+  std::string_view port_text;
+  bool v6 = false;
+  if (!address.empty() && address.front() == '[') {
+    size_t close = address.find(']');
+    if (close == std::string_view::npos) return bad("missing ']' after an IPv6 address");
+    host = std::string(address.substr(1, close - 1));
+    std::string_view rest = address.substr(close + 1);
+    if (rest.empty() || rest.front() != ':') return bad("expected ':PORT' after ']'");
+    port_text = rest.substr(1);
+    v6 = true;
+  } else {
+    size_t colon = address.rfind(':');
+    if (colon == std::string_view::npos) return bad("expected HOST:PORT");
+    host = std::string(address.substr(0, colon));
+    if (host.find(':') != std::string::npos) {
+      return bad("an IPv6 address must be written in brackets, as [ADDRESS]:PORT");
+    }
+    port_text = address.substr(colon + 1);
+  }
+  if (host.empty()) return bad("missing host");
+
+  unsigned port = 0;
+  auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
+  if (port_text.empty() || ec != std::errc() || end != port_text.data() + port_text.size() ||
+      port > 65535) {
+    return bad("the port must be a number from 0 to 65535");
+  }
+  if (port == 0 && !allow_port_zero) return bad("cannot connect to port 0");
+
+  SocketAddress result;
+  if (v6) {
+    auto* sin6 = reinterpret_cast<sockaddr_in6*>(&result.storage);
+    sin6->sin6_family = AF_INET6;
+    sin6->sin6_port = htons(static_cast<uint16_t>(port));
+    if (::inet_pton(AF_INET6, host.c_str(), &sin6->sin6_addr) != 1) {
+      return bad("'" + host + "' is not a numeric IPv6 address");
+    }
+    result.length = sizeof(sockaddr_in6);
+  } else {
+    auto* sin = reinterpret_cast<sockaddr_in*>(&result.storage);
+    sin->sin_family = AF_INET;
+    sin->sin_port = htons(static_cast<uint16_t>(port));
+    if (::inet_pton(AF_INET, host.c_str(), &sin->sin_addr) != 1) {
+      return bad("'" + host + "' is not a numeric IPv4 address (host names are not resolved)");
+    }
+    result.length = sizeof(sockaddr_in);
+  }
+  return result;
+}
+
+// "a.b.c.d:port" or "[v6]:port".
+std::string FormatAddress(const sockaddr_storage& storage) {
+  char text[INET6_ADDRSTRLEN] = {};
+  if (storage.ss_family == AF_INET) {
+    const auto* sin = reinterpret_cast<const sockaddr_in*>(&storage);
+    ::inet_ntop(AF_INET, &sin->sin_addr, text, sizeof(text));
+    return std::string(text) + ":" + std::to_string(ntohs(sin->sin_port));
+  }
+  if (storage.ss_family == AF_INET6) {
+    const auto* sin6 = reinterpret_cast<const sockaddr_in6*>(&storage);
+    ::inet_ntop(AF_INET6, &sin6->sin6_addr, text, sizeof(text));
+    return "[" + std::string(text) + "]:" + std::to_string(ntohs(sin6->sin6_port));
+  }
+  return "unknown address family " + std::to_string(storage.ss_family);
+}
+
+Status SetIntOption(int fd, int level, int name, int value, const char* what) {
+  if (::setsockopt(fd, level, name, &value, sizeof(value)) != 0) {
+    return Status::FromErrno(std::string("setsockopt ") + what, errno);
+  }
+  return Status::Ok();
+}
+
+// Buffer sizes; set on listeners too so that accepted sockets inherit them before the
+// handshake fixes the TCP window scale. A non-positive size keeps the kernel's default.
+Status SetBufferSizes(int fd, const TcpOptions& options) {
+  if (options.socket_buffer_bytes <= 0) return Status::Ok();
+  LOCKSTEP_RETURN_IF_ERROR(
+      SetIntOption(fd, SOL_SOCKET, SO_SNDBUF, options.socket_buffer_bytes, "SO_SNDBUF"));
+  return SetIntOption(fd, SOL_SOCKET, SO_RCVBUF, options.socket_buffer_bytes, "SO_RCVBUF");
+}
+
+// The options of a connected (or connecting) socket.
+Status ConfigureStreamSocket(int fd, const TcpOptions& options) {
+  LOCKSTEP_RETURN_IF_ERROR(SetIntOption(fd, IPPROTO_TCP, TCP_NODELAY, 1, "TCP_NODELAY"));
+  LOCKSTEP_RETURN_IF_ERROR(SetIntOption(fd, SOL_SOCKET, SO_KEEPALIVE, 0, "SO_KEEPALIVE"));
+  return SetBufferSizes(fd, options);
+}
+
+Result<UniqueFd> MakeWakeFd() {
+  int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (fd < 0) return Status::FromErrno("eventfd", errno);
+  return UniqueFd(fd);
+}
+
+// Makes a blocked WaitFor() on `wake_fd` (and every later one) return kAborted.
+void Signal(int wake_fd) {
+  uint64_t one = 1;
+  // Can only fail if the counter would overflow, which a handful of writes cannot do.
+  [[maybe_unused]] ssize_t n = ::write(wake_fd, &one, sizeof(one));
+}
+
+class TcpChannel final : public Channel {
+ public:
+  TcpChannel(UniqueFd socket, UniqueFd wake, std::string peer)
+      : fd_(socket.release()),
+        wake_fd_(wake.release()),
+        peer_(std::move(peer)),
+        last_heard_(Clock::now().time_since_epoch().count()) {}
+
+  ~TcpChannel() override {
+    ::close(fd_);
+    ::close(wake_fd_);
+  }
+
+  std::string_view transport() const override { return "tcp"; }
+  std::string peer() const override { return peer_; }
+
+  // TCP sends straight from any memory; nothing to register.
+  Status RegisterMemory(const void* base, size_t len) override {
+    if (base == nullptr || len == 0) {
+      return Status::InvalidArgument("RegisterMemory needs a non-empty region");
+    }
+    return Status::Ok();
+  }
+
+  Status Send(std::span<const ConstSlice> gather, uint64_t* seq) override;
+
+  uint64_t CompletedThrough() const override {
+    return completed_through_.load(std::memory_order_acquire);
+  }
+
+  // Sends complete before Send() returns, so there is never anything to wait for.
+  Status WaitForCompletion(uint64_t seq, std::chrono::microseconds /*timeout*/) override {
+    if (seq <= CompletedThrough()) return Status::Ok();
+    LOCKSTEP_RETURN_IF_ERROR(CheckUsable());
+    return Status::FailedPrecondition("message " + std::to_string(seq) + " to " + peer_ +
+                                      " was never sent");
+  }
+
+  Status Receive(std::span<uint8_t> into, size_t* size, std::chrono::microseconds timeout) override;
+
+  Clock::time_point LastHeardFrom() const override {
+    return Clock::time_point(Clock::duration(last_heard_.load(std::memory_order_relaxed)));
+  }
+
+  void Abort() override {
+    if (aborted_.exchange(true)) return;
+    ::shutdown(fd_, SHUT_RDWR);
+    Signal(wake_fd_);
+  }
+
+  ChannelStats stats() const override {
+    ChannelStats s;
+    s.messages_sent = messages_sent_.load(std::memory_order_relaxed);
+    s.bytes_sent = bytes_sent_.load(std::memory_order_relaxed);
+    s.messages_received = messages_received_.load(std::memory_order_relaxed);
+    s.bytes_received = bytes_received_.load(std::memory_order_relaxed);
+    return s;
+  }
+
+ private:
+  // OK, kAborted after Abort(), or the kPeerLost recorded by Fail().
+  Status CheckUsable() const {
+    if (aborted_.load(std::memory_order_acquire)) {
+      return Status::Aborted("tcp channel to " + peer_ + " was aborted");
+    }
+    if (failed_.load(std::memory_order_acquire)) {
+      std::lock_guard lock(failure_mu_);
+      return failure_;
+    }
+    return Status::Ok();
+  }
+
+  // Marks the connection unusable: tears it down (so the peer notices too) and makes every
+  // later call return kPeerLost carrying `error`'s message. Returns `error`, or kAborted
+  // when Abort() is what broke the connection.
+  Status Fail(Status error) {
+    if (aborted_.load(std::memory_order_acquire)) {
+      return Status::Aborted("tcp channel to " + peer_ + " was aborted");
+    }
+    {
+      std::lock_guard lock(failure_mu_);
+      if (!failed_.load(std::memory_order_relaxed)) {
+        failure_ = Status::PeerLost(error.message());
+        failed_.store(true, std::memory_order_release);
+      }
+    }
+    ::shutdown(fd_, SHUT_RDWR);
+    return error;
+  }
+
+  // The Status for a recv() that returned `n` <= 0 with `err` set from errno: OK when
+  // the caller should simply retry (after waiting for data until `deadline`), otherwise
+  // the error to return.
+  Status HandleRecvShortfall(ssize_t n, int err, const Deadline& deadline);
+
+  void NoteHeard() {
+    last_heard_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
+  }
+
+  const int fd_;
+  const int wake_fd_;  // an eventfd; readable once Abort() ran
+  const std::string peer_;
+
+  std::atomic<bool> aborted_{false};
+  std::atomic<bool> failed_{false};  // set once, under failure_mu_
+  mutable std::mutex failure_mu_;
+  Status failure_;  // GUARDED_BY(failure_mu_); kPeerLost once failed_
+
+  std::atomic<Clock::rep> last_heard_;
+  std::atomic<uint64_t> completed_through_{0};
+  std::atomic<uint64_t> messages_sent_{0};
+  std::atomic<uint64_t> bytes_sent_{0};
+  std::atomic<uint64_t> messages_received_{0};
+  std::atomic<uint64_t> bytes_received_{0};
+
+  // Serializes senders so that messages never interleave on the stream.
+  std::mutex send_mu_;
+  uint64_t last_seq_ = 0;      // GUARDED_BY(send_mu_)
+  iovec send_iov_[kIovBatch];  // GUARDED_BY(send_mu_); scratch for one sendmsg()
+
+  // State of the message being received, kept across Receive() calls that time out in
+  // the middle of it. Only the (single) receiving thread touches these.
+  uint8_t header_[kFrameHeaderBytes] = {};
+  size_t header_received_ = 0;
+  uint32_t payload_size_ = 0;        // valid once header_received_ == kFrameHeaderBytes
+  size_t payload_received_ = 0;      // bytes of the payload already in payload_dest_
+  uint8_t* payload_dest_ = nullptr;  // the caller's buffer; non-null once the header
+                                     // was decoded and the message fits
+};
+
+Status TcpChannel::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
+  size_t total = 0;
+  LOCKSTEP_RETURN_IF_ERROR(internal::CheckGather(gather, &total));
+
+  std::lock_guard lock(send_mu_);
+  LOCKSTEP_RETURN_IF_ERROR(CheckUsable());
+
+  const uint8_t header[kFrameHeaderBytes] = {
+      static_cast<uint8_t>(total), static_cast<uint8_t>(total >> 8),
+      static_cast<uint8_t>(total >> 16), static_cast<uint8_t>(total >> 24)};
+  // Cursor: header bytes sent, then (slice index, offset into that slice).
+  size_t header_sent = 0;
+  size_t slice = 0;
+  size_t offset = 0;
+  size_t remaining = kFrameHeaderBytes + total;
+  const Deadline forever(kForever);
+
+  while (remaining > 0) {
+    size_t iov_count = 0;
+    if (header_sent < kFrameHeaderBytes) {
+      send_iov_[iov_count++] = {const_cast<uint8_t*>(header) + header_sent,
+                                kFrameHeaderBytes - header_sent};
+    }
+    for (size_t i = slice, off = offset; i < gather.size() && iov_count < kIovBatch; ++i, off = 0) {
+      if (gather[i].size > off) {
+        send_iov_[iov_count++] = {
+            const_cast<uint8_t*>(static_cast<const uint8_t*>(gather[i].data)) + off,
+            gather[i].size - off};
+      }
+    }
+    msghdr msg{};
+    msg.msg_iov = send_iov_;
+    msg.msg_iovlen = iov_count;
+    ssize_t n = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
+    if (n < 0) {
+      int err = errno;
+      if (err == EINTR) continue;
+      if (err == EAGAIN || err == EWOULDBLOCK) {
+        Status waited = WaitFor(fd_, POLLOUT, wake_fd_, forever, "send");
+        if (waited.ok()) continue;
+        if (waited.code() == Status::Code::kAborted) {
+          return Status::Aborted("tcp channel to " + peer_ + " was aborted during a send");
+        }
+        return Fail(waited);
+      }
+      return Fail(Status::PeerLost("send to " + peer_ + " failed: " + Errno(err)));
+    }
+
+    // Advance the cursor past the n bytes the kernel took.
+    size_t taken = static_cast<size_t>(n);
+    remaining -= taken;
+    size_t header_part = std::min(taken, kFrameHeaderBytes - header_sent);
+    header_sent += header_part;
+    taken -= header_part;
+    while (taken > 0) {
+      size_t left_in_slice = gather[slice].size - offset;
+      if (taken < left_in_slice) {
+        offset += taken;
+        taken = 0;
+      } else {
+        taken -= left_in_slice;
+        ++slice;
+        offset = 0;
+      }
+    }
+  }
+
+  ++last_seq_;
+  completed_through_.store(last_seq_, std::memory_order_release);
+  messages_sent_.fetch_add(1, std::memory_order_relaxed);
+  bytes_sent_.fetch_add(total, std::memory_order_relaxed);
+  if (seq != nullptr) *seq = last_seq_;
+  return Status::Ok();
+}
+
+Status TcpChannel::HandleRecvShortfall(ssize_t n, int err, const Deadline& deadline) {
+  if (aborted_.load(std::memory_order_acquire)) {
+    return Status::Aborted("tcp channel to " + peer_ + " was aborted");
+  }
+  bool mid_message = header_received_ > 0;
+  if (n == 0) {
+    return Fail(Status::PeerLost(
+        mid_message ? "peer " + peer_ + " closed the connection in the middle of a message"
+                    : "peer " + peer_ + " closed the connection"));
+  }
+  if (err == EINTR) return Status::Ok();
+  if (err == EAGAIN || err == EWOULDBLOCK) {
+    Status waited = WaitFor(fd_, POLLIN, wake_fd_, deadline, "receive");
+    if (waited.ok()) return Status::Ok();
+    if (waited.code() == Status::Code::kTimedOut) {
+      return Status::TimedOut(mid_message ? "no complete message from " + peer_ + " in time"
+                                          : "no message from " + peer_ + " in time");
+    }
+    if (waited.code() == Status::Code::kAborted) {
+      return Status::Aborted("tcp channel to " + peer_ + " was aborted");
+    }
+    return Fail(waited);
+  }
+  return Fail(Status::PeerLost("receive from " + peer_ + " failed: " + Errno(err)));
+}
+
+// REQUIRES: after a kTimedOut in the middle of a message, the next call passes the same
+// buffer `into` again (the bytes received so far are already in it); a different buffer
+// fails with kFailedPrecondition and makes the channel unusable.
+Status TcpChannel::Receive(std::span<uint8_t> into, size_t* size,
+                           std::chrono::microseconds timeout) {
+  LOCKSTEP_RETURN_IF_ERROR(CheckUsable());
+  const Deadline deadline(timeout);
+
+  if (payload_dest_ != nullptr && (into.data() != payload_dest_ || into.size() < payload_size_)) {
+    return Fail(Status::FailedPrecondition("Receive() resumed a partly received message from " +
+                                           peer_ +
+                                           " into a different buffer than the one it started in"));
+  }
+
+  while (header_received_ < kFrameHeaderBytes) {
+    ssize_t n = ::recv(fd_, header_ + header_received_, kFrameHeaderBytes - header_received_, 0);
+    if (n > 0) {
+      header_received_ += static_cast<size_t>(n);
+      NoteHeard();
+      continue;
+    }
+    LOCKSTEP_RETURN_IF_ERROR(HandleRecvShortfall(n, errno, deadline));
+  }
+
+  if (payload_dest_ == nullptr) {
+    payload_size_ = static_cast<uint32_t>(header_[0]) | static_cast<uint32_t>(header_[1]) << 8 |
+                    static_cast<uint32_t>(header_[2]) << 16 |
+                    static_cast<uint32_t>(header_[3]) << 24;
+    if (payload_size_ == 0 || payload_size_ > kMaxMessageBytes) {
+      return Fail(Status::Corruption("peer " + peer_ + " sent a frame of " +
+                                     std::to_string(payload_size_) + " bytes, outside 1.." +
+                                     std::to_string(kMaxMessageBytes)));
+    }
+    if (payload_size_ > into.size()) {
+      return Fail(Status::ResourceExhausted(
+          "a message of " + std::to_string(payload_size_) + " bytes from " + peer_ +
+          " does not fit the receive buffer of " + std::to_string(into.size()) + " bytes"));
+    }
+    payload_dest_ = into.data();
+    payload_received_ = 0;
+  }
+
+  while (payload_received_ < payload_size_) {
+    ssize_t n =
+        ::recv(fd_, payload_dest_ + payload_received_, payload_size_ - payload_received_, 0);
+    if (n > 0) {
+      payload_received_ += static_cast<size_t>(n);
+      NoteHeard();
+      continue;
+    }
+    LOCKSTEP_RETURN_IF_ERROR(HandleRecvShortfall(n, errno, deadline));
+  }
+
+  *size = payload_size_;
+  messages_received_.fetch_add(1, std::memory_order_relaxed);
+  bytes_received_.fetch_add(payload_size_, std::memory_order_relaxed);
+  header_received_ = 0;
+  payload_dest_ = nullptr;
+  payload_received_ = 0;
+  return Status::Ok();
+}
+
+// Wraps a connected socket into a TcpChannel.
+Result<std::unique_ptr<Channel>> MakeChannel(UniqueFd socket, const TcpOptions& options) {
+  LOCKSTEP_RETURN_IF_ERROR(ConfigureStreamSocket(socket.get(), options));
+  Result<UniqueFd> wake = MakeWakeFd();
+  if (!wake.ok()) return wake.status();
+  sockaddr_storage peer{};
+  socklen_t peer_length = sizeof(peer);
+  if (::getpeername(socket.get(), reinterpret_cast<sockaddr*>(&peer), &peer_length) != 0) {
+    return Status::PeerLost("getpeername failed: " + Errno(errno));
+  }
+  return std::unique_ptr<Channel>(
+      new TcpChannel(std::move(socket), std::move(*wake), FormatAddress(peer)));
+}
+
+class TcpListener final : public Listener {
+ public:
+  TcpListener(UniqueFd socket, UniqueFd wake, std::string address, TcpOptions options)
+      : socket_(std::move(socket)),
+        wake_(std::move(wake)),
+        address_(std::move(address)),
+        options_(options) {}
+
+  std::string address() const override { return address_; }
+
+  Result<std::unique_ptr<Channel>> Accept(std::chrono::milliseconds timeout) override {
+    const Deadline deadline(timeout);
+    while (true) {
+      if (aborted_.load(std::memory_order_acquire)) {
+        return Status::Aborted("tcp listener on " + address_ + " was aborted");
+      }
+      int fd = ::accept4(socket_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (fd >= 0) return MakeChannel(UniqueFd(fd), options_);
+      int err = errno;
+      if (err == EINTR || err == ECONNABORTED) continue;
+      if (err != EAGAIN && err != EWOULDBLOCK) {
+        return Status::FromErrno("accept on " + address_, err);
+      }
+      Status waited = WaitFor(socket_.get(), POLLIN, wake_.get(), deadline, "accept");
+      if (waited.code() == Status::Code::kTimedOut) {
+        return Status::TimedOut("no connection to " + address_ + " within " +
+                                std::to_string(timeout.count()) + " ms");
+      }
+      if (!waited.ok() && waited.code() != Status::Code::kAborted) return waited;
+    }
+  }
+
+  void Abort() override {
+    if (aborted_.exchange(true)) return;
+    Signal(wake_.get());
+  }
+
+ private:
+  const UniqueFd socket_;
+  const UniqueFd wake_;  // an eventfd; readable once Abort() ran
+  const std::string address_;
+  const TcpOptions options_;
+  std::atomic<bool> aborted_{false};
+};
+
+class TcpTransport final : public Transport {
+ public:
+  explicit TcpTransport(TcpOptions options) : options_(options) {}
+
+  std::string_view name() const override { return "tcp"; }
+
+  Result<std::unique_ptr<Listener>> Listen(std::string_view address) override {
+    Result<SocketAddress> parsed = ParseAddress(address, /*allow_port_zero=*/true);
+    if (!parsed.ok()) return parsed.status();
+    const std::string where = "listen on " + std::string(address);
+    UniqueFd socket(
+        ::socket(parsed->family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, IPPROTO_TCP));
+    if (socket.get() < 0) return Status::FromErrno(where + ": socket", errno);
+    LOCKSTEP_RETURN_IF_ERROR(
+        SetIntOption(socket.get(), SOL_SOCKET, SO_REUSEADDR, 1, "SO_REUSEADDR").WithContext(where));
+    LOCKSTEP_RETURN_IF_ERROR(SetBufferSizes(socket.get(), options_).WithContext(where));
+    if (::bind(socket.get(), parsed->get(), parsed->length) != 0) {
+      return Status::FromErrno(where + ": bind", errno);
+    }
+    if (::listen(socket.get(), kListenBacklog) != 0) {
+      return Status::FromErrno(where + ": listen", errno);
+    }
+    sockaddr_storage bound{};
+    socklen_t bound_length = sizeof(bound);
+    if (::getsockname(socket.get(), reinterpret_cast<sockaddr*>(&bound), &bound_length) != 0) {
+      return Status::FromErrno(where + ": getsockname", errno);
+    }
+    Result<UniqueFd> wake = MakeWakeFd();
+    if (!wake.ok()) return wake.status().WithContext(where);
+    return std::unique_ptr<Listener>(
+        new TcpListener(std::move(socket), std::move(*wake), FormatAddress(bound), options_));
+  }
+
+  // The socket stays non-blocking after the handshake: every wait of the channel is a
+  // ppoll() that Abort() can interrupt.
+  Result<std::unique_ptr<Channel>> Connect(std::string_view address,
+                                           std::chrono::milliseconds timeout) override {
+    Result<SocketAddress> parsed = ParseAddress(address, /*allow_port_zero=*/false);
+    if (!parsed.ok()) return parsed.status();
+    const std::string where = "connect to " + std::string(address);
+    UniqueFd socket(
+        ::socket(parsed->family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, IPPROTO_TCP));
+    if (socket.get() < 0) return Status::FromErrno(where + ": socket", errno);
+    // Before connect(): the receive buffer size decides the window scale of the handshake.
+    LOCKSTEP_RETURN_IF_ERROR(ConfigureStreamSocket(socket.get(), options_).WithContext(where));
+
+    int err = 0;
+    if (::connect(socket.get(), parsed->get(), parsed->length) != 0) {
+      err = errno;
+      if (err == EINPROGRESS || err == EINTR) {
+        pollfd pfd = {socket.get(), POLLOUT, 0};
+        int n;
+        do {
+          n = ::poll(&pfd, 1, static_cast<int>(std::min<int64_t>(timeout.count(), INT_MAX)));
+        } while (n < 0 && errno == EINTR);
+        if (n < 0) return Status::FromErrno(where + ": poll", errno);
+        if (n == 0) {
+          return Status::TimedOut(where + " timed out after " + std::to_string(timeout.count()) +
+                                  " ms");
+        }
+        socklen_t len = sizeof(err);
+        if (::getsockopt(socket.get(), SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
+      }
+    }
+    switch (err) {
+      case 0:
+        return MakeChannel(std::move(socket), options_);
+      case ECONNREFUSED:
+        return Status::PeerLost(where + " failed: " + Errno(err) +
+                                " (is the secondary listening?)");
+      case ECONNRESET:
+      case ETIMEDOUT:
+      case EHOSTUNREACH:
+      case ENETUNREACH:
+      case EHOSTDOWN:
+      case ENETDOWN:
+        return Status::PeerLost(where + " failed: " + Errno(err));
+      default:
+        return Status::FromErrno(where + " failed", err);
+    }
+  }
+
+ private:
+  const TcpOptions options_;
+};
+
+}  // namespace
+
+std::unique_ptr<Transport> MakeTcpTransport(TcpOptions options) {
+  return std::make_unique<TcpTransport>(options);
+}
+
+}  // namespace lockstep::channel

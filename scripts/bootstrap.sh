@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs every Debian package lockstep's build, tests and benchmarks need.
+# Safe to run twice: apt-get skips what is installed; the package lists are refreshed
+# only when they are older than a day or missing.
+set -euo pipefail
+
+PACKAGES=(
+  build-essential cmake ninja-build pkg-config git
+  catch2                          # unit and integration tests
+  libisal-dev                     # CRC32C (crc32_iscsi) for the wire format
+  libboost-dev libboost-program-options-dev
+  clang libclang-rt-14-dev        # libFuzzer target for the epoch decoder
+  python3-matplotlib              # PNG plots of benchmark results
+  iproute2 procps
+)
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "bootstrap: must run as root to install Debian packages (try: sudo $0)" >&2
+  exit 1
+fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  stamp=/var/lib/apt/periodic/update-success-stamp
+  lists_fresh=$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null | head -1)
+  if [[ -z "$lists_fresh" && ! -e "$stamp" ]] || [[ -z "$lists_fresh" ]]; then
+    echo "bootstrap: refreshing Debian package lists"
+    apt-get update -q
+  fi
+  echo "bootstrap: installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "bootstrap: all ${#PACKAGES[@]} packages already installed"
+fi

@@ -334,7 +334,7 @@ class LoopbackListener final : public Listener {
   Result<std::unique_ptr<Channel>> Accept(std::chrono::milliseconds timeout) override {
     std::unique_lock lock(pending_->mu);
     auto ready = [&] { return pending_->aborted || !pending_->channels.empty(); };
-    if (timeout >= kForever) {
+    if (timeout >= std::chrono::duration_cast<std::chrono::milliseconds>(kForever)) {
       pending_->changed.wait(lock, ready);
     } else {
       auto deadline = Clock::now() + std::max(timeout, std::chrono::milliseconds::zero());

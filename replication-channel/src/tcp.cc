@@ -69,12 +69,19 @@ class UniqueFd {
   int fd_;
 };
 
+// `timeout` in microseconds, without overflowing for huge values (milliseconds::max()).
+std::chrono::microseconds ToMicros(std::chrono::milliseconds timeout) {
+  if (timeout >= std::chrono::duration_cast<std::chrono::milliseconds>(kForever)) return kForever;
+  return timeout;
+}
+
 // When a wait ends; infinite for very long timeouts.
 class Deadline {
  public:
   explicit Deadline(std::chrono::microseconds timeout)
       : infinite_(timeout >= kForever),
-        when_(Clock::now() + std::max(timeout, std::chrono::microseconds::zero())) {}
+        when_(infinite_ ? Clock::time_point::max()
+                        : Clock::now() + std::max(timeout, std::chrono::microseconds::zero())) {}
 
   // The time left, for ppoll(): nullptr when infinite, else a non-negative span in *ts.
   const timespec* Remaining(timespec* ts) const {
@@ -544,7 +551,7 @@ class TcpListener final : public Listener {
   std::string address() const override { return address_; }
 
   Result<std::unique_ptr<Channel>> Accept(std::chrono::milliseconds timeout) override {
-    const Deadline deadline(timeout);
+    const Deadline deadline(ToMicros(timeout));
     while (true) {
       if (aborted_.load(std::memory_order_acquire)) {
         return Status::Aborted("tcp listener on " + address_ + " was aborted");
@@ -631,7 +638,7 @@ class TcpTransport final : public Transport {
         pollfd pfd = {socket.get(), POLLOUT, 0};
         int n;
         do {
-          n = ::poll(&pfd, 1, static_cast<int>(std::min<int64_t>(timeout.count(), INT_MAX)));
+          n = ::poll(&pfd, 1, static_cast<int>(std::clamp<int64_t>(timeout.count(), 0, INT_MAX)));
         } while (n < 0 && errno == EINTR);
         if (n < 0) return Status::FromErrno(where + ": poll", errno);
         if (n == 0) {

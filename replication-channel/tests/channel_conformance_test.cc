@@ -195,6 +195,10 @@ CONFORMANCE_TEST("Channel: a Receive timeout leaves the channel usable") {
   auto [status2, text2] = ReceiveText(*pair.b);
   CHECK(status2.ok());
   CHECK(text2 == "after the timeout");
+
+  // An "infinite" timeout neither overflows nor expires.
+  REQUIRE(SendText(*pair.a, "forever").ok());
+  CHECK(ReceiveText(*pair.b, std::chrono::microseconds::max()).second == "forever");
 }
 
 CONFORMANCE_TEST("Channel: the peer's loss is reported as kPeerLost") {

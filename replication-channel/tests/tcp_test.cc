@@ -118,7 +118,7 @@ TEST_CASE("tcp: Listen on port 0 picks a real port", "[tcp]") {
   CHECK(port <= 65535);
 
   RawSocket raw(address);
-  auto channel = (*listener)->Accept(5s);
+  auto channel = (*listener)->Accept(std::chrono::milliseconds::max());
   REQUIRE(channel.ok());
   CHECK((*channel)->transport() == "tcp");
   CHECK((*channel)->peer() == "127.0.0.1:" + std::to_string(raw.LocalPort()));

@@ -94,7 +94,10 @@ class Channel {
   // kTimedOut when none arrived within `timeout` (the channel stays usable), kPeerLost when
   // the connection is gone, kResourceExhausted when the message does not fit `into`
   // (the connection is then unusable: the stream cannot skip it safely), kAborted after
-  // Abort(). Performs no heap allocation.
+  // Abort(). Performs no heap allocation (on success).
+  // REQUIRES: after a kTimedOut, the next Receive() passes the same `into` again: the
+  // transport may already have placed the start of the next message in it (TCP does;
+  // it refuses another buffer with kFailedPrecondition).
   virtual Status Receive(std::span<uint8_t> into, size_t* size,
                          std::chrono::microseconds timeout) = 0;
 

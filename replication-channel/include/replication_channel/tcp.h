@@ -7,6 +7,9 @@
 // without another copy. Send() completes before it returns. A connection that ends inside
 // a message reports kPeerLost ("peer closed the connection in the middle of a message").
 //
+// The peer is "heard" (LastHeardFrom()) when Receive() reads bytes of it from the socket:
+// bytes waiting unread in the kernel do not count.
+//
 // Addresses are "HOST:PORT" with a numeric IPv4 address, or "[V6]:PORT"; port 0 in
 // Listen() picks a free one (see Listener::address()).
 #pragma once

@@ -43,6 +43,7 @@ size_t EncodeXorRle(const uint8_t* page, const uint8_t* base, size_t n, std::spa
         break;
       }
       i += 8;
+      if (o + 4 + (i - lit_start) > out.size()) return 0;  // a mostly new page: give up early
     }
     size_t len = i - lit_start;
     if (o + 4 + len > out.size()) return 0;

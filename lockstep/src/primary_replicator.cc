@@ -29,7 +29,9 @@ struct PrimaryReplicator::Impl {
   vip::Witness& witness;
   const ReplicationOptions opt;
   RoleState role{true};
-  PauseWindow pauses;
+  LatencyWindow pauses;
+  LatencyWindow ack_latencies;  // end of pause to ACK, per acknowledged epoch after the first
+  std::atomic<int64_t> initial_sync_pause_us{0};
 
   std::unique_ptr<Channel> ch;
   std::unique_ptr<EpochStager> stager;
@@ -54,7 +56,6 @@ struct PrimaryReplicator::Impl {
   std::atomic<uint64_t> captured{0};
   std::atomic<uint64_t> sent{0};
   std::atomic<uint64_t> acked{0};
-  std::atomic<int64_t> ack_latency_us{0};
   // End of pause of recent epochs, for the ack latency; indexed by epoch % size.
   std::array<std::atomic<int64_t>, 64> pause_end_ns{};
 
@@ -93,7 +94,9 @@ void PrimaryReplicator::Impl::EpochLoop() {
       local = true;
       break;
     }
-    pauses.Add(std::chrono::duration_cast<Micros>(t1 - t0));
+    // The initial full copy is a different animal from an epoch pause: kept apart.
+    if (full) initial_sync_pause_us.store(std::chrono::duration_cast<Micros>(t1 - t0).count());
+    else pauses.Add(std::chrono::duration_cast<Micros>(t1 - t0));
     pause_end_ns[epoch % pause_end_ns.size()].store(t1.time_since_epoch().count());
     captured.store(epoch);
 
@@ -144,7 +147,10 @@ void PrimaryReplicator::Impl::HandleAck(uint64_t epoch) {
   hv.ReleaseOutput(epoch);
   int64_t end = pause_end_ns[epoch % pause_end_ns.size()].load();
   int64_t now = SteadyClock::now().time_since_epoch().count();
-  if (end != 0 && now > end) ack_latency_us.store((now - end) / 1000);
+  // Only an ACK for one epoch measures it; a cumulative ACK would blur several.
+  if (end != 0 && now > end && epoch == prev + 1 && epoch > 1) {
+    ack_latencies.Add(std::chrono::duration_cast<Micros>(std::chrono::nanoseconds(now - end)));
+  }
   if (role.get() == ReplicaState::kSyncing) {
     role.MoveTo(ReplicaState::kProtected, "the secondary acknowledged the initial synchronization");
   }
@@ -321,8 +327,15 @@ ReplicationStats PrimaryReplicator::stats() const {
     out.zero_pages = m.stream.zero_pages;
     out.delta_pages = m.stream.delta_pages;
   }
-  m.pauses.Summarize(&out);
-  out.last_ack_latency = Micros(m.ack_latency_us.load());
+  auto pause = m.pauses.Summarize();
+  out.last_pause = pause.last;
+  out.pause_p50 = pause.p50;
+  out.pause_p99 = pause.p99;
+  out.pause_max = pause.max;
+  auto ack = m.ack_latencies.Summarize();
+  out.ack_latency_p50 = ack.p50;
+  out.ack_latency_p99 = ack.p99;
+  out.initial_sync_pause = Micros(m.initial_sync_pause_us.load());
   return out;
 }
 

@@ -1,6 +1,7 @@
 #include "replica_common.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 
 #include "lockstep/wire_format.h"
@@ -132,29 +133,32 @@ Status CheckPeerSilence(const channel::Channel& channel, Micros threshold, const
                           " (threshold " + Millis(threshold) + ")");
 }
 
-void PauseWindow::Add(Micros pause) {
+void LatencyWindow::Add(Micros d) {
   std::lock_guard<std::mutex> lock(mu_);
-  uint32_t us = static_cast<uint32_t>(std::min<int64_t>(pause.count(), UINT32_MAX));
+  uint32_t us = static_cast<uint32_t>(std::clamp<int64_t>(d.count(), 0, UINT32_MAX));
   us_[count_ % kWindow] = us;
   ++count_;
   last_ = us;
 }
 
-void PauseWindow::Summarize(ReplicationStats* out) const {
+LatencyWindow::Summary LatencyWindow::Summarize() const {
   std::array<uint32_t, kWindow> copy;
+  Summary out;
   size_t n;
   {
     std::lock_guard<std::mutex> lock(mu_);
     n = std::min(count_, kWindow);
     std::copy(us_.begin(), us_.begin() + n, copy.begin());
-    out->last_pause = Micros(last_);
+    out.last = Micros(last_);
+    out.count = count_;
   }
-  if (n == 0) return;
+  if (n == 0) return out;
   std::sort(copy.begin(), copy.begin() + n);
   auto pct = [&](double p) { return Micros(copy[std::min(n - 1, static_cast<size_t>(p * n))]); };
-  out->pause_p50 = pct(0.50);
-  out->pause_p99 = pct(0.99);
-  out->pause_max = Micros(copy[n - 1]);
+  out.p50 = pct(0.50);
+  out.p99 = pct(0.99);
+  out.max = Micros(copy[n - 1]);
+  return out;
 }
 
 Status ValidateRamLayout(const std::vector<RamBlock>& blocks) {

@@ -84,14 +84,17 @@ class Heartbeater {
 // kPeerLost when the peer has been silent for longer than `threshold`.
 Status CheckPeerSilence(const channel::Channel& channel, Micros threshold, const char* peer);
 
-// The last kWindow checkpoint pauses, for percentiles. Add() takes a mutex but never
-// allocates. Thread-safe.
-class PauseWindow {
+// The last kWindow durations (checkpoint pauses, ack latencies), for percentiles. Add()
+// takes a mutex but never allocates. Thread-safe.
+class LatencyWindow {
  public:
   static constexpr size_t kWindow = 1024;
-  void Add(Micros pause);
-  // Fills last/p50/p99/max of `out`.
-  void Summarize(ReplicationStats* out) const;
+  void Add(Micros d);
+  struct Summary {
+    Micros last{0}, p50{0}, p99{0}, max{0};
+    uint64_t count = 0;  // durations added so far
+  };
+  Summary Summarize() const;
 
  private:
   mutable std::mutex mu_;

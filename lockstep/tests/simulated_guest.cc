@@ -53,6 +53,10 @@ SimulatedGuest::SimulatedGuest(GuestConfig config) : config_(std::move(config)) 
       }
     }
   }
+  if (config_.burst) {
+    noise_.resize(1u << 20);
+    for (size_t o = 0; o < noise_.size(); o += 8) Store(noise_.data() + o, Mix(config_.seed + o));
+  }
   uint8_t* ledger = ram_[0].data();
   Store(ledger, kLedgerMagic);
   Store(ledger + 8, 0);
@@ -106,7 +110,7 @@ void SimulatedGuest::WritePage(uint32_t block, uint64_t page, uint64_t stamp, ui
 void SimulatedGuest::Step() {
   uint64_t step = ++regs_.step;
   uint64_t n = config_.pages_per_step;
-  bool burst = config_.pages_per_epoch != 0;
+  const bool burst = config_.burst;
   if (burst) {
     std::lock_guard<std::mutex> lock(run_mu_);
     n = std::min<uint64_t>(burst_left_, 256);
@@ -117,7 +121,14 @@ void SimulatedGuest::Step() {
     auto [b, p] = burst ? writable_[regs_.burst_cursor++ % writable_.size()]
                         : writable_[r % writable_.size()];
     uint64_t stamp = Mix(step * 1315423911ULL + i) | 1;
-    WritePage(b, p, stamp, r, burst ? static_cast<uint32_t>(kPage) : config_.bytes_per_write);
+    if (burst) {
+      // A whole page of new content, copied (fast) from the noise at a moving offset.
+      uint8_t* page = ram_[b].data() + p * kPage;
+      uint64_t old_stamp = Load(page);
+      std::memcpy(page, noise_.data() + (r % (noise_.size() / 8 - kPage / 8)) * 8, kPage);
+      Store(page, old_stamp);  // WritePage swaps the stamp and keeps the ledger right
+    }
+    WritePage(b, p, stamp, r, burst ? 8 : config_.bytes_per_write);
   }
   Store(ram_[0].data() + 8, step);
   MarkDirty(0, 0);
@@ -126,7 +137,7 @@ void SimulatedGuest::Step() {
 }
 
 void SimulatedGuest::Run() {
-  const bool burst = config_.pages_per_epoch != 0;
+  const bool burst = config_.burst;
   std::unique_lock<std::mutex> lock(run_mu_);
   auto can_run = [&] { return run_requested_ && !(burst && burst_left_ == 0); };
   while (!exit_) {

@@ -41,8 +41,10 @@ struct GuestConfig {
   uint32_t bytes_per_write = 64;   // bytes changed per written page (8..4096)
   uint32_t output_every = 8;       // steps between packets; 0 = no output
   std::chrono::microseconds step_delay{50};  // pause between steps (0 = flat out)
-  // Burst mode: when non-zero, after each StartVcpus() the vCPU writes exactly this many
-  // distinct whole pages, then idles until the next stop. For benchmarks.
+  // Burst mode, for benchmarks: after each StartVcpus() the vCPU writes exactly
+  // `pages_per_epoch` distinct whole pages of fresh (incompressible) content, then idles
+  // until the next stop. With 0 pages the guest is idle: nothing is dirtied at all.
+  bool burst = false;
   uint64_t pages_per_epoch = 0;
   uint32_t device_state_bytes = 8192;
   uint64_t seed = 1;
@@ -125,6 +127,7 @@ class SimulatedGuest final : public Hypervisor {
   std::vector<size_t> dirty_words_;
   std::atomic<bool> dirty_log_on_{false};
   std::vector<std::pair<uint32_t, uint64_t>> writable_;  // (block, page) the vCPU may write
+  std::vector<uint8_t> noise_;  // random bytes that burst writes copy from
 
   Regs regs_{};  // owned by the vCPU thread while running; by the caller while stopped
 

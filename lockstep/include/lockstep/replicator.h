@@ -68,9 +68,11 @@ struct ReplicationStats {
   uint64_t current_epoch = 0;   // primary: last epoch captured
   uint64_t bytes = 0;           // record bytes sent (primary) or received (secondary)
   uint64_t raw_pages = 0, zero_pages = 0, delta_pages = 0;
-  Micros last_pause{0};         // primary: the last checkpoint pause
+  Micros initial_sync_pause{0};  // primary: the stop-and-copy of the initial full sync
+  Micros last_pause{0};          // primary: the last checkpoint pause (after the first)
   Micros pause_p50{0}, pause_p99{0}, pause_max{0};  // over the recent pauses
-  Micros last_ack_latency{0};   // primary: end of pause to ACK
+  // primary: from the end of an epoch's pause to its ACK (the output-release delay)
+  Micros ack_latency_p50{0}, ack_latency_p99{0};
 };
 
 class PrimaryReplicator {

@@ -18,11 +18,13 @@
 //     A->B message that would make BytesDeliveredAtoB() exceed its value at the call plus
 //     n. That Send() returns kPeerLost, like every later Send() on either end; B still
 //     receives the messages delivered before the cut, then kPeerLost (as after a close).
-//     Cut(), Abort() and destroying an end discard undelivered messages (as a reset).
+//     Cut() discards undelivered messages (as a reset).
 //   * After Stall(), Send() returns OK and drops the message; messages queued before the
 //     Stall() stay receivable.
-//   * Abort() on one end cuts the link: that end then sees kAborted, the other kPeerLost.
-//     Destroying an end cuts the link as well. A Receive() whose buffer is too small
+//   * Abort() on one end cuts the link: that end then sees kAborted, the other receives
+//     what was already sent to it and then kPeerLost (as after shutdown() of a socket).
+//     Destroying an end does the same (as close()). On a stalled link neither is noticed
+//     by the peer: a pulled cable carries no news of a close. A Receive() whose buffer is too small
 //     returns kResourceExhausted and cuts the link.
 //   * Each end's queue holds up to 8 MiB (or one larger message); Send() blocks beyond.
 #pragma once

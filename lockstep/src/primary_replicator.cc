@@ -300,6 +300,11 @@ void PrimaryReplicator::Stop() {
   if (m.role.get() == ReplicaState::kIdle) m.role.MoveTo(ReplicaState::kStopped, "never started");
 }
 
+void PrimaryReplicator::ClearLatencyWindows() {
+  impl_->pauses.Clear();
+  impl_->ack_latencies.Clear();
+}
+
 ReplicaState PrimaryReplicator::state() const { return impl_->role.get(); }
 
 bool PrimaryReplicator::WaitForState(ReplicaState s, std::chrono::milliseconds timeout) const {

@@ -141,6 +141,12 @@ void LatencyWindow::Add(Micros d) {
   last_ = us;
 }
 
+void LatencyWindow::Clear() {
+  std::lock_guard<std::mutex> lock(mu_);
+  count_ = 0;
+  last_ = 0;
+}
+
 LatencyWindow::Summary LatencyWindow::Summarize() const {
   std::array<uint32_t, kWindow> copy;
   Summary out;

@@ -95,6 +95,7 @@ class LatencyWindow {
     uint64_t count = 0;  // durations added so far
   };
   Summary Summarize() const;
+  void Clear();
 
  private:
   mutable std::mutex mu_;

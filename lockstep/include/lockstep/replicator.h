@@ -99,6 +99,9 @@ class PrimaryReplicator {
   bool WaitForFaultHandled(std::chrono::milliseconds timeout) const;
   std::vector<Transition> transitions() const;
   ReplicationStats stats() const;
+  // Starts new windows for the pause and ack-latency percentiles of stats() (counters are
+  // not reset), e.g. after the initial synchronization has drained.
+  void ClearLatencyWindows();
   // Why protection ended, if it did ("" otherwise).
   std::string fault_reason() const;
 

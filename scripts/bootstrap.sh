@@ -25,9 +25,8 @@ for p in "${PACKAGES[@]}"; do
 done
 
 if ((${#missing[@]})); then
-  stamp=/var/lib/apt/periodic/update-success-stamp
-  lists_fresh=$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null | head -1)
-  if [[ -z "$lists_fresh" && ! -e "$stamp" ]] || [[ -z "$lists_fresh" ]]; then
+  # Refresh the package lists unless they are less than a day old.
+  if [[ -z $(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -1440 -print -quit 2>/dev/null) ]]; then
     echo "bootstrap: refreshing Debian package lists"
     apt-get update -q
   fi

@@ -162,3 +162,36 @@ TEST_CASE("kill -9 of the primary process: the secondary resumes an acknowledged
     secondary.Stop();
   }
 }
+
+TEST_CASE("a long apply on the secondary is not mistaken for a silent primary",
+          "[integration][detector]") {
+  // Over TCP, LastHeardFrom() advances when bytes are read; a secondary busy applying a
+  // 96 MiB initial synchronization reads nothing for far longer than the threshold.
+  GuestConfig g = Guest();
+  g.blocks = {{"pc.ram", 96u << 20}, {"pc.bios", 128u << 10}};
+  SimulatedGuest pg(g), sg(g);
+  vip::InProcessWitness witness;
+  ReplicationOptions po = Options("hostA"), so = Options("hostB");
+  po.peer_loss_threshold = so.peer_loss_threshold = 15ms;
+  PrimaryReplicator primary(pg, witness, po);
+  SecondaryReplica secondary(sg, witness, so);
+  auto tcp = channel::MakeTcpTransport();
+  auto listener = tcp->Listen("127.0.0.1:0");
+  REQUIRE(listener.ok());
+  pg.Boot();
+  std::thread accept([&] {
+    auto ch = (*listener)->Accept(10000ms);
+    REQUIRE(ch.ok());
+    REQUIRE(secondary.Start(std::move(*ch)).ok());
+  });
+  auto ch = tcp->Connect((*listener)->address(), 10000ms);
+  REQUIRE(ch.ok());
+  REQUIRE(primary.Start(std::move(*ch)).ok());
+  accept.join();
+  REQUIRE(primary.WaitForState(ReplicaState::kProtected, 30s));
+  std::this_thread::sleep_for(1s);
+  INFO(secondary.fault_reason() << primary.fault_reason());
+  REQUIRE(secondary.state() == ReplicaState::kProtected);
+  REQUIRE(primary.state() == ReplicaState::kProtected);
+  REQUIRE(witness.requests() == 0);
+}

@@ -182,9 +182,12 @@ void PrimaryReplicator::Impl::ControlLoop() {
       if (!s.ok()) SignalFault(s.WithContext("from the secondary"));
     } else if (s.code() != Status::Code::kTimedOut) {
       if (!stopping.load()) SignalFault(s);
+    } else {
+      // Judged only after a Receive() that waited for nothing: LastHeardFrom() advances
+      // when bytes are read, not when they arrive.
+      Status silence = CheckPeerSilence(*ch, opt.peer_loss_threshold, "secondary");
+      if (!silence.ok()) SignalFault(silence);
     }
-    Status silence = CheckPeerSilence(*ch, opt.peer_loss_threshold, "secondary");
-    if (!silence.ok()) SignalFault(silence);
   }
   std::string reason;
   {

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Configures and builds lockstep in ./build (Release with debug info, Ninja).
+# Usage: scripts/build.sh [TARGET...]   (default: everything)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
+  echo "build: cmake and ninja are missing; run scripts/bootstrap.sh first (as root)" >&2
+  exit 1
+fi
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+if (($#)); then
+  cmake --build build --target "$@"
+else
+  cmake --build build
+fi

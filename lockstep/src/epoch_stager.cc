@@ -191,7 +191,7 @@ Status EpochStreamer::Send(const EpochStager& stager, channel::Channel& channel,
       if (shadow) std::memset(shadow, 0, kPageSize);
       continue;
     }
-    if (use_delta) {
+    if (use_delta && DeltaLikelyPays(page, shadow, kPageSize)) {
       uint8_t* out = deltas_.data() + delta_used_;
       size_t n = EncodeXorRle(page, shadow, kPageSize, {out + 4, kMaxDeltaBytes});
       if (n != 0) {

@@ -97,7 +97,7 @@ class EpochStreamer {
   // Accumulates into `stats`. No allocation.
   Status Send(const EpochStager& stager, channel::Channel& channel, StreamStats* stats);
 
-  static constexpr size_t kBatchPages = 256;
+  static constexpr size_t kBatchPages = 1024;
 
  private:
   // Flushes the current batch as one message.

@@ -27,6 +27,13 @@ bool IsZeroPage(const uint8_t* page, size_t n) {
   return true;
 }
 
+bool DeltaLikelyPays(const uint8_t* page, const uint8_t* base, size_t n) {
+  const size_t stride = (n / 4) & ~size_t{7};
+  int differ = 0;
+  for (size_t i = 0; i < 4; ++i) differ += LoadWord(page + i * stride + 8) != LoadWord(base + i * stride + 8);
+  return differ < 3;
+}
+
 size_t EncodeXorRle(const uint8_t* page, const uint8_t* base, size_t n, std::span<uint8_t> out) {
   size_t o = 0;
   size_t i = 0;

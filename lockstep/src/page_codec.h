@@ -19,6 +19,11 @@ bool IsZeroPage(const uint8_t* page, size_t n);
 // words, so runs start and end on word boundaries.
 size_t EncodeXorRle(const uint8_t* page, const uint8_t* base, size_t n, std::span<uint8_t> out);
 
+// A cheap guess whether a delta of `page` against `base` could pay: false when at least 3
+// of 4 words sampled across the page differ (a page rewritten wholesale), so the caller
+// can skip the encoder's full scan. Four samples keep the cache misses on a cold base few.
+bool DeltaLikelyPays(const uint8_t* page, const uint8_t* base, size_t n);
+
 // Checks that `runs` is a well-formed delta for an `n`-byte page (every run in bounds,
 // skips and lens adding up to exactly n). kCorruption says what is wrong.
 Status ValidateXorRle(std::span<const uint8_t> runs, size_t n);

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <mutex>
@@ -271,7 +272,10 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
   // plus one more message, which Receive() needs whole.
   size_t largest_epoch = pages * (wire::kHeaderBytes + wire::kPageSize) +
                          m.opt.max_device_state_bytes + 8 * wire::kHeaderBytes + 64;
-  m.arena = PageArena(largest_epoch + m.opt.max_device_state_bytes + (2u << 20));
+  const size_t largest_message = std::max<size_t>(
+      m.opt.max_device_state_bytes + 2 * wire::kHeaderBytes,
+      (EpochStreamer::kBatchPages + 4) * (wire::kHeaderBytes + wire::kPageSize));
+  m.arena = PageArena(largest_epoch + largest_message);
   m.device.reserve(m.opt.max_device_state_bytes);
   m.heartbeat = std::make_unique<Heartbeater>(
       *m.ch, m.opt.heartbeat_interval, [&m] { return m.acked.load(); },

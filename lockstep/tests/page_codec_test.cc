@@ -77,3 +77,15 @@ TEST_CASE("malformed deltas are rejected", "[codec]") {
   REQUIRE_FALSE(ValidateXorRle(stub, kPage).ok());                       // truncated header
   REQUIRE_FALSE(ValidateXorRle({}, kPage).ok());                         // empty
 }
+
+TEST_CASE("the delta pre-check tells small edits from rewrites", "[codec]") {
+  std::vector<uint8_t> base(kPage), page(kPage);
+  std::mt19937_64 rng(3);
+  for (auto& b : base) b = static_cast<uint8_t>(rng());
+  page = base;
+  REQUIRE(DeltaLikelyPays(page.data(), base.data(), kPage));
+  for (size_t i = 0; i < 64; ++i) page[1000 + i] ^= 0xFF;  // a small edit
+  REQUIRE(DeltaLikelyPays(page.data(), base.data(), kPage));
+  for (auto& b : page) b = static_cast<uint8_t>(rng());  // rewritten wholesale
+  REQUIRE_FALSE(DeltaLikelyPays(page.data(), base.data(), kPage));
+}

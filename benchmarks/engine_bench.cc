@@ -169,11 +169,12 @@ Row RunEngine(uint64_t dirty_bytes, bool delta, int epochs, double raw_bytes_per
                  ps.ToString().c_str(), ss.ToString().c_str());
     std::exit(1);
   }
-  // Let the secondary drain the initial synchronization, then measure a window of epochs.
+  // Let the secondary drain the initial synchronization (epoch 2's ACK waits for the apply
+  // of all of epoch 1), then measure a window of epochs.
   for (int caught_up = 0; caught_up < 3;) {
     std::this_thread::sleep_for(o.epoch_interval);
     ReplicationStats s = primary.stats();
-    caught_up = s.acked_epoch + 1 >= s.current_epoch ? caught_up + 1 : 0;
+    caught_up = s.acked_epoch >= 4 && s.acked_epoch + 1 >= s.current_epoch ? caught_up + 1 : 0;
   }
   primary.ClearLatencyWindows();
   ReplicationStats a = primary.stats();
@@ -291,7 +292,8 @@ int main(int argc, char** argv) {
   std::fclose(f);
   std::printf("\nwrote %s\n", csv.c_str());
   // The picture, when python3-matplotlib is installed (scripts/bootstrap.sh installs it).
-  std::string plot = "python3 benchmarks/plot_engine_bench.py '" + csv + "' '" + out_dir +
+  std::fflush(stdout);
+  std::string plot = "/usr/bin/python3 benchmarks/plot_engine_bench.py '" + csv + "' '" + out_dir +
                      "/engine_bench.png' 2>&1";
   if (std::filesystem::exists("benchmarks/plot_engine_bench.py") && std::system(plot.c_str()) != 0) {
     std::fprintf(stderr, "engine_bench: plotting failed (is python3-matplotlib installed?)\n");

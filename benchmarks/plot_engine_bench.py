@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Plots benchmarks/results/engine_bench.csv: pause vs memcpy, stream vs raw socket."""
 import csv
 import sys

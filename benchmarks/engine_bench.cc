@@ -193,7 +193,8 @@ Row RunEngine(uint64_t dirty_bytes, bool delta, int epochs, double raw_bytes_per
   r.dirty_mib = static_cast<double>(dirty_bytes) / (1 << 20);
   r.delta = delta;
   r.epochs = b.epochs - a.epochs;
-  uint64_t pages = (b.raw_pages + b.zero_pages + b.delta_pages) - (a.raw_pages + a.zero_pages + a.delta_pages);
+  uint64_t pages =
+      (b.raw_pages + b.zero_pages + b.delta_pages) - (a.raw_pages + a.zero_pages + a.delta_pages);
   r.pages_per_epoch = r.epochs ? static_cast<double>(pages) / static_cast<double>(r.epochs) : 0;
   r.pause_p50_us = static_cast<double>(b.pause_p50.count());
   r.pause_p99_us = static_cast<double>(b.pause_p99.count());
@@ -201,8 +202,10 @@ Row RunEngine(uint64_t dirty_bytes, bool delta, int epochs, double raw_bytes_per
   r.memcpy_cold_us = MemcpyMicros(dirty_bytes, true);
   r.ack_p50_us = static_cast<double>(b.ack_latency_p50.count());
   r.ack_p99_us = static_cast<double>(b.ack_latency_p99.count());
-  r.stream_bytes_per_epoch = r.epochs ? static_cast<double>(b.bytes - a.bytes) / static_cast<double>(r.epochs) : 0;
-  r.stream_mbps = r.ack_p50_us > 0 ? r.stream_bytes_per_epoch / r.ack_p50_us : 0;  // bytes/us = MB/s
+  r.stream_bytes_per_epoch =
+      r.epochs ? static_cast<double>(b.bytes - a.bytes) / static_cast<double>(r.epochs) : 0;
+  r.stream_mbps =
+      r.ack_p50_us > 0 ? r.stream_bytes_per_epoch / r.ack_p50_us : 0;  // bytes/us = MB/s
   r.raw_mbps = raw_bytes_per_sec / 1e6;
   r.epochs_per_sec = static_cast<double>(r.epochs) / secs;
   return r;
@@ -232,7 +235,8 @@ int main(int argc, char** argv) {
   std::error_code ec;
   std::filesystem::create_directories(out_dir, ec);
   if (ec) {
-    std::fprintf(stderr, "engine_bench: cannot create %s: %s\n", out_dir.c_str(), ec.message().c_str());
+    std::fprintf(stderr, "engine_bench: cannot create %s: %s\n", out_dir.c_str(),
+                 ec.message().c_str());
     return 1;
   }
   const int epochs = quick ? 10 : 40;
@@ -254,18 +258,21 @@ int main(int argc, char** argv) {
     rows.back().raw_mbps = (rows.back().raw_mbps + raw / 1e6) / 2;
   }
 
-  std::printf("%-6s %-5s %6s %8s | %9s %9s %8s %8s %7s | %9s %9s %9s %9s %7s | %7s\n", "dirty", "delta",
-              "epochs", "pages/ep", "pause p50", "pause p99", "memcpy", "memcpy", "p50 /", "ack p50",
-              "ack p99", "stream", "raw sock", "stream/", "epoch/s");
-  std::printf("%-6s %-5s %6s %8s | %9s %9s %8s %8s %7s | %9s %9s %9s %9s %7s | %7s\n", "MiB", "", "", "",
-              "us", "us", "warm us", "cold us", "cold", "us", "us", "MB/s", "MB/s", "raw", "");
+  std::printf("%-6s %-5s %6s %8s | %9s %9s %8s %8s %7s | %9s %9s %9s %9s %7s | %7s\n", "dirty",
+              "delta", "epochs", "pages/ep", "pause p50", "pause p99", "memcpy", "memcpy", "p50 /",
+              "ack p50", "ack p99", "stream", "raw sock", "stream/", "epoch/s");
+  std::printf("%-6s %-5s %6s %8s | %9s %9s %8s %8s %7s | %9s %9s %9s %9s %7s | %7s\n", "MiB", "",
+              "", "", "us", "us", "warm us", "cold us", "cold", "us", "us", "MB/s", "MB/s", "raw",
+              "");
   for (const auto& r : rows) {
-    std::printf("%-6.0f %-5s %6llu %8.0f | %9.0f %9.0f %8.0f %8.0f %7.2f | %9.0f %9.0f %9.0f %9.0f %6.0f%% | %7.1f\n",
-                r.dirty_mib, r.delta ? "on" : "off", static_cast<unsigned long long>(r.epochs),
-                r.pages_per_epoch, r.pause_p50_us, r.pause_p99_us, r.memcpy_us, r.memcpy_cold_us,
-                r.memcpy_cold_us > 0 ? r.pause_p50_us / r.memcpy_cold_us : 0.0, r.ack_p50_us, r.ack_p99_us,
-                r.stream_mbps, r.raw_mbps, r.raw_mbps > 0 ? 100 * r.stream_mbps / r.raw_mbps : 0.0,
-                r.epochs_per_sec);
+    std::printf(
+        "%-6.0f %-5s %6llu %8.0f | %9.0f %9.0f %8.0f %8.0f %7.2f | %9.0f %9.0f %9.0f %9.0f %6.0f%% "
+        "| %7.1f\n",
+        r.dirty_mib, r.delta ? "on" : "off", static_cast<unsigned long long>(r.epochs),
+        r.pages_per_epoch, r.pause_p50_us, r.pause_p99_us, r.memcpy_us, r.memcpy_cold_us,
+        r.memcpy_cold_us > 0 ? r.pause_p50_us / r.memcpy_cold_us : 0.0, r.ack_p50_us, r.ack_p99_us,
+        r.stream_mbps, r.raw_mbps, r.raw_mbps > 0 ? 100 * r.stream_mbps / r.raw_mbps : 0.0,
+        r.epochs_per_sec);
   }
 
   std::string csv = out_dir + "/engine_bench.csv";
@@ -279,15 +286,17 @@ int main(int argc, char** argv) {
   std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
   std::fprintf(f,
                "run_at,dirty_mib,delta,epochs,pages_per_epoch,pause_p50_us,pause_p99_us,memcpy_us,"
-               "memcpy_cold_us,pause_over_memcpy_cold,ack_p50_us,ack_p99_us,stream_bytes_per_epoch,stream_mbps,"
+               "memcpy_cold_us,pause_over_memcpy_cold,ack_p50_us,ack_p99_us,stream_bytes_per_epoch,"
+               "stream_mbps,"
                "raw_socket_mbps,stream_over_raw,epochs_per_sec\n");
   for (const auto& r : rows) {
-    std::fprintf(f, "%s,%.0f,%d,%llu,%.0f,%.0f,%.0f,%.1f,%.1f,%.3f,%.0f,%.0f,%.0f,%.1f,%.1f,%.3f,%.2f\n",
-                 when, r.dirty_mib, r.delta ? 1 : 0, static_cast<unsigned long long>(r.epochs),
-                 r.pages_per_epoch, r.pause_p50_us, r.pause_p99_us, r.memcpy_us, r.memcpy_cold_us,
-                 r.memcpy_cold_us > 0 ? r.pause_p50_us / r.memcpy_cold_us : 0.0, r.ack_p50_us, r.ack_p99_us,
-                 r.stream_bytes_per_epoch, r.stream_mbps, r.raw_mbps,
-                 r.raw_mbps > 0 ? r.stream_mbps / r.raw_mbps : 0.0, r.epochs_per_sec);
+    std::fprintf(
+        f, "%s,%.0f,%d,%llu,%.0f,%.0f,%.0f,%.1f,%.1f,%.3f,%.0f,%.0f,%.0f,%.1f,%.1f,%.3f,%.2f\n",
+        when, r.dirty_mib, r.delta ? 1 : 0, static_cast<unsigned long long>(r.epochs),
+        r.pages_per_epoch, r.pause_p50_us, r.pause_p99_us, r.memcpy_us, r.memcpy_cold_us,
+        r.memcpy_cold_us > 0 ? r.pause_p50_us / r.memcpy_cold_us : 0.0, r.ack_p50_us, r.ack_p99_us,
+        r.stream_bytes_per_epoch, r.stream_mbps, r.raw_mbps,
+        r.raw_mbps > 0 ? r.stream_mbps / r.raw_mbps : 0.0, r.epochs_per_sec);
   }
   std::fclose(f);
   std::printf("\nwrote %s\n", csv.c_str());
@@ -295,7 +304,8 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
   std::string plot = "/usr/bin/python3 benchmarks/plot_engine_bench.py '" + csv + "' '" + out_dir +
                      "/engine_bench.png' 2>&1";
-  if (std::filesystem::exists("benchmarks/plot_engine_bench.py") && std::system(plot.c_str()) != 0) {
+  if (std::filesystem::exists("benchmarks/plot_engine_bench.py") &&
+      std::system(plot.c_str()) != 0) {
     std::fprintf(stderr, "engine_bench: plotting failed (is python3-matplotlib installed?)\n");
   }
   return 0;

@@ -77,11 +77,12 @@ double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(
   for (;;) {
     std::this_thread::sleep_for(500ms);
     auto st = primary.stats();
-    std::printf("  [host-a] %-9s epoch %5llu acked %5llu  pause p50 %5.2f ms p99 %5.2f ms  "
-                "output held %5.2f ms (p50)\n",
-                ReplicaStateName(primary.state()), static_cast<unsigned long long>(st.current_epoch),
-                static_cast<unsigned long long>(st.acked_epoch), st.pause_p50.count() / 1000.0,
-                st.pause_p99.count() / 1000.0, st.ack_latency_p50.count() / 1000.0);
+    std::printf(
+        "  [host-a] %-9s epoch %5llu acked %5llu  pause p50 %5.2f ms p99 %5.2f ms  "
+        "output held %5.2f ms (p50)\n",
+        ReplicaStateName(primary.state()), static_cast<unsigned long long>(st.current_epoch),
+        static_cast<unsigned long long>(st.acked_epoch), st.pause_p50.count() / 1000.0,
+        st.pause_p99.count() / 1000.0, st.ack_latency_p50.count() / 1000.0);
     std::fflush(stdout);
   }
 }
@@ -98,9 +99,10 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  std::printf("lockstep engine failover demo: primary host-a (child process), secondary host-b "
-              "(this process),\nreplicating over TCP on 127.0.0.1; a client reads every packet "
-              "the active replica releases.\n\n");
+  std::printf(
+      "lockstep engine failover demo: primary host-a (child process), secondary host-b "
+      "(this process),\nreplicating over TCP on 127.0.0.1; a client reads every packet "
+      "the active replica releases.\n\n");
   auto tcp = channel::MakeTcpTransport();
   auto listener = tcp->Listen("127.0.0.1:0");
   if (!listener.ok()) {
@@ -196,18 +198,21 @@ int main(int argc, char** argv) {
   std::printf("  %8.2f  host-a killed\n", 0.0);
   for (const auto& t : secondary.transitions()) {
     if (t.at < killed_wall) continue;
-    std::printf("  %8.2f  host-b %s: %s\n", since_kill(t.at), ReplicaStateName(t.to), t.reason.c_str());
+    std::printf("  %8.2f  host-b %s: %s\n", since_kill(t.at), ReplicaStateName(t.to),
+                t.reason.c_str());
   }
   std::lock_guard<std::mutex> lock(mu);
   if (first_step_from_b != 0) {
-    std::printf("  %8.2f  first packet from host-b reaches the client\n", Ms(first_from_b_at - killed_at));
+    std::printf("  %8.2f  first packet from host-b reaches the client\n",
+                Ms(first_from_b_at - killed_at));
   }
-  std::printf("\nclient: %llu packets from host-a, the last at guest step %llu; host-b resumed "
-              "at epoch %llu and its first packet is step %llu\n",
-              static_cast<unsigned long long>(packets_from_a),
-              static_cast<unsigned long long>(last_step_from_a),
-              static_cast<unsigned long long>(secondary.applied_epoch()),
-              static_cast<unsigned long long>(first_step_from_b));
+  std::printf(
+      "\nclient: %llu packets from host-a, the last at guest step %llu; host-b resumed "
+      "at epoch %llu and its first packet is step %llu\n",
+      static_cast<unsigned long long>(packets_from_a),
+      static_cast<unsigned long long>(last_step_from_a),
+      static_cast<unsigned long long>(secondary.applied_epoch()),
+      static_cast<unsigned long long>(first_step_from_b));
   bool ok = handled && secondary.state() == ReplicaState::kActive && first_step_from_b != 0 &&
             first_step_from_b > last_step_from_a;
   std::printf("%s\n", ok ? "OK: demo-vm survived the loss of its primary; no packet the client "

@@ -4,11 +4,7 @@
 #   LOCKSTEP_FUZZ_SECONDS  how long the fuzzer runs (default 30; 0 skips it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [[ $(id -u) -eq 0 ]]; then
-  scripts/bootstrap.sh
-else
-  echo "test: not root, so not installing packages; if the build fails, run scripts/bootstrap.sh as root" >&2
-fi
+scripts/bootstrap.sh --if-root
 scripts/build.sh
 echo "== ctest"
 (cd build && ctest --output-on-failure --timeout 600 -j2)

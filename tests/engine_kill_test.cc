@@ -126,7 +126,8 @@ TEST_CASE("kill -9 of the primary process: the secondary resumes an acknowledged
     for (const auto& t : log) text += std::string(ReplicaStateName(t.to)) + ": " + t.reason + "\n";
     INFO("trial " << trial << "\n" << text);
     REQUIRE(secondary.state() == ReplicaState::kActive);
-    auto active_after = std::chrono::duration_cast<std::chrono::microseconds>(log.back().at - killed_at);
+    auto active_after =
+        std::chrono::duration_cast<std::chrono::microseconds>(log.back().at - killed_at);
     WARN("trial " << trial << ": kill -9 to ACTIVE in " << active_after.count() / 1000.0
                   << " ms at epoch " << secondary.applied_epoch());
 
@@ -196,9 +197,9 @@ TEST_CASE("a long apply on the secondary is not mistaken for a silent primary",
   secondary.WaitForState(ReplicaState::kProtected, 30s);
   std::this_thread::sleep_for(1s);
   INFO("secondary: " << ReplicaStateName(secondary.state()) << " acked " << secondary.acked_epoch()
-                      << " applied " << secondary.applied_epoch() << " " << secondary.fault_reason()
-                      << "\nprimary: " << ReplicaStateName(primary.state()) << " acked "
-                      << primary.stats().acked_epoch << " " << primary.fault_reason());
+                     << " applied " << secondary.applied_epoch() << " " << secondary.fault_reason()
+                     << "\nprimary: " << ReplicaStateName(primary.state()) << " acked "
+                     << primary.stats().acked_epoch << " " << primary.fault_reason());
   REQUIRE(secondary.state() == ReplicaState::kProtected);
   REQUIRE(primary.state() == ReplicaState::kProtected);
   REQUIRE(witness.requests() == 0);

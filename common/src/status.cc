@@ -10,18 +10,30 @@ const std::string kEmpty;
 
 std::string_view CodeName(Status::Code code) {
   switch (code) {
-    case Status::Code::kOk: return "OK";
-    case Status::Code::kInvalidArgument: return "invalid argument";
-    case Status::Code::kCorruption: return "corruption";
-    case Status::Code::kVersionMismatch: return "version mismatch";
-    case Status::Code::kPeerRejected: return "rejected by peer";
-    case Status::Code::kPeerLost: return "peer lost";
-    case Status::Code::kTimedOut: return "timed out";
-    case Status::Code::kIoError: return "I/O error";
-    case Status::Code::kResourceExhausted: return "resource exhausted";
-    case Status::Code::kFailedPrecondition: return "failed precondition";
-    case Status::Code::kUnsupported: return "unsupported";
-    case Status::Code::kAborted: return "aborted";
+    case Status::Code::kOk:
+      return "OK";
+    case Status::Code::kInvalidArgument:
+      return "invalid argument";
+    case Status::Code::kCorruption:
+      return "corruption";
+    case Status::Code::kVersionMismatch:
+      return "version mismatch";
+    case Status::Code::kPeerRejected:
+      return "rejected by peer";
+    case Status::Code::kPeerLost:
+      return "peer lost";
+    case Status::Code::kTimedOut:
+      return "timed out";
+    case Status::Code::kIoError:
+      return "I/O error";
+    case Status::Code::kResourceExhausted:
+      return "resource exhausted";
+    case Status::Code::kFailedPrecondition:
+      return "failed precondition";
+    case Status::Code::kUnsupported:
+      return "unsupported";
+    case Status::Code::kAborted:
+      return "aborted";
   }
   return "unknown";
 }

@@ -70,7 +70,8 @@ std::vector<uint8_t> Capture(FuzzHypervisor& hv, EpochStager& stager, EpochStrea
   if (!streamer.Send(stager, *a, &stats).ok()) abort();
   std::vector<uint8_t> all, buf(1 << 20);
   size_t n;
-  while (b->Receive(buf, &n, std::chrono::microseconds(0)).ok()) all.insert(all.end(), buf.begin(), buf.begin() + n);
+  while (b->Receive(buf, &n, std::chrono::microseconds(0)).ok())
+    all.insert(all.end(), buf.begin(), buf.begin() + n);
   return all;
 }
 
@@ -155,8 +156,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<uint8_t> before0 = ram[0], before1 = ram[1];
   EpochAssembler assembler(blocks, last);
   std::vector<std::vector<uint8_t>> messages;
-  if (mode & 4) messages = PerRecord(epoch);
-  else messages.push_back(epoch);
+  if (mode & 4)
+    messages = PerRecord(epoch);
+  else
+    messages.push_back(epoch);
   std::vector<uint8_t> staged;
   for (const auto& m : messages) {
     auto r = assembler.Feed(m);

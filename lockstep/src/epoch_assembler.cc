@@ -57,8 +57,7 @@ Status EpochAssembler::CheckPage(const RecordView& r) {
   const ReplicaBlock& b = blocks_[h.block];
   if (h.page >= b.pages) {
     return Status::Corruption("page " + std::to_string(h.page) + " is outside RAM block " +
-                              std::to_string(h.block) + " (" + std::to_string(b.pages) +
-                              " pages)");
+                              std::to_string(h.block) + " (" + std::to_string(b.pages) + " pages)");
   }
   uint64_t bit = block_first_page_[h.block] + h.page;
   uint64_t mask = 1ULL << (bit % 64);
@@ -106,10 +105,9 @@ Status EpochAssembler::FeedRecord(const RecordView& r, bool* committed) {
     }
     epoch_ = h.epoch;
     if (h.epoch != last_applied_ + 1) {
-      return Status::Corruption(
-          "epoch " + std::to_string(h.epoch) + " arrived but " +
-          std::to_string(last_applied_ + 1) + " is next (" +
-          (h.epoch <= last_applied_ ? "replayed" : "out of order") + ")");
+      return Status::Corruption("epoch " + std::to_string(h.epoch) + " arrived but " +
+                                std::to_string(last_applied_ + 1) + " is next (" +
+                                (h.epoch <= last_applied_ ? "replayed" : "out of order") + ")");
     }
     bool full = (h.flags & wire::kFlagFullEpoch) != 0;
     if (last_applied_ == 0 && !full) {
@@ -138,8 +136,8 @@ Status EpochAssembler::FeedRecord(const RecordView& r, bool* committed) {
   }
   if (h.epoch != epoch_) {
     return Status::Corruption(wire::RecordTypeName(static_cast<uint16_t>(h.type)) +
-                              " record of epoch " + std::to_string(h.epoch) +
-                              " inside epoch " + std::to_string(epoch_));
+                              " record of epoch " + std::to_string(h.epoch) + " inside epoch " +
+                              std::to_string(epoch_));
   }
   switch (h.type) {
     case RecordType::kPageRaw:

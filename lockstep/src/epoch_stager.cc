@@ -169,8 +169,9 @@ Status EpochStreamer::Send(const EpochStager& stager, channel::Channel& channel,
     h.flags = stager.full() ? wire::kFlagFullEpoch : 0;
     h.epoch = epoch;
     uint8_t* slot = headers_.data() + nheaders_ * kHeaderSlot;
-    wire::EncodeEpochBegin({stager.page_count(), static_cast<uint32_t>(stager.device_state().size())},
-                           slot + kHeaderBytes);
+    wire::EncodeEpochBegin(
+        {stager.page_count(), static_cast<uint32_t>(stager.device_state().size())},
+        slot + kHeaderBytes);
     add_record(h, {slot + kHeaderBytes, wire::kEpochBeginPayloadBytes}, {});
   }
 
@@ -221,8 +222,9 @@ Status EpochStreamer::Send(const EpochStager& stager, channel::Channel& channel,
     h.type = RecordType::kEpochCommit;
     h.epoch = epoch;
     uint8_t* slot = headers_.data() + nheaders_ * kHeaderSlot;
-    wire::EncodeEpochCommit({stager.page_count(), stager.device_state().size(), records_, epoch_crc_},
-                            slot + kHeaderBytes);
+    wire::EncodeEpochCommit(
+        {stager.page_count(), stager.device_state().size(), records_, epoch_crc_},
+        slot + kHeaderBytes);
     add_record(h, {slot + kHeaderBytes, wire::kEpochCommitPayloadBytes}, {});
   }
   return Flush(channel, stats);

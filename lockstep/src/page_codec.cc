@@ -30,7 +30,8 @@ bool IsZeroPage(const uint8_t* page, size_t n) {
 bool DeltaLikelyPays(const uint8_t* page, const uint8_t* base, size_t n) {
   const size_t stride = (n / 4) & ~size_t{7};
   int differ = 0;
-  for (size_t i = 0; i < 4; ++i) differ += LoadWord(page + i * stride + 8) != LoadWord(base + i * stride + 8);
+  for (size_t i = 0; i < 4; ++i)
+    differ += LoadWord(page + i * stride + 8) != LoadWord(base + i * stride + 8);
   return differ < 3;
 }
 
@@ -77,8 +78,8 @@ Status ValidateXorRle(std::span<const uint8_t> runs, size_t n) {
     if (len > runs.size() - o) return Status::Corruption("delta run runs past its record");
     covered += skip + len;
     if (covered > n) {
-      return Status::Corruption("delta runs cover " + std::to_string(covered) +
-                                " bytes of a " + std::to_string(n) + "-byte page");
+      return Status::Corruption("delta runs cover " + std::to_string(covered) + " bytes of a " +
+                                std::to_string(n) + "-byte page");
     }
     o += len;
   }

@@ -13,7 +13,6 @@ namespace lockstep {
 using channel::Channel;
 using channel::ConstSlice;
 
-
 struct PrimaryReplicator::Impl {
   Impl(Hypervisor& h, vip::Witness& w, ReplicationOptions o)
       : hv(h), witness(w), opt(std::move(o)) {}
@@ -95,8 +94,10 @@ void PrimaryReplicator::Impl::EpochLoop() {
       break;
     }
     // The initial full copy is a different animal from an epoch pause: kept apart.
-    if (full) initial_sync_pause_us.store(std::chrono::duration_cast<Micros>(t1 - t0).count());
-    else pauses.Add(std::chrono::duration_cast<Micros>(t1 - t0));
+    if (full)
+      initial_sync_pause_us.store(std::chrono::duration_cast<Micros>(t1 - t0).count());
+    else
+      pauses.Add(std::chrono::duration_cast<Micros>(t1 - t0));
     pause_end_ns[epoch % pause_end_ns.size()].store(t1.time_since_epoch().count());
     captured.store(epoch);
 
@@ -168,8 +169,11 @@ void PrimaryReplicator::Impl::ControlLoop() {
         s = reader.Next(&r);
         if (!s.ok()) break;
         switch (r.header.type) {
-          case wire::RecordType::kAck: HandleAck(r.header.epoch); break;
-          case wire::RecordType::kHeartbeat: break;
+          case wire::RecordType::kAck:
+            HandleAck(r.header.epoch);
+            break;
+          case wire::RecordType::kHeartbeat:
+            break;
           case wire::RecordType::kError:
             s = Status::Corruption("the secondary reported: " + wire::DecodeReason(r));
             break;
@@ -230,22 +234,25 @@ void PrimaryReplicator::Impl::Teardown(bool orderly, const std::string& reason) 
   auto decision = witness.RequestActive(opt.vm_id, opt.host_id, term);
   if (decision.ok() && decision->granted) {
     hv.SetOutputMode(OutputMode::kPassThrough);  // no other replica can ever contradict it
-    role.MoveTo(ReplicaState::kPrimaryAlone,
-                reason + "; the witness kept this host active (term " +
-                    std::to_string(decision->term) + "): running UNPROTECTED");
+    role.MoveTo(ReplicaState::kPrimaryAlone, reason + "; the witness kept this host active (term " +
+                                                 std::to_string(decision->term) +
+                                                 "): running UNPROTECTED");
     return;
   }
   (void)hv.StopVcpus();
   hv.SetOutputMode(OutputMode::kDropped);
-  std::string why = decision.ok() ? "the witness gave the token to " + decision->holder
-                                  : "the witness could not be asked (" +
-                                        decision.status().ToString() + ")";
-  role.MoveTo(ReplicaState::kFenced, reason + "; " + why + ": fenced, guest stopped, output dropped");
+  std::string why = decision.ok()
+                        ? "the witness gave the token to " + decision->holder
+                        : "the witness could not be asked (" + decision.status().ToString() + ")";
+  role.MoveTo(ReplicaState::kFenced,
+              reason + "; " + why + ": fenced, guest stopped, output dropped");
 }
 
 PrimaryReplicator::PrimaryReplicator(Hypervisor& hv, vip::Witness& witness,
                                      ReplicationOptions options)
-    : impl_(std::make_unique<Impl>(hv, witness, std::move(options))) {}
+    : impl_(std::make_unique<Impl>(hv, witness, std::move(options))) {
+  role_ = &impl_->role;
+}
 
 PrimaryReplicator::~PrimaryReplicator() { Stop(); }
 
@@ -287,8 +294,8 @@ Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
   m.heartbeat = std::make_unique<Heartbeater>(
       *m.ch, m.opt.heartbeat_interval, [&m] { return m.sent.load(); },
       [&m](const Status& e) { m.SignalFault(e); });
-  m.role.MoveTo(ReplicaState::kSyncing, "paired with " + reply.host_id + ", term " +
-                                             std::to_string(m.term));
+  m.role.MoveTo(ReplicaState::kSyncing,
+                "paired with " + reply.host_id + ", term " + std::to_string(m.term));
   m.heartbeat->Start();
   m.epoch_thread = std::thread([&m] { m.EpochLoop(); });
   m.control_thread = std::thread([&m] { m.ControlLoop(); });
@@ -307,20 +314,6 @@ void PrimaryReplicator::ClearLatencyWindows() {
   impl_->pauses.Clear();
   impl_->ack_latencies.Clear();
 }
-
-ReplicaState PrimaryReplicator::state() const { return impl_->role.get(); }
-
-bool PrimaryReplicator::WaitForState(ReplicaState s, std::chrono::milliseconds timeout) const {
-  return impl_->role.WaitUntil([s](ReplicaState cur) { return cur == s; }, timeout);
-}
-
-bool PrimaryReplicator::WaitForFaultHandled(std::chrono::milliseconds timeout) const {
-  return impl_->role.WaitUntil(IsSettled, timeout);
-}
-
-std::vector<Transition> PrimaryReplicator::transitions() const { return impl_->role.log(); }
-
-std::string PrimaryReplicator::fault_reason() const { return impl_->role.end_reason(); }
 
 ReplicationStats PrimaryReplicator::stats() const {
   const Impl& m = *impl_;

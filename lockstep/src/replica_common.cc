@@ -10,23 +10,46 @@ namespace lockstep {
 
 const char* ReplicaStateName(ReplicaState s) {
   switch (s) {
-    case ReplicaState::kIdle: return "IDLE";
-    case ReplicaState::kSyncing: return "SYNCING";
-    case ReplicaState::kProtected: return "PROTECTED";
-    case ReplicaState::kPrimaryAlone: return "PRIMARY_ALONE";
-    case ReplicaState::kPromoting: return "PROMOTING";
-    case ReplicaState::kActive: return "ACTIVE";
-    case ReplicaState::kFenced: return "FENCED";
-    case ReplicaState::kStopped: return "STOPPED";
-    case ReplicaState::kFailed: return "FAILED";
+    case ReplicaState::kIdle:
+      return "IDLE";
+    case ReplicaState::kSyncing:
+      return "SYNCING";
+    case ReplicaState::kProtected:
+      return "PROTECTED";
+    case ReplicaState::kPrimaryAlone:
+      return "PRIMARY_ALONE";
+    case ReplicaState::kPromoting:
+      return "PROMOTING";
+    case ReplicaState::kActive:
+      return "ACTIVE";
+    case ReplicaState::kFenced:
+      return "FENCED";
+    case ReplicaState::kStopped:
+      return "STOPPED";
+    case ReplicaState::kFailed:
+      return "FAILED";
   }
   return "?";
 }
 
 bool IsSettled(ReplicaState s) {
-  return s != ReplicaState::kIdle && s != ReplicaState::kSyncing &&
-         s != ReplicaState::kProtected && s != ReplicaState::kPromoting;
+  return s != ReplicaState::kIdle && s != ReplicaState::kSyncing && s != ReplicaState::kProtected &&
+         s != ReplicaState::kPromoting;
 }
+
+ReplicaState Replica::state() const { return role_->get(); }
+
+bool Replica::WaitForState(ReplicaState s, std::chrono::milliseconds timeout) const {
+  return role_->WaitUntil([s](ReplicaState cur) { return cur == s; }, timeout);
+}
+
+bool Replica::WaitForFaultHandled(std::chrono::milliseconds timeout) const {
+  return role_->WaitUntil(IsSettled, timeout);
+}
+
+std::vector<Transition> Replica::transitions() const { return role_->log(); }
+
+std::string Replica::fault_reason() const { return role_->end_reason(); }
 
 bool RoleState::Allowed(ReplicaState from, ReplicaState to) const {
   using S = ReplicaState;
@@ -105,7 +128,8 @@ void Heartbeater::Stop() {
 
 void Heartbeater::Run() {
   uint8_t record[wire::kControlRecordBytes];
-  const int64_t interval_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(interval_).count();
+  const int64_t interval_ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(interval_).count();
   std::unique_lock<std::mutex> lock(mu_);
   while (!stop_) {
     int64_t since = Now() - last_sent_ns_.load(std::memory_order_relaxed);
@@ -185,14 +209,13 @@ std::vector<wire::BlockLayout> RamLayout(const std::vector<RamBlock>& blocks) {
   return out;
 }
 
-Status ReceiveRecord(channel::Channel& ch, std::vector<uint8_t>& buf, std::chrono::milliseconds timeout,
-                     wire::RecordView* out) {
+Status ReceiveRecord(channel::Channel& ch, std::vector<uint8_t>& buf,
+                     std::chrono::milliseconds timeout, wire::RecordView* out) {
   size_t n = 0;
   LOCKSTEP_RETURN_IF_ERROR(ch.Receive(buf, &n, timeout));
   wire::RecordReader reader({buf.data(), n});
   return reader.Next(out);
 }
-
 
 std::string Millis(Micros d) {
   char buf[32];

@@ -75,8 +75,8 @@ struct SecondaryReplica::Impl {
   std::unique_ptr<Channel> ch;
   std::unique_ptr<EpochAssembler> assembler;
   std::unique_ptr<Heartbeater> heartbeat;
-  PageArena arena;                  // the staging area: one whole epoch, as received
-  std::vector<uint8_t> device;      // device state of the applied epoch (capacity fixed)
+  PageArena arena;              // the staging area: one whole epoch, as received
+  std::vector<uint8_t> device;  // device state of the applied epoch (capacity fixed)
   uint64_t term = 0;
   std::string primary_host;
 
@@ -164,8 +164,8 @@ void SecondaryReplica::Impl::ReceiveLoop() {
       applied.store(epoch);
       used = 0;
       if (role.get() == ReplicaState::kSyncing) {
-        role.MoveTo(ReplicaState::kProtected, "initial synchronization complete (epoch " +
-                                                  std::to_string(epoch) + ")");
+        role.MoveTo(ReplicaState::kProtected,
+                    "initial synchronization complete (epoch " + std::to_string(epoch) + ")");
       }
       if (!fault.ok()) break;
     }
@@ -189,43 +189,48 @@ void SecondaryReplica::Impl::Teardown(Status fault, bool goodbye) {
   std::string reason = fault.ToString();
   if (applied.load() == 0) {
     role.MoveTo(ReplicaState::kFailed,
-                reason + "; the initial synchronization never completed, so there is no "
-                         "checkpoint to resume from");
+                reason +
+                    "; the initial synchronization never completed, so there is no "
+                    "checkpoint to resume from");
     return;
   }
   role.MoveTo(ReplicaState::kPromoting, reason);
   auto decision = witness.RequestActive(opt.vm_id, opt.host_id, term);
   if (!decision.ok() || !decision->granted) {
-    std::string why = decision.ok() ? "the witness gave the token to " + decision->holder
-                                    : "the witness could not be asked (" +
-                                          decision.status().ToString() + ")";
+    std::string why = decision.ok()
+                          ? "the witness gave the token to " + decision->holder
+                          : "the witness could not be asked (" + decision.status().ToString() + ")";
     role.MoveTo(ReplicaState::kFenced, why + ": not taking over");
     return;
   }
   const uint64_t epoch = applied.load();
   Status s = hv.LoadDeviceState(device);
   if (!s.ok()) {
-    role.MoveTo(ReplicaState::kFailed, "won the token but could not load the device state of "
-                                       "epoch " + std::to_string(epoch) + ": " + s.ToString());
+    role.MoveTo(ReplicaState::kFailed,
+                "won the token but could not load the device state of "
+                "epoch " +
+                    std::to_string(epoch) + ": " + s.ToString());
     return;
   }
   hv.SetOutputMode(OutputMode::kPassThrough);
   Status announced = hv.Announce();
   s = hv.StartVcpus();
   if (!s.ok()) {
-    role.MoveTo(ReplicaState::kFailed, "won the token but could not start the vCPUs: " +
-                                           s.ToString());
+    role.MoveTo(ReplicaState::kFailed,
+                "won the token but could not start the vCPUs: " + s.ToString());
     return;
   }
   role.MoveTo(ReplicaState::kActive,
-              "took over from " + primary_host + " at epoch " + std::to_string(epoch) +
-                  " (term " + std::to_string(decision->term) + ") after: " + reason +
+              "took over from " + primary_host + " at epoch " + std::to_string(epoch) + " (term " +
+                  std::to_string(decision->term) + ") after: " + reason +
                   (announced.ok() ? "" : "; announcing failed: " + announced.ToString()));
 }
 
 SecondaryReplica::SecondaryReplica(Hypervisor& hv, vip::Witness& witness,
                                    ReplicationOptions options)
-    : impl_(std::make_unique<Impl>(hv, witness, std::move(options))) {}
+    : impl_(std::make_unique<Impl>(hv, witness, std::move(options))) {
+  role_ = &impl_->role;
+}
 
 SecondaryReplica::~SecondaryReplica() { Stop(); }
 
@@ -245,8 +250,10 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
   wire::HelloReply reply;
   reply.host_id = m.opt.host_id;
   s = wire::DecodeHello(r, &hello);
-  if (s.ok()) reply.reason = RefusalReason(hello, m.opt, RamLayout(blocks));
-  else reply.reason = s.message();
+  if (s.ok())
+    reply.reason = RefusalReason(hello, m.opt, RamLayout(blocks));
+  else
+    reply.reason = s.message();
   reply.accepted = reply.reason.empty();
   auto rec = wire::EncodeHelloReply(reply);
   ConstSlice slice{rec.data(), rec.size()};
@@ -272,9 +279,9 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
   // plus one more message, which Receive() needs whole.
   size_t largest_epoch = pages * (wire::kHeaderBytes + wire::kPageSize) +
                          m.opt.max_device_state_bytes + 8 * wire::kHeaderBytes + 64;
-  const size_t largest_message = std::max<size_t>(
-      m.opt.max_device_state_bytes + 2 * wire::kHeaderBytes,
-      (EpochStreamer::kBatchPages + 4) * (wire::kHeaderBytes + wire::kPageSize));
+  const size_t largest_message =
+      std::max<size_t>(m.opt.max_device_state_bytes + 2 * wire::kHeaderBytes,
+                       (EpochStreamer::kBatchPages + 4) * (wire::kHeaderBytes + wire::kPageSize));
   m.arena = PageArena(largest_epoch + largest_message);
   m.device.reserve(m.opt.max_device_state_bytes);
   m.heartbeat = std::make_unique<Heartbeater>(
@@ -284,8 +291,8 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
         m.heartbeat_fault = e;
         m.heartbeat_failed.store(true);
       });
-  m.role.MoveTo(ReplicaState::kSyncing, "paired with " + hello.host_id + ", term " +
-                                             std::to_string(m.term));
+  m.role.MoveTo(ReplicaState::kSyncing,
+                "paired with " + hello.host_id + ", term " + std::to_string(m.term));
   m.heartbeat->Start();
   m.receive_thread = std::thread([&m] { m.ReceiveLoop(); });
   return Status::Ok();
@@ -298,18 +305,6 @@ void SecondaryReplica::Stop() {
   if (m.role.get() == ReplicaState::kIdle) m.role.MoveTo(ReplicaState::kStopped, "never started");
 }
 
-ReplicaState SecondaryReplica::state() const { return impl_->role.get(); }
-
-bool SecondaryReplica::WaitForState(ReplicaState s, std::chrono::milliseconds timeout) const {
-  return impl_->role.WaitUntil([s](ReplicaState cur) { return cur == s; }, timeout);
-}
-
-bool SecondaryReplica::WaitForFaultHandled(std::chrono::milliseconds timeout) const {
-  return impl_->role.WaitUntil(IsSettled, timeout);
-}
-
-std::vector<Transition> SecondaryReplica::transitions() const { return impl_->role.log(); }
-std::string SecondaryReplica::fault_reason() const { return impl_->role.end_reason(); }
 uint64_t SecondaryReplica::acked_epoch() const { return impl_->acked.load(); }
 uint64_t SecondaryReplica::applied_epoch() const { return impl_->applied.load(); }
 

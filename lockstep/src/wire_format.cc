@@ -8,18 +8,30 @@ namespace lockstep::wire {
 
 std::string RecordTypeName(uint16_t type) {
   switch (static_cast<RecordType>(type)) {
-    case RecordType::kHello: return "HELLO";
-    case RecordType::kHelloReply: return "HELLO_REPLY";
-    case RecordType::kEpochBegin: return "EPOCH_BEGIN";
-    case RecordType::kPageRaw: return "PAGE_RAW";
-    case RecordType::kPageZero: return "PAGE_ZERO";
-    case RecordType::kPageXorRle: return "PAGE_XOR_RLE";
-    case RecordType::kDeviceState: return "DEVICE_STATE";
-    case RecordType::kEpochCommit: return "EPOCH_COMMIT";
-    case RecordType::kAck: return "ACK";
-    case RecordType::kHeartbeat: return "HEARTBEAT";
-    case RecordType::kGoodbye: return "GOODBYE";
-    case RecordType::kError: return "ERROR";
+    case RecordType::kHello:
+      return "HELLO";
+    case RecordType::kHelloReply:
+      return "HELLO_REPLY";
+    case RecordType::kEpochBegin:
+      return "EPOCH_BEGIN";
+    case RecordType::kPageRaw:
+      return "PAGE_RAW";
+    case RecordType::kPageZero:
+      return "PAGE_ZERO";
+    case RecordType::kPageXorRle:
+      return "PAGE_XOR_RLE";
+    case RecordType::kDeviceState:
+      return "DEVICE_STATE";
+    case RecordType::kEpochCommit:
+      return "EPOCH_COMMIT";
+    case RecordType::kAck:
+      return "ACK";
+    case RecordType::kHeartbeat:
+      return "HEARTBEAT";
+    case RecordType::kGoodbye:
+      return "GOODBYE";
+    case RecordType::kError:
+      return "ERROR";
   }
   return "type " + std::to_string(type);
 }
@@ -156,15 +168,15 @@ Status RecordReader::Next(RecordView* out) {
   h.payload_len = GetU32(p + 24);
   h.crc = GetU32(p + 28);
   if (h.payload_len > kMaxPayloadBytes || h.payload_len > rest_.size() - kHeaderBytes) {
-    return Status::Corruption(RecordTypeName(type) + " record of epoch " +
-                              std::to_string(h.epoch) + " claims " +
-                              std::to_string(h.payload_len) + " payload bytes but only " +
+    return Status::Corruption(RecordTypeName(type) + " record of epoch " + std::to_string(h.epoch) +
+                              " claims " + std::to_string(h.payload_len) +
+                              " payload bytes but only " +
                               std::to_string(rest_.size() - kHeaderBytes) + " follow");
   }
   uint32_t crc = Crc32cExtend(Crc32c(p, 28), p + kHeaderBytes, h.payload_len);
   if (crc != h.crc) {
-    return Status::Corruption(RecordTypeName(type) + " record of epoch " +
-                              std::to_string(h.epoch) + " failed its CRC32C check");
+    return Status::Corruption(RecordTypeName(type) + " record of epoch " + std::to_string(h.epoch) +
+                              " failed its CRC32C check");
   }
   out->payload = rest_.subspan(kHeaderBytes, h.payload_len);
   rest_ = rest_.subspan(kHeaderBytes + h.payload_len);

@@ -89,8 +89,7 @@ TEST_CASE("real epochs apply to an exact copy, with and without deltas", "[corru
   }
 }
 
-TEST_CASE("a flipped bit anywhere in an epoch is rejected and nothing is applied",
-          "[corruption]") {
+TEST_CASE("a flipped bit anywhere in an epoch is rejected and nothing is applied", "[corruption]") {
   Fixture f;
   auto base = f.ApplyThrough(3);
   const uint32_t before = f.replica.RamHash();
@@ -204,20 +203,27 @@ TEST_CASE("well-formed but forged records are rejected", "[corruption]") {
     REQUIRE(err.message().find("RAM block 9") != std::string::npos);
   }
   SECTION("page out of range") {
-    REQUIRE_FALSE(Committed(a, {begin(1), record(wire::RecordType::kPageZero, 2, 0, 1u << 30, {})}, &err));
+    REQUIRE_FALSE(
+        Committed(a, {begin(1), record(wire::RecordType::kPageZero, 2, 0, 1u << 30, {})}, &err));
     REQUIRE(err.message().find("outside RAM block") != std::string::npos);
   }
   SECTION("the same page twice") {
-    REQUIRE_FALSE(Committed(a, {begin(2), record(wire::RecordType::kPageZero, 2, 0, 5, {}),
-                                record(wire::RecordType::kPageZero, 2, 0, 5, {})}, &err));
+    REQUIRE_FALSE(Committed(a,
+                            {begin(2), record(wire::RecordType::kPageZero, 2, 0, 5, {}),
+                             record(wire::RecordType::kPageZero, 2, 0, 5, {})},
+                            &err));
     REQUIRE(err.message().find("twice") != std::string::npos);
   }
   SECTION("more pages than announced") {
-    REQUIRE_FALSE(Committed(a, {begin(1), record(wire::RecordType::kPageZero, 2, 0, 5, {}),
-                                record(wire::RecordType::kPageZero, 2, 0, 6, {})}, &err));
+    REQUIRE_FALSE(Committed(a,
+                            {begin(1), record(wire::RecordType::kPageZero, 2, 0, 5, {}),
+                             record(wire::RecordType::kPageZero, 2, 0, 6, {})},
+                            &err));
   }
   SECTION("a raw page of the wrong size") {
-    REQUIRE_FALSE(Committed(a, {begin(1), record(wire::RecordType::kPageRaw, 2, 0, 5, std::vector<uint8_t>(100))}, &err));
+    REQUIRE_FALSE(Committed(
+        a, {begin(1), record(wire::RecordType::kPageRaw, 2, 0, 5, std::vector<uint8_t>(100))},
+        &err));
   }
   SECTION("a delta against a base the replica does not have") {
     std::vector<uint8_t> delta(4 + 4 + 8);
@@ -227,14 +233,17 @@ TEST_CASE("well-formed but forged records are rejected", "[corruption]") {
     delta.resize(4 + 4 + 8 + 4);
     wire::PutU16(delta.data() + 16, 4096 - 8);
     wire::PutU16(delta.data() + 18, 0);
-    REQUIRE_FALSE(Committed(a, {begin(1), record(wire::RecordType::kPageXorRle, 2, 0, 5, delta)}, &err));
+    REQUIRE_FALSE(
+        Committed(a, {begin(1), record(wire::RecordType::kPageXorRle, 2, 0, 5, delta)}, &err));
     REQUIRE(err.message().find("diverged") != std::string::npos);
   }
   SECTION("a commit whose counts disagree") {
     std::vector<uint8_t> c(wire::kEpochCommitPayloadBytes);
     wire::EncodeEpochCommit({0, 0, 2, 0}, c.data());
-    REQUIRE_FALSE(Committed(a, {begin(0), record(wire::RecordType::kDeviceState, 2, 0, 0, {}),
-                                record(wire::RecordType::kEpochCommit, 2, 0, 0, c)}, &err));
+    REQUIRE_FALSE(Committed(a,
+                            {begin(0), record(wire::RecordType::kDeviceState, 2, 0, 0, {}),
+                             record(wire::RecordType::kEpochCommit, 2, 0, 0, c)},
+                            &err));
   }
   SECTION("a first epoch that is not FULL") {
     EpochAssembler fresh(ReplicaBlocksOf(f.replica), 0);

@@ -31,7 +31,8 @@ TEST_CASE("XOR+RLE reproduces the page for many change patterns", "[codec]") {
     for (int c = 0; c < changes; ++c) {
       size_t off = rng() % kPage;
       size_t len = 1 + rng() % (trial % 3 == 0 ? 512 : 16);
-      for (size_t k = off; k < std::min(kPage, off + len); ++k) page[k] = static_cast<uint8_t>(rng());
+      for (size_t k = off; k < std::min(kPage, off + len); ++k)
+        page[k] = static_cast<uint8_t>(rng());
     }
     size_t n = EncodeXorRle(page.data(), base.data(), kPage, out);
     REQUIRE(n > 0);
@@ -70,12 +71,12 @@ TEST_CASE("malformed deltas are rejected", "[codec]") {
     return v;
   };
   REQUIRE(ValidateXorRle(runs({4096, 0}, 0), kPage).ok());
-  REQUIRE_FALSE(ValidateXorRle(runs({4000, 0}, 0), kPage).ok());        // short
-  REQUIRE_FALSE(ValidateXorRle(runs({4096, 8}, 8), kPage).ok());        // too long
-  REQUIRE_FALSE(ValidateXorRle(runs({0, 4096}, 100), kPage).ok());      // literal missing
+  REQUIRE_FALSE(ValidateXorRle(runs({4000, 0}, 0), kPage).ok());    // short
+  REQUIRE_FALSE(ValidateXorRle(runs({4096, 8}, 8), kPage).ok());    // too long
+  REQUIRE_FALSE(ValidateXorRle(runs({0, 4096}, 100), kPage).ok());  // literal missing
   std::vector<uint8_t> stub = {1, 2};
-  REQUIRE_FALSE(ValidateXorRle(stub, kPage).ok());                       // truncated header
-  REQUIRE_FALSE(ValidateXorRle({}, kPage).ok());                         // empty
+  REQUIRE_FALSE(ValidateXorRle(stub, kPage).ok());  // truncated header
+  REQUIRE_FALSE(ValidateXorRle({}, kPage).ok());    // empty
 }
 
 TEST_CASE("the delta pre-check tells small edits from rewrites", "[codec]") {

@@ -5,8 +5,8 @@
 // intended here (both replaced together).
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 
-#include <catch2/catch.hpp>
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <cstdlib>
 #include <new>
 #include <thread>

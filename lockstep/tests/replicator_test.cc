@@ -63,7 +63,8 @@ ReplicationOptions Options(const std::string& host) {
 
 struct Pair {
   explicit Pair(GuestConfig pcfg = TestGuest(), GuestConfig scfg = TestGuest(),
-                ReplicationOptions popt = Options("hostA"), ReplicationOptions sopt = Options("hostB"))
+                ReplicationOptions popt = Options("hostA"),
+                ReplicationOptions sopt = Options("hostB"))
       : pg(pcfg), sg(scfg), pw(witness), sw(witness) {
     link = channel::LoopbackLink::Create();
     pg.SetBarrierHook([this](uint64_t epoch, uint64_t hash) {
@@ -146,7 +147,8 @@ struct Pair {
 std::string Log(const std::vector<Transition>& log) {
   std::string s;
   for (const auto& t : log) {
-    s += std::string(ReplicaStateName(t.from)) + " -> " + ReplicaStateName(t.to) + ": " + t.reason + "\n";
+    s += std::string(ReplicaStateName(t.from)) + " -> " + ReplicaStateName(t.to) + ": " + t.reason +
+         "\n";
   }
   return s;
 }
@@ -209,8 +211,9 @@ TEST_CASE("killing the primary at random points: the secondary resumes exactly a
     p.link->CutAfterBytes(rng() % (256u << 10));  // counted from now
     REQUIRE(p.secondary->WaitForFaultHandled(10s));
     REQUIRE(p.primary->WaitForFaultHandled(10s));
-    INFO("trial " << trial << "\nsecondary:\n" << Log(p.secondary->transitions())
-                  << "primary:\n" << Log(p.primary->transitions()));
+    INFO("trial " << trial << "\nsecondary:\n"
+                  << Log(p.secondary->transitions()) << "primary:\n"
+                  << Log(p.primary->transitions()));
     // Never two actives: the dead primary fenced itself and drops its output.
     REQUIRE(p.primary->state() == S::kFenced);
     REQUIRE(p.pg.output_mode() == OutputMode::kDropped);
@@ -348,8 +351,7 @@ TEST_CASE("handshake refusals leave both guests as they were", "[replicator][han
   }
 }
 
-TEST_CASE("a failed checkpoint ends protection on purpose, without a takeover",
-          "[replicator]") {
+TEST_CASE("a failed checkpoint ends protection on purpose, without a takeover", "[replicator]") {
   Pair p;
   p.StartProtected();
   p.pg.FailNextSave();

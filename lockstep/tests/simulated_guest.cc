@@ -46,7 +46,8 @@ SimulatedGuest::SimulatedGuest(GuestConfig config) : config_(std::move(config)) 
     for (uint64_t p = 0; p < pages; ++p) {
       uint8_t* page = ram_[b].data() + p * kPage;
       if (rom_[b]) {
-        for (size_t o = 0; o < kPage; o += 8) Store(page + o, Mix(config_.seed ^ (uint64_t{b} << 40) ^ (p << 12) ^ o));
+        for (size_t o = 0; o < kPage; o += 8)
+          Store(page + o, Mix(config_.seed ^ (uint64_t{b} << 40) ^ (p << 12) ^ o));
         rom_xor ^= Load(page);
       } else if (!(b == 0 && p == 0)) {
         writable_.push_back({b, p});
@@ -77,7 +78,8 @@ void SimulatedGuest::Boot() { (void)StartVcpus(); }
 
 std::vector<RamBlock> SimulatedGuest::RamBlocks() {
   std::vector<RamBlock> out;
-  for (size_t b = 0; b < ram_.size(); ++b) out.push_back({names_[b], ram_[b].data(), ram_[b].size()});
+  for (size_t b = 0; b < ram_.size(); ++b)
+    out.push_back({names_[b], ram_[b].data(), ram_[b].size()});
   return out;
 }
 
@@ -205,7 +207,8 @@ Status SimulatedGuest::TakeDirtyBitmap(size_t block, std::span<uint64_t> bitmap)
 Result<size_t> SimulatedGuest::SaveDeviceState(std::span<uint8_t> out) {
   if (fail_next_save_.exchange(false)) return Status::IoError("injected device-state failure");
   size_t n = std::max<size_t>(sizeof(Regs), config_.device_state_bytes);
-  if (out.size() < n) return Status::ResourceExhausted("device state needs " + std::to_string(n) + " bytes");
+  if (out.size() < n)
+    return Status::ResourceExhausted("device state needs " + std::to_string(n) + " bytes");
   std::memcpy(out.data(), &regs_, sizeof(Regs));
   // Filler that changes with the state, like real device registers would.
   for (size_t o = sizeof(Regs); o + 8 <= n; o += 8) Store(out.data() + o, Mix(regs_.step ^ o));
@@ -216,7 +219,8 @@ Status SimulatedGuest::LoadDeviceState(std::span<const uint8_t> state) {
   Regs r;
   if (state.size() < sizeof(Regs)) return Status::InvalidArgument("device state is too short");
   std::memcpy(&r, state.data(), sizeof(Regs));
-  if (r.magic != kRegsMagic) return Status::InvalidArgument("device state is not a simulated guest's");
+  if (r.magic != kRegsMagic)
+    return Status::InvalidArgument("device state is not a simulated guest's");
   for (size_t o = sizeof(Regs); o + 8 <= state.size(); o += 8) {
     if (Load(state.data() + o) != Mix(r.step ^ o)) {
       return Status::Corruption("device state filler does not match its step");

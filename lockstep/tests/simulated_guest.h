@@ -37,9 +37,9 @@ struct GuestConfig {
       {"pc.ram", 16u << 20}, {"vga.vram", 1u << 20}, {"pc.bios", 256u << 10}};
   // Blocks whose name starts with this are ROM: filled once, never written.
   std::string rom_prefix = "pc.bios";
-  uint32_t pages_per_step = 4;     // pages written per step
-  uint32_t bytes_per_write = 64;   // bytes changed per written page (8..4096)
-  uint32_t output_every = 8;       // steps between packets; 0 = no output
+  uint32_t pages_per_step = 4;               // pages written per step
+  uint32_t bytes_per_write = 64;             // bytes changed per written page (8..4096)
+  uint32_t output_every = 8;                 // steps between packets; 0 = no output
   std::chrono::microseconds step_delay{50};  // pause between steps (0 = flat out)
   // Burst mode, for benchmarks: after each StartVcpus() the vCPU writes exactly
   // `pages_per_epoch` distinct whole pages of fresh (incompressible) content, then idles
@@ -127,7 +127,7 @@ class SimulatedGuest final : public Hypervisor {
   std::vector<size_t> dirty_words_;
   std::atomic<bool> dirty_log_on_{false};
   std::vector<std::pair<uint32_t, uint64_t>> writable_;  // (block, page) the vCPU may write
-  std::vector<uint8_t> noise_;  // random bytes that burst writes copy from
+  std::vector<uint8_t> noise_;                           // random bytes that burst writes copy from
 
   Regs regs_{};  // owned by the vCPU thread while running; by the caller while stopped
 

@@ -1,9 +1,9 @@
-#include <catch2/catch.hpp>
+#include "vip_manager/witness.h"
+
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <thread>
 #include <vector>
-
-#include "vip_manager/witness.h"
 
 using lockstep::vip::InProcessWitness;
 
@@ -27,8 +27,12 @@ TEST_CASE("racing candidates: exactly one is granted", "[witness]") {
     InProcessWitness w;
     uint64_t term = *w.Register("vm", "p");
     std::atomic<int> granted{0};
-    std::thread t1([&] { if (w.RequestActive("vm", "p", term)->granted) ++granted; });
-    std::thread t2([&] { if (w.RequestActive("vm", "s", term)->granted) ++granted; });
+    std::thread t1([&] {
+      if (w.RequestActive("vm", "p", term)->granted) ++granted;
+    });
+    std::thread t2([&] {
+      if (w.RequestActive("vm", "s", term)->granted) ++granted;
+    });
     t1.join();
     t2.join();
     REQUIRE(granted == 1);

@@ -38,7 +38,8 @@ class [[nodiscard]] Status {
   Status() = default;  // OK
   Status(Code code, std::string_view message)
       : state_(code == Code::kOk ? nullptr : std::make_unique<State>(code, message)) {}
-  Status(const Status& other) : state_(other.state_ ? std::make_unique<State>(*other.state_) : nullptr) {}
+  Status(const Status& other)
+      : state_(other.state_ ? std::make_unique<State>(*other.state_) : nullptr) {}
   Status& operator=(const Status& other) {
     if (this != &other) state_ = other.state_ ? std::make_unique<State>(*other.state_) : nullptr;
     return *this;
@@ -85,7 +86,7 @@ std::string_view CodeName(Status::Code code);
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : v_(std::move(value)) {}        // NOLINT: implicit by design
   Result(Status status) : v_(std::move(status)) {  // NOLINT: implicit by design
     assert(!std::get<Status>(v_).ok() && "Result needs a value or a non-OK Status");
   }
@@ -110,8 +111,8 @@ class [[nodiscard]] Result {
 }  // namespace lockstep
 
 // Returns the Status of `expr` from the enclosing function when it is not OK.
-#define LOCKSTEP_RETURN_IF_ERROR(expr)             \
-  do {                                             \
-    ::lockstep::Status _lockstep_st = (expr);      \
-    if (!_lockstep_st.ok()) return _lockstep_st;   \
+#define LOCKSTEP_RETURN_IF_ERROR(expr)           \
+  do {                                           \
+    ::lockstep::Status _lockstep_st = (expr);    \
+    if (!_lockstep_st.ok()) return _lockstep_st; \
   } while (0)

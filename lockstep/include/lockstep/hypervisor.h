@@ -19,9 +19,9 @@ namespace lockstep {
 
 // One region of guest RAM (main RAM, ROMs, video RAM, ...). All of them are replicated.
 struct RamBlock {
-  std::string id;         // stable name, the same on both hosts ("pc.ram")
+  std::string id;           // stable name, the same on both hosts ("pc.ram")
   uint8_t* host = nullptr;  // where the hypervisor maps it in this process
-  uint64_t length = 0;    // bytes, a multiple of the page size (4096)
+  uint64_t length = 0;      // bytes, a multiple of the page size (4096)
 };
 
 // What happens to packets the guest transmits.

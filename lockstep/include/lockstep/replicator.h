@@ -30,13 +30,13 @@ namespace lockstep {
 using Micros = std::chrono::microseconds;
 
 struct ReplicationOptions {
-  std::string vm_id;    // the protected VM; the same on both hosts
-  std::string host_id;  // this host, as the witness and the peer know it
+  std::string vm_id;                     // the protected VM; the same on both hosts
+  std::string host_id;                   // this host, as the witness and the peer know it
   std::array<uint8_t, 16> pairing_id{};  // both sides must agree
-  Micros epoch_interval{20'000};       // time between checkpoint pauses
-  Micros heartbeat_interval{1'000};    // a heartbeat goes out when nothing else did
-  Micros peer_loss_threshold{30'000};  // silence longer than this is a lost peer
-  bool delta_encoding = true;          // XOR+RLE deltas against the last copy sent
+  Micros epoch_interval{20'000};         // time between checkpoint pauses
+  Micros heartbeat_interval{1'000};      // a heartbeat goes out when nothing else did
+  Micros peer_loss_threshold{30'000};    // silence longer than this is a lost peer
+  bool delta_encoding = true;            // XOR+RLE deltas against the last copy sent
   size_t max_device_state_bytes = 4u << 20;
   std::chrono::milliseconds handshake_timeout{5'000};
 };
@@ -63,10 +63,10 @@ struct Transition {
 };
 
 struct ReplicationStats {
-  uint64_t epochs = 0;          // primary: epochs sent; secondary: epochs applied
-  uint64_t acked_epoch = 0;     // primary: highest ACK received; secondary: highest ACK sent
-  uint64_t current_epoch = 0;   // primary: last epoch captured
-  uint64_t bytes = 0;           // record bytes sent (primary) or received (secondary)
+  uint64_t epochs = 0;         // primary: epochs sent; secondary: epochs applied
+  uint64_t acked_epoch = 0;    // primary: highest ACK received; secondary: highest ACK sent
+  uint64_t current_epoch = 0;  // primary: last epoch captured
+  uint64_t bytes = 0;          // record bytes sent (primary) or received (secondary)
   uint64_t raw_pages = 0, zero_pages = 0, delta_pages = 0;
   Micros initial_sync_pause{0};  // primary: the stop-and-copy of the initial full sync
   Micros last_pause{0};          // primary: the last checkpoint pause (after the first)
@@ -75,7 +75,29 @@ struct ReplicationStats {
   Micros ack_latency_p50{0}, ack_latency_p99{0};
 };
 
-class PrimaryReplicator {
+class RoleState;  // internal
+
+// What every replica tells about itself: its state and the history of it. Thread-safe.
+class Replica {
+ public:
+  ReplicaState state() const;
+  // Waits until the state is `s`; false on timeout.
+  bool WaitForState(ReplicaState s, std::chrono::milliseconds timeout) const;
+  // Waits until the state is none of kIdle, kSyncing, kProtected, kPromoting (a fault was
+  // handled or protection ended).
+  bool WaitForFaultHandled(std::chrono::milliseconds timeout) const;
+  // Every change of state, with its time and reason.
+  std::vector<Transition> transitions() const;
+  // Why protection ended, if it did ("" otherwise).
+  std::string fault_reason() const;
+
+ protected:
+  Replica() = default;
+  ~Replica() = default;
+  const RoleState* role_ = nullptr;  // the derived class's; set by its constructor
+};
+
+class PrimaryReplicator : public Replica {
  public:
   PrimaryReplicator(Hypervisor& hv, vip::Witness& witness, ReplicationOptions options);
   ~PrimaryReplicator();  // Stop()s
@@ -92,25 +114,17 @@ class PrimaryReplicator {
   // held output and leaves the guest running. Idempotent.
   void Stop();
 
-  ReplicaState state() const;
-  // Waits until the state is `s`; false on timeout.
-  bool WaitForState(ReplicaState s, std::chrono::milliseconds timeout) const;
-  // Waits until the state is none of kIdle, kSyncing, kProtected (a fault was handled).
-  bool WaitForFaultHandled(std::chrono::milliseconds timeout) const;
-  std::vector<Transition> transitions() const;
   ReplicationStats stats() const;
   // Starts new windows for the pause and ack-latency percentiles of stats() (counters are
   // not reset), e.g. after the initial synchronization has drained.
   void ClearLatencyWindows();
-  // Why protection ended, if it did ("" otherwise).
-  std::string fault_reason() const;
 
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
 
-class SecondaryReplica {
+class SecondaryReplica : public Replica {
  public:
   SecondaryReplica(Hypervisor& hv, vip::Witness& witness, ReplicationOptions options);
   ~SecondaryReplica();  // Stop()s
@@ -125,12 +139,7 @@ class SecondaryReplica {
   // Stops receiving without taking over. Idempotent.
   void Stop();
 
-  ReplicaState state() const;
-  bool WaitForState(ReplicaState s, std::chrono::milliseconds timeout) const;
-  bool WaitForFaultHandled(std::chrono::milliseconds timeout) const;
-  std::vector<Transition> transitions() const;
   ReplicationStats stats() const;
-  std::string fault_reason() const;
   // Highest epoch acknowledged to the primary; the replica holds exactly this epoch
   // (or is applying it). Lock-free, cheap enough to poll.
   uint64_t acked_epoch() const;

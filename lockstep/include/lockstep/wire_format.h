@@ -205,9 +205,22 @@ std::string DecodeReason(const RecordView& record);
 inline void PutU16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
 inline void PutU32(uint8_t* p, uint32_t v) { std::memcpy(p, &v, 4); }
 inline void PutU64(uint8_t* p, uint64_t v) { std::memcpy(p, &v, 8); }
-inline uint16_t GetU16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
-inline uint32_t GetU32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
-inline uint64_t GetU64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
-static_assert(std::endian::native == std::endian::little, "lockstep's wire format assumes a little-endian host");
+inline uint16_t GetU16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+inline uint32_t GetU32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline uint64_t GetU64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+static_assert(std::endian::native == std::endian::little,
+              "lockstep's wire format assumes a little-endian host");
 
 }  // namespace lockstep::wire

@@ -12,8 +12,9 @@ namespace lockstep {
 using wire::RecordType;
 using wire::RecordView;
 
-EpochAssembler::EpochAssembler(std::vector<ReplicaBlock> blocks, uint64_t last_applied)
-    : blocks_(std::move(blocks)), last_applied_(last_applied) {
+EpochAssembler::EpochAssembler(std::vector<ReplicaBlock> blocks, uint64_t last_applied,
+                               uint32_t max_device_bytes)
+    : blocks_(std::move(blocks)), max_device_bytes_(max_device_bytes), last_applied_(last_applied) {
   for (const auto& b : blocks_) {
     block_first_page_.push_back(total_pages_);
     total_pages_ += b.pages;
@@ -79,6 +80,10 @@ Status EpochAssembler::CheckPage(const RecordView& r) {
       break;
     case RecordType::kPageXorRle: {
       if (r.payload.size() < 4) return Status::Corruption("PAGE_XOR_RLE payload is truncated");
+      if (r.payload.size() > wire::kMaxDeltaPayloadBytes) {
+        return Status::Corruption("PAGE_XOR_RLE payload of " + std::to_string(r.payload.size()) +
+                                  " bytes is larger than a delta may be");
+      }
       auto runs = r.payload.subspan(4);
       LOCKSTEP_RETURN_IF_ERROR(ValidateXorRle(runs, wire::kPageSize));
       // The replica still holds epoch N-1 here, the base the delta was made against; a
@@ -121,6 +126,11 @@ Status EpochAssembler::FeedRecord(const RecordView& r, bool* committed) {
     }
     if (p.page_count > total_pages_) {
       return Status::Corruption("epoch announces more pages than the replica has");
+    }
+    if (p.device_bytes > max_device_bytes_) {
+      return Status::Corruption("epoch announces " + std::to_string(p.device_bytes) +
+                                " bytes of device state; at most " +
+                                std::to_string(max_device_bytes_) + " were agreed");
     }
     std::fill(seen_.begin(), seen_.end(), 0);
     open_ = true;

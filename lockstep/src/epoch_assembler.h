@@ -26,8 +26,10 @@ class EpochAssembler {
   enum class Progress { kNeedMore, kCommitted };
 
   // `blocks` is the replica's RAM; `last_applied` the epoch it holds (0: none yet, so the
-  // next epoch must be epoch 1 and FULL). Allocates the per-epoch page bitmap here.
-  EpochAssembler(std::vector<ReplicaBlock> blocks, uint64_t last_applied);
+  // next epoch must be epoch 1 and FULL); device state larger than `max_device_bytes` is
+  // refused. Allocates the per-epoch page bitmap here.
+  EpochAssembler(std::vector<ReplicaBlock> blocks, uint64_t last_applied,
+                 uint32_t max_device_bytes = wire::kMaxPayloadBytes);
 
   // Verifies the records of one message that is part of the open epoch (or opens the
   // next one). The message must stay where it is (in the staging arena) until Apply() or
@@ -58,6 +60,7 @@ class EpochAssembler {
   std::vector<uint64_t> block_first_page_;  // prefix sums, for the seen-bitmap index
   uint64_t total_pages_ = 0;
   std::vector<uint64_t> seen_;  // one bit per page of the replica: in the open epoch
+  const uint32_t max_device_bytes_;
 
   uint64_t last_applied_;
   bool open_ = false;

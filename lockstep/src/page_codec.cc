@@ -76,6 +76,7 @@ Status ValidateXorRle(std::span<const uint8_t> runs, size_t n) {
     size_t len = wire::GetU16(runs.data() + o + 2);
     o += 4;
     if (len > runs.size() - o) return Status::Corruption("delta run runs past its record");
+    if (skip == 0 && len == 0) return Status::Corruption("delta has an empty run");
     covered += skip + len;
     if (covered > n) {
       return Status::Corruption("delta runs cover " + std::to_string(covered) + " bytes of a " +

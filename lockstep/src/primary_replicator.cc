@@ -1,4 +1,6 @@
+#include <algorithm>
 #include <atomic>
+#include <new>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -22,7 +24,11 @@ struct PrimaryReplicator::Impl {
   // Records the first fault; the control thread acts on it.
   void SignalFault(const Status& s);
   void HandleAck(uint64_t epoch);
-  void Teardown(bool orderly, const std::string& reason);
+  void Teardown(bool orderly, std::string reason);
+  // Ends protection on purpose: GOODBYE, then wait for GOODBYE_ACK. True if acknowledged.
+  bool SayGoodbye(const std::string& reason);
+  // Wakes the epoch thread and Teardown's wait; takes wake_mu so no wakeup is lost.
+  void Wake();
 
   Hypervisor& hv;
   vip::Witness& witness;
@@ -32,11 +38,15 @@ struct PrimaryReplicator::Impl {
   LatencyWindow ack_latencies;  // end of pause to ACK, per acknowledged epoch after the first
   std::atomic<int64_t> initial_sync_pause_us{0};
 
-  std::unique_ptr<Channel> ch;
+  // Declared so that they are destroyed in the right order: the heartbeater uses the
+  // channel; the channel must go before the memory registered with it.
   std::unique_ptr<EpochStager> stager;
   std::unique_ptr<EpochStreamer> streamer;
+  std::unique_ptr<Channel> ch;
   std::unique_ptr<Heartbeater> heartbeat;
   uint64_t term = 0;
+
+  std::mutex lifecycle_mu;  // serializes Start() and Stop()
 
   std::thread epoch_thread;
   std::thread control_thread;
@@ -69,6 +79,11 @@ void PrimaryReplicator::Impl::SignalFault(const Status& s) {
     fault = s.ToString();
     faulted.store(true);
   }
+  Wake();
+}
+
+void PrimaryReplicator::Impl::Wake() {
+  { std::lock_guard<std::mutex> lock(wake_mu); }
   wake_cv.notify_all();
 }
 
@@ -80,7 +95,12 @@ void PrimaryReplicator::Impl::EpochLoop() {
     auto t0 = SteadyClock::now();
     const bool full = epoch == 1;
     s = hv.StopVcpus();
-    if (!s.ok()) break;
+    if (!s.ok()) {
+      (void)hv.StartVcpus();  // undo a partial stop: the guest must not stay frozen
+      s = s.WithContext("stopping the vCPUs for epoch " + std::to_string(epoch));
+      local = true;
+      break;
+    }
     s = stager->Capture(hv, epoch, full);
     if (s.ok()) {
       if (full) hv.SetOutputMode(OutputMode::kBuffered);
@@ -132,14 +152,15 @@ void PrimaryReplicator::Impl::EpochLoop() {
     SignalFault(s);
   }
   epoch_thread_done.store(true);
-  wake_cv.notify_all();
+  Wake();
 }
 
 void PrimaryReplicator::Impl::HandleAck(uint64_t epoch) {
   // An ACK for an epoch never sent would release output whose cause the secondary lacks.
   if (epoch > captured.load()) {
     SignalFault(Status::Corruption("the secondary acknowledged epoch " + std::to_string(epoch) +
-                                   ", which was never sent"));
+                                   ", beyond the last epoch captured (" +
+                                   std::to_string(captured.load()) + ")"));
     return;
   }
   uint64_t prev = acked.load();
@@ -158,7 +179,8 @@ void PrimaryReplicator::Impl::HandleAck(uint64_t epoch) {
 }
 
 void PrimaryReplicator::Impl::ControlLoop() {
-  std::vector<uint8_t> buf(64 << 10);
+  // Room for the largest record the secondary sends (an ERROR with a 64 KiB reason).
+  std::vector<uint8_t> buf(128 << 10);
   while (!stopping.load() && !faulted.load() && !local_failed.load()) {
     size_t n = 0;
     Status s = ch->Receive(buf, &n, opt.heartbeat_interval);
@@ -193,32 +215,62 @@ void PrimaryReplicator::Impl::ControlLoop() {
       if (!silence.ok()) SignalFault(silence);
     }
   }
+  bool orderly;
   std::string reason;
   {
+    // One consistent reading: a fault that lands from here on is not acted on separately.
     std::lock_guard<std::mutex> lock(fault_mu);
-    reason = local_failed.load() ? "protection ended: " + local_reason : fault;
+    if (faulted.load()) {
+      orderly = false;
+      reason = fault;
+    } else {
+      orderly = true;
+      reason = local_failed.load() ? "protection ended: " + local_reason
+                                   : std::string("protection stopped by request");
+    }
   }
-  if (local_failed.load()) {
-    Teardown(true, reason);
-  } else {
-    Teardown(!faulted.load(), faulted.load() ? reason : "protection stopped by request");
+  Teardown(orderly, reason);
+}
+
+bool PrimaryReplicator::Impl::SayGoodbye(const std::string& reason) {
+  auto bye = wire::EncodeReasonRecord(wire::RecordType::kGoodbye, reason);
+  ConstSlice slice{bye.data(), bye.size()};
+  if (!ch->Send({&slice, 1}).ok()) return false;
+  // Acks and heartbeats may still be ahead of the GOODBYE_ACK; read past them.
+  std::vector<uint8_t> buf(128 << 10);
+  auto deadline = SteadyClock::now() + std::max<std::chrono::microseconds>(
+                                           4 * opt.peer_loss_threshold, std::chrono::seconds(1));
+  while (SteadyClock::now() < deadline) {
+    size_t n = 0;
+    Status s = ch->Receive(buf, &n, opt.heartbeat_interval);
+    if (s.code() == Status::Code::kTimedOut) continue;
+    if (!s.ok()) return false;
+    wire::RecordReader reader({buf.data(), n});
+    wire::RecordView r;
+    while (!reader.done()) {
+      if (!reader.Next(&r).ok()) return false;
+      if (r.header.type == wire::RecordType::kGoodbyeAck) return true;
+      if (r.header.type == wire::RecordType::kAck) HandleAck(r.header.epoch);
+    }
   }
+  return false;
 }
 
 // Runs on the control thread only, so the workers are joined by one owner.
-void PrimaryReplicator::Impl::Teardown(bool orderly, const std::string& reason) {
-  wake_cv.notify_all();
+void PrimaryReplicator::Impl::Teardown(bool orderly, std::string reason) {
+  Wake();
   if (orderly) {
     // Let the epoch in flight finish so the GOODBYE lands between epochs; a peer that stops
     // reading cannot hold us here for long.
     std::unique_lock<std::mutex> lock(wake_mu);
     wake_cv.wait_for(lock, std::chrono::seconds(2), [&] { return epoch_thread_done.load(); });
   }
-  bool clean = epoch_thread_done.load();
-  if (orderly && clean) {
-    auto bye = wire::EncodeReasonRecord(wire::RecordType::kGoodbye, reason);
-    ConstSlice slice{bye.data(), bye.size()};
-    (void)ch->Send({&slice, 1});
+  // Held output may go out unprotected only once the secondary has promised not to take
+  // over (GOODBYE_ACK). Without that promise — the epoch thread is stuck, the GOODBYE or
+  // its ACK is lost, the secondary already left — this is a fault like any other.
+  if (orderly && !(epoch_thread_done.load() && SayGoodbye(reason))) {
+    orderly = false;
+    reason += "; the secondary did not acknowledge the end of protection";
   }
   ch->Abort();
   if (epoch_thread.joinable()) epoch_thread.join();
@@ -258,24 +310,39 @@ PrimaryReplicator::~PrimaryReplicator() { Stop(); }
 
 Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
   Impl& m = *impl_;
+  std::lock_guard<std::mutex> lifecycle(m.lifecycle_mu);
+  if (m.stopping.load()) return Status::Aborted("Stop() was called; make a new replicator");
   if (m.role.get() != ReplicaState::kIdle) {
     return Status::FailedPrecondition("this replicator was already started; make a new one");
   }
   std::vector<RamBlock> blocks = m.hv.RamBlocks();
   LOCKSTEP_RETURN_IF_ERROR(ValidateRamLayout(blocks));
+  // Everything the epochs need is allocated and registered before the secondary is asked,
+  // so nothing can fail between its acceptance and the first epoch.
+  try {
+    m.stager = std::make_unique<EpochStager>(blocks, m.opt.max_device_state_bytes);
+    m.streamer = std::make_unique<EpochStreamer>(blocks, m.opt.delta_encoding);
+  } catch (const std::bad_alloc&) {
+    return Status::ResourceExhausted(
+        "cannot allocate the staging memory for this guest (about twice its RAM with deltas "
+        "on); free memory or turn delta encoding off");
+  }
+  LOCKSTEP_RETURN_IF_ERROR(
+      m.streamer->Register(*channel, *m.stager).WithContext("registering staging memory"));
   Result<uint64_t> term = m.witness.Register(m.opt.vm_id, m.opt.host_id);
   if (!term.ok()) return term.status().WithContext("registering with the witness");
 
   wire::Hello hello;
   hello.pairing_id = m.opt.pairing_id;
   hello.witness_term = *term;
+  hello.max_device_state_bytes = static_cast<uint32_t>(m.opt.max_device_state_bytes);
   hello.vm_id = m.opt.vm_id;
   hello.host_id = m.opt.host_id;
   hello.blocks = RamLayout(blocks);
   auto rec = wire::EncodeHello(hello);
   ConstSlice slice{rec.data(), rec.size()};
   LOCKSTEP_RETURN_IF_ERROR(channel->Send({&slice, 1}).WithContext("sending HELLO"));
-  std::vector<uint8_t> buf(64 << 10);
+  std::vector<uint8_t> buf(128 << 10);
   wire::RecordView r;
   Status s = ReceiveRecord(*channel, buf, m.opt.handshake_timeout, &r);
   if (!s.ok()) return s.WithContext("waiting for the secondary's HELLO_REPLY");
@@ -288,9 +355,6 @@ Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
 
   m.term = *term;
   m.ch = std::move(channel);
-  m.stager = std::make_unique<EpochStager>(blocks, m.opt.max_device_state_bytes);
-  m.streamer = std::make_unique<EpochStreamer>(blocks, m.opt.delta_encoding);
-  LOCKSTEP_RETURN_IF_ERROR(m.streamer->Register(*m.ch, *m.stager));
   m.heartbeat = std::make_unique<Heartbeater>(
       *m.ch, m.opt.heartbeat_interval, [&m] { return m.sent.load(); },
       [&m](const Status& e) { m.SignalFault(e); });
@@ -304,8 +368,9 @@ Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
 
 void PrimaryReplicator::Stop() {
   Impl& m = *impl_;
+  std::lock_guard<std::mutex> lifecycle(m.lifecycle_mu);
   m.stopping.store(true);
-  m.wake_cv.notify_all();
+  m.Wake();
   if (m.control_thread.joinable()) m.control_thread.join();
   if (m.role.get() == ReplicaState::kIdle) m.role.MoveTo(ReplicaState::kStopped, "never started");
 }

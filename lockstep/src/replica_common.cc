@@ -71,7 +71,7 @@ bool RoleState::Allowed(ReplicaState from, ReplicaState to) const {
     case S::kSyncing:
       return to == S::kProtected || to == S::kFailed || to == S::kStopped;
     case S::kProtected:
-      return to == S::kPromoting || to == S::kStopped;
+      return to == S::kPromoting || to == S::kStopped || to == S::kFailed;
     case S::kPromoting:
       return to == S::kActive || to == S::kFenced || to == S::kFailed;
     default:

@@ -2,6 +2,7 @@
 #include <atomic>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <thread>
 
 #include "epoch_assembler.h"
@@ -63,20 +64,30 @@ struct SecondaryReplica::Impl {
   Impl(Hypervisor& h, vip::Witness& w, ReplicationOptions o)
       : hv(h), witness(w), opt(std::move(o)) {}
 
+  // How the receive loop ended.
+  enum class Ending {
+    kStopped,   // Stop() was called
+    kGoodbye,   // the primary ended protection and was told we will not take over
+    kRejected,  // the stream was bad while the primary is evidently alive: no takeover
+    kPeerLost,  // the primary is gone or silent: the witness decides
+  };
   void ReceiveLoop();
-  Status SendAck(uint64_t epoch);
-  void Teardown(Status fault, bool goodbye);
+  Status SendControl(uint8_t* rec, size_t n);
+  void Teardown(Status fault, Ending ending);
 
   Hypervisor& hv;
   vip::Witness& witness;
   const ReplicationOptions opt;
   RoleState role{false};
 
-  std::unique_ptr<Channel> ch;
-  std::unique_ptr<EpochAssembler> assembler;
-  std::unique_ptr<Heartbeater> heartbeat;
+  // Declared so that they are destroyed in the right order: the heartbeater uses the
+  // channel; the channel must go before the memory it receives into.
   PageArena arena;              // the staging area: one whole epoch, as received
   std::vector<uint8_t> device;  // device state of the applied epoch (capacity fixed)
+  std::unique_ptr<EpochAssembler> assembler;
+  std::unique_ptr<Channel> ch;
+  std::unique_ptr<Heartbeater> heartbeat;
+  std::mutex lifecycle_mu;  // serializes Start() and Stop()
   uint64_t term = 0;
   std::string primary_host;
 
@@ -91,9 +102,7 @@ struct SecondaryReplica::Impl {
   std::atomic<uint64_t> bytes{0};
 };
 
-Status SecondaryReplica::Impl::SendAck(uint64_t epoch) {
-  uint8_t rec[wire::kControlRecordBytes];
-  size_t n = wire::EncodeAck(epoch, rec);
+Status SecondaryReplica::Impl::SendControl(uint8_t* rec, size_t n) {
   ConstSlice slice{rec, n};
   LOCKSTEP_RETURN_IF_ERROR(ch->Send({&slice, 1}));
   heartbeat->NoteSent();
@@ -103,11 +112,13 @@ Status SecondaryReplica::Impl::SendAck(uint64_t epoch) {
 void SecondaryReplica::Impl::ReceiveLoop() {
   size_t used = 0;  // bytes of the open epoch in the arena
   Status fault;
-  bool goodbye = false;
+  Ending ending = Ending::kStopped;
+  uint8_t control[wire::kControlRecordBytes];
   while (!stopping.load()) {
     if (heartbeat_failed.load()) {
       std::lock_guard<std::mutex> lock(fault_mu);
       fault = heartbeat_fault;
+      ending = Ending::kPeerLost;
       break;
     }
     size_t n = 0;
@@ -115,11 +126,15 @@ void SecondaryReplica::Impl::ReceiveLoop() {
     Status s = ch->Receive(room, &n, opt.heartbeat_interval);
     if (s.code() == Status::Code::kTimedOut) {
       fault = CheckPeerSilence(*ch, opt.peer_loss_threshold, "primary");
-      if (!fault.ok()) break;
+      if (!fault.ok()) {
+        ending = Ending::kPeerLost;
+        break;
+      }
       continue;
     }
     if (!s.ok()) {
       fault = s;
+      ending = Ending::kPeerLost;
       break;
     }
     bytes.fetch_add(n, std::memory_order_relaxed);
@@ -132,14 +147,20 @@ void SecondaryReplica::Impl::ReceiveLoop() {
       wire::RecordReader reader(msg);
       wire::RecordView r;
       fault = reader.Next(&r);
-      if (!fault.ok()) break;
+      if (!fault.ok()) {
+        ending = Ending::kRejected;
+        break;
+      }
       if (type == wire::RecordType::kGoodbye) {
-        goodbye = true;
+        // Promise not to take over; the primary releases its held output on this.
+        (void)SendControl(control, wire::EncodeGoodbyeAck(control));
         fault = Status::Aborted("the primary ended protection: " + wire::DecodeReason(r));
+        ending = Ending::kGoodbye;
         break;
       }
       if (type == wire::RecordType::kError) {
         fault = Status::Corruption("the primary reported: " + wire::DecodeReason(r));
+        ending = Ending::kRejected;
         break;
       }
       continue;
@@ -150,6 +171,7 @@ void SecondaryReplica::Impl::ReceiveLoop() {
       auto err = wire::EncodeReasonRecord(wire::RecordType::kError, fault.ToString());
       ConstSlice slice{err.data(), err.size()};
       (void)ch->Send({&slice, 1});
+      ending = Ending::kRejected;
       break;
     }
     used += n;
@@ -158,7 +180,7 @@ void SecondaryReplica::Impl::ReceiveLoop() {
       // ACK first: the epoch is complete and verified in memory, and the primary's output
       // waits on this. Applying it can overlap with the ACK's flight.
       acked.store(epoch);
-      fault = SendAck(epoch);
+      fault = SendControl(control, wire::EncodeAck(epoch, control));
       auto dev = assembler->Apply({arena.data(), used});
       device.assign(dev.begin(), dev.end());
       applied.store(epoch);
@@ -167,23 +189,39 @@ void SecondaryReplica::Impl::ReceiveLoop() {
         role.MoveTo(ReplicaState::kProtected,
                     "initial synchronization complete (epoch " + std::to_string(epoch) + ")");
       }
-      if (!fault.ok()) break;
+      if (!fault.ok()) {
+        ending = Ending::kPeerLost;
+        break;
+      }
     }
     // No silence check here: after a long apply, LastHeardFrom() is stale until the next
     // Receive() reads what the primary sent meanwhile. Silence is judged only when a
     // Receive() waited and nothing came (above).
   }
   assembler->Discard();
-  Teardown(fault, goodbye);
+  Teardown(fault, ending);
 }
 
 // Runs on the receive thread, after its loop.
-void SecondaryReplica::Impl::Teardown(Status fault, bool goodbye) {
+void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
   ch->Abort();
   heartbeat->Stop();
-  if (stopping.load() || goodbye) {
+  if (ending == Ending::kGoodbye) {
+    role.MoveTo(ReplicaState::kStopped, fault.message());
+    return;
+  }
+  if (ending == Ending::kStopped || stopping.load()) {
     role.MoveTo(ReplicaState::kStopped,
-                goodbye ? fault.message() : std::string("stopped by request"));
+                fault.ok() ? std::string("stopped by request")
+                           : "stopped by request (while: " + fault.ToString() + ")");
+    return;
+  }
+  if (ending == Ending::kRejected) {
+    // The primary was sending a moment ago: it is alive, and it will be the one to ask the
+    // witness. A secondary that took over now could be the only wrong copy.
+    role.MoveTo(ReplicaState::kFailed, "rejected the primary's stream (" + fault.ToString() +
+                                           "); not taking over from a live primary, which "
+                                           "goes on alone; re-protect to resynchronize");
     return;
   }
   std::string reason = fault.ToString();
@@ -236,11 +274,40 @@ SecondaryReplica::~SecondaryReplica() { Stop(); }
 
 Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
   Impl& m = *impl_;
+  std::lock_guard<std::mutex> lifecycle(m.lifecycle_mu);
+  if (m.stopping.load()) return Status::Aborted("Stop() was called; make a new replica");
   if (m.role.get() != ReplicaState::kIdle) {
     return Status::FailedPrecondition("this replica was already started; make a new one");
   }
   std::vector<RamBlock> blocks = m.hv.RamBlocks();
   LOCKSTEP_RETURN_IF_ERROR(ValidateRamLayout(blocks));
+
+  // Everything is allocated before the primary is answered, so nothing can fail between
+  // our acceptance and the first epoch.
+  std::vector<ReplicaBlock> replica;
+  uint64_t pages = 0;
+  for (const auto& b : blocks) {
+    replica.push_back({b.host, b.length / wire::kPageSize});
+    pages += b.length / wire::kPageSize;
+  }
+  // Room for the largest epoch (every page raw, the device state, four framing records)
+  // plus one more message, which Receive() needs whole.
+  const size_t largest_epoch = pages * (wire::kHeaderBytes + wire::kPageSize) +
+                               m.opt.max_device_state_bytes + 8 * wire::kHeaderBytes + 64;
+  const size_t largest_message =
+      std::max<size_t>(m.opt.max_device_state_bytes + 2 * wire::kHeaderBytes,
+                       (EpochStreamer::kBatchPages + 4) * (wire::kHeaderBytes + wire::kPageSize));
+  std::string no_memory;
+  try {
+    m.arena = PageArena(largest_epoch + largest_message);
+    m.device.reserve(m.opt.max_device_state_bytes);
+    m.assembler = std::make_unique<EpochAssembler>(
+        std::move(replica), 0, static_cast<uint32_t>(m.opt.max_device_state_bytes));
+  } catch (const std::bad_alloc&) {
+    no_memory = "this host cannot allocate the " +
+                std::to_string((largest_epoch + largest_message) >> 20) +
+                " MiB staging area the guest needs; free memory and try again";
+  }
 
   std::vector<uint8_t> buf(1 << 20);
   wire::RecordView r;
@@ -250,10 +317,18 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
   wire::HelloReply reply;
   reply.host_id = m.opt.host_id;
   s = wire::DecodeHello(r, &hello);
-  if (s.ok())
-    reply.reason = RefusalReason(hello, m.opt, RamLayout(blocks));
-  else
+  if (!s.ok()) {
     reply.reason = s.message();
+  } else if (!no_memory.empty()) {
+    reply.reason = no_memory;
+  } else if (hello.max_device_state_bytes > m.opt.max_device_state_bytes) {
+    reply.reason = "the primary may send " + std::to_string(hello.max_device_state_bytes) +
+                   " bytes of device state; this secondary takes at most " +
+                   std::to_string(m.opt.max_device_state_bytes) +
+                   "; configure the same limit on both hosts";
+  } else {
+    reply.reason = RefusalReason(hello, m.opt, RamLayout(blocks));
+  }
   reply.accepted = reply.reason.empty();
   auto rec = wire::EncodeHelloReply(reply);
   ConstSlice slice{rec.data(), rec.size()};
@@ -261,6 +336,7 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
   if (!reply.accepted) {
     channel->Abort();
     if (!s.ok()) return s.WithContext("refused the primary's handshake");
+    if (!no_memory.empty()) return Status::ResourceExhausted(no_memory);
     return Status::InvalidArgument("refused the primary's handshake: " + reply.reason);
   }
   LOCKSTEP_RETURN_IF_ERROR(sent.WithContext("answering HELLO"));
@@ -268,22 +344,6 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
   m.term = hello.witness_term;
   m.primary_host = hello.host_id;
   m.ch = std::move(channel);
-  std::vector<ReplicaBlock> replica;
-  uint64_t pages = 0;
-  for (const auto& b : blocks) {
-    replica.push_back({b.host, b.length / wire::kPageSize});
-    pages += b.length / wire::kPageSize;
-  }
-  m.assembler = std::make_unique<EpochAssembler>(std::move(replica), 0);
-  // Room for the largest epoch (every page raw, the device state, four framing records)
-  // plus one more message, which Receive() needs whole.
-  size_t largest_epoch = pages * (wire::kHeaderBytes + wire::kPageSize) +
-                         m.opt.max_device_state_bytes + 8 * wire::kHeaderBytes + 64;
-  const size_t largest_message =
-      std::max<size_t>(m.opt.max_device_state_bytes + 2 * wire::kHeaderBytes,
-                       (EpochStreamer::kBatchPages + 4) * (wire::kHeaderBytes + wire::kPageSize));
-  m.arena = PageArena(largest_epoch + largest_message);
-  m.device.reserve(m.opt.max_device_state_bytes);
   m.heartbeat = std::make_unique<Heartbeater>(
       *m.ch, m.opt.heartbeat_interval, [&m] { return m.acked.load(); },
       [&m](const Status& e) {
@@ -300,6 +360,7 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
 
 void SecondaryReplica::Stop() {
   Impl& m = *impl_;
+  std::lock_guard<std::mutex> lifecycle(m.lifecycle_mu);
   m.stopping.store(true);
   if (m.receive_thread.joinable()) m.receive_thread.join();
   if (m.role.get() == ReplicaState::kIdle) m.role.MoveTo(ReplicaState::kStopped, "never started");

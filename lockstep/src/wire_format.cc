@@ -32,6 +32,8 @@ std::string RecordTypeName(uint16_t type) {
       return "GOODBYE";
     case RecordType::kError:
       return "ERROR";
+    case RecordType::kGoodbyeAck:
+      return "GOODBYE_ACK";
   }
   return "type " + std::to_string(type);
 }
@@ -190,6 +192,7 @@ std::vector<uint8_t> EncodeHello(const Hello& hello) {
   w.U32(hello.page_size);
   w.Bytes(hello.pairing_id.data(), hello.pairing_id.size());
   w.U64(hello.witness_term);
+  w.U32(hello.max_device_state_bytes);
   w.Str(hello.vm_id);
   w.Str(hello.host_id);
   w.U32(static_cast<uint32_t>(hello.blocks.size()));
@@ -206,7 +209,8 @@ Status DecodeHello(const RecordView& record, Hello* out) {
   LOCKSTEP_RETURN_IF_ERROR(ReadMagicAndVersion(in, &out->version, "HELLO"));
   uint32_t nblocks = 0;
   if (!in.U32(&out->page_size) || !in.Bytes(out->pairing_id.data(), out->pairing_id.size()) ||
-      !in.U64(&out->witness_term) || !in.Str(&out->vm_id) || !in.Str(&out->host_id) ||
+      !in.U64(&out->witness_term) || !in.U32(&out->max_device_state_bytes) ||
+      !in.Str(&out->vm_id) || !in.Str(&out->host_id) ||
       !in.U32(&nblocks)) {
     return Status::Corruption("HELLO payload is truncated");
   }
@@ -283,6 +287,13 @@ size_t EncodeAck(uint64_t epoch, uint8_t out[kControlRecordBytes]) {
   RecordHeader h;
   h.type = RecordType::kAck;
   h.epoch = epoch;
+  EncodeHeader(h, {}, {}, out);
+  return kHeaderBytes;
+}
+
+size_t EncodeGoodbyeAck(uint8_t out[kControlRecordBytes]) {
+  RecordHeader h;
+  h.type = RecordType::kGoodbyeAck;
   EncodeHeader(h, {}, {}, out);
   return kHeaderBytes;
 }

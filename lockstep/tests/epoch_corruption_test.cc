@@ -264,6 +264,18 @@ TEST_CASE("well-formed but forged records are rejected", "[corruption]") {
                              record(wire::RecordType::kEpochCommit, 2, 0, 0, c)},
                             &err));
   }
+  SECTION("more device state than agreed") {
+    EpochAssembler small(ReplicaBlocksOf(f.replica), 1, 4096);
+    std::vector<uint8_t> p(wire::kEpochBeginPayloadBytes);
+    wire::EncodeEpochBegin({0, 4097}, p.data());
+    REQUIRE_FALSE(Committed(small, {record(wire::RecordType::kEpochBegin, 2, 0, 0, p)}, &err));
+    REQUIRE(err.message().find("were agreed") != std::string::npos);
+  }
+  SECTION("a delta larger than a delta may be") {
+    std::vector<uint8_t> delta(wire::kMaxDeltaPayloadBytes + 8);
+    REQUIRE_FALSE(Committed(a, {begin(1), record(wire::RecordType::kPageXorRle, 2, 0, 5, delta)}, &err));
+    REQUIRE(err.message().find("larger than a delta") != std::string::npos);
+  }
   SECTION("a first epoch that is not FULL") {
     EpochAssembler fresh(ReplicaBlocksOf(f.replica), 0);
     std::vector<uint8_t> p(wire::kEpochBeginPayloadBytes);

@@ -77,6 +77,7 @@ TEST_CASE("malformed deltas are rejected", "[codec]") {
   std::vector<uint8_t> stub = {1, 2};
   REQUIRE_FALSE(ValidateXorRle(stub, kPage).ok());  // truncated header
   REQUIRE_FALSE(ValidateXorRle({}, kPage).ok());    // empty
+  REQUIRE_FALSE(ValidateXorRle(runs({0, 0, 4096, 0}, 0), kPage).ok());  // an empty run
 }
 
 TEST_CASE("the delta pre-check tells small edits from rewrites", "[codec]") {

@@ -153,6 +153,45 @@ std::string Log(const std::vector<Transition>& log) {
   return s;
 }
 
+// Passes messages through, but flips one bit of the `nth` message of at least 1 KiB.
+class CorruptingChannel final : public channel::Channel {
+ public:
+  CorruptingChannel(std::unique_ptr<channel::Channel> inner, int nth)
+      : inner_(std::move(inner)), nth_(nth) {}
+  std::string_view transport() const override { return inner_->transport(); }
+  std::string peer() const override { return inner_->peer(); }
+  Status RegisterMemory(const void* base, size_t len) override {
+    return inner_->RegisterMemory(base, len);
+  }
+  Status Send(std::span<const channel::ConstSlice> gather, uint64_t* seq) override {
+    size_t total = 0;
+    for (const auto& g : gather) total += g.size;
+    if (total < 1024 || --nth_ != 0) return inner_->Send(gather, seq);
+    std::vector<uint8_t> copy;
+    for (const auto& g : gather) {
+      auto* p = static_cast<const uint8_t*>(g.data);
+      copy.insert(copy.end(), p, p + g.size);
+    }
+    copy[copy.size() / 2] ^= 0x10;
+    channel::ConstSlice one{copy.data(), copy.size()};
+    return inner_->Send({&one, 1}, seq);
+  }
+  uint64_t CompletedThrough() const override { return inner_->CompletedThrough(); }
+  Status WaitForCompletion(uint64_t seq, std::chrono::microseconds t) override {
+    return inner_->WaitForCompletion(seq, t);
+  }
+  Status Receive(std::span<uint8_t> into, size_t* size, std::chrono::microseconds t) override {
+    return inner_->Receive(into, size, t);
+  }
+  channel::Clock::time_point LastHeardFrom() const override { return inner_->LastHeardFrom(); }
+  void Abort() override { inner_->Abort(); }
+  channel::ChannelStats stats() const override { return inner_->stats(); }
+
+ private:
+  std::unique_ptr<channel::Channel> inner_;
+  int nth_;
+};
+
 }  // namespace
 
 TEST_CASE("epochs flow, output is released on ack, and an orderly stop is not a failover",
@@ -363,4 +402,43 @@ TEST_CASE("a failed checkpoint ends protection on purpose, without a takeover", 
   REQUIRE(p.secondary->state() == S::kStopped);
   REQUIRE(p.witness.requests() == 0);
   REQUIRE(p.pg.running());
+}
+
+TEST_CASE("ending protection during a partition is a fault, not a release", "[replicator][stop]") {
+  Pair p;
+  p.StartProtected();
+  std::this_thread::sleep_for(50ms);
+  p.link->Stall();  // the GOODBYE and any GOODBYE_ACK vanish
+  p.primary->Stop();
+  REQUIRE(p.secondary->WaitForFaultHandled(10s));
+  INFO(Log(p.primary->transitions()) << Log(p.secondary->transitions()));
+  REQUIRE(p.primary->fault_reason().find("did not acknowledge the end of protection") !=
+          std::string::npos);
+  // The witness decided: exactly one of them is active, and only it released held output.
+  int actives = (p.primary->state() == S::kPrimaryAlone) + (p.secondary->state() == S::kActive);
+  REQUIRE(actives == 1);
+  if (p.secondary->state() == S::kActive) {
+    std::lock_guard<std::mutex> lock(p.mu);
+    REQUIRE(p.released_without_ack == 0);
+    REQUIRE(p.pg.output_mode() == OutputMode::kDropped);
+  }
+}
+
+TEST_CASE("a secondary that rejects the stream does not take over from a live primary",
+          "[replicator][corruption]") {
+  Pair p;
+  auto a = std::make_unique<CorruptingChannel>(p.link->TakeA(), 3);
+  p.pg.Boot();
+  auto sec = std::async(std::launch::async, [&] { return p.secondary->Start(p.link->TakeB()); });
+  REQUIRE(p.primary->Start(std::move(a)).ok());
+  REQUIRE(sec.get().ok());
+  REQUIRE(p.secondary->WaitForFaultHandled(10s));
+  REQUIRE(p.primary->WaitForFaultHandled(10s));
+  INFO(Log(p.secondary->transitions()) << Log(p.primary->transitions()));
+  REQUIRE(p.secondary->state() == S::kFailed);
+  REQUIRE(p.secondary->fault_reason().find("rejected the primary's stream") != std::string::npos);
+  REQUIRE(p.sw.requests_ == 0);
+  REQUIRE_FALSE(p.sg.running());
+  REQUIRE(p.primary->state() == S::kPrimaryAlone);
+  REQUIRE(p.primary->fault_reason().find("the secondary reported") != std::string::npos);
 }

@@ -20,6 +20,7 @@ TEST_CASE("HELLO round-trips with layout and pairing", "[wire]") {
   h.pairing_id[0] = 0xAB;
   h.pairing_id[15] = 0x01;
   h.witness_term = 42;
+  h.max_device_state_bytes = 1 << 20;
   h.vm_id = "web-1";
   h.host_id = "hostA";
   h.blocks = {{"pc.ram", 256u << 20}, {"pc.bios", 256u << 10}};
@@ -28,6 +29,7 @@ TEST_CASE("HELLO round-trips with layout and pairing", "[wire]") {
   REQUIRE(DecodeHello(ReadOne(rec), &out).ok());
   REQUIRE(out.pairing_id == h.pairing_id);
   REQUIRE(out.witness_term == 42);
+  REQUIRE(out.max_device_state_bytes == 1u << 20);
   REQUIRE(out.vm_id == "web-1");
   REQUIRE(out.host_id == "hostA");
   REQUIRE(out.blocks == h.blocks);
@@ -100,6 +102,11 @@ TEST_CASE("control records round-trip", "[wire]") {
   REQUIRE(hb.Next(&r).ok());
   REQUIRE(r.header.type == RecordType::kHeartbeat);
   REQUIRE(GetU64(r.payload.data()) == 99);
+
+  n = EncodeGoodbyeAck(buf);
+  RecordReader gack({buf, n});
+  REQUIRE(gack.Next(&r).ok());
+  REQUIRE(r.header.type == RecordType::kGoodbyeAck);
 
   auto bye = EncodeReasonRecord(RecordType::kGoodbye, "maintenance");
   RecordView g = ReadOne(bye);

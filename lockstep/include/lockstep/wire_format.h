@@ -18,6 +18,7 @@
 //   HELLO        primary -> secondary. Payload:
 //                  u64 magic "LOCKSTEP" (0x50455453'4B434F4C), u32 version (kWireVersion),
 //                  u32 page_size, 16 bytes pairing id, u64 witness term,
+//                  u32 largest device state the primary will send,
 //                  str vm_id, str primary host id, u32 block count, then per block:
 //                  str block id, u64 length in bytes.        (str = u16 length + bytes)
 //                A receiver that does not speak `version` answers HELLO_REPLY rejected.
@@ -36,7 +37,8 @@
 //                 epoch N-1), run-length coded. Payload: u32 CRC32C of the resulting
 //                 page, then runs of {u16 skip, u16 len, len bytes} where `skip` bytes are
 //                 unchanged (XOR 0) and `len` bytes are XORed in; skips and lens add up to
-//                 exactly page_size.
+//                 exactly page_size, no run is {0, 0}, and the payload is at most
+//                 kMaxDeltaPayloadBytes (a larger delta is sent as PAGE_RAW).
 //   DEVICE_STATE  payload: the hypervisor's device state (vCPUs included), opaque.
 //                 Exactly one per epoch, after the pages.
 //   EPOCH_COMMIT  payload: u64 page records, u64 device-state bytes, u32 records before
@@ -51,7 +53,9 @@
 //   HEARTBEAT  both ways; payload u64: the sender's latest epoch (primary: last sent;
 //              secondary: last acknowledged).
 //   GOODBYE    primary -> secondary: protection ends on purpose; do not take over.
-//              Payload: str reason.
+//              Payload: str reason. The primary releases held output only after
+//              GOODBYE_ACK; without it, ending protection is handled as a fault.
+//   GOODBYE_ACK  secondary -> primary: "I will not take over". No payload.
 //   ERROR      either way: the sender found the stream bad and is closing. Payload: str.
 //
 // What a receiver rejects (and never applies): an unknown type, a bad CRC, a payload that
@@ -95,9 +99,12 @@ enum class RecordType : uint16_t {
   kHeartbeat = 21,
   kGoodbye = 22,
   kError = 23,
+  kGoodbyeAck = 24,
 };
 
 inline constexpr uint16_t kFlagFullEpoch = 1;
+// Largest PAGE_XOR_RLE payload: the result CRC and half a page of runs.
+inline constexpr uint32_t kMaxDeltaPayloadBytes = 4 + kPageSize / 2;
 
 // A record's header, decoded.
 struct RecordHeader {
@@ -152,6 +159,7 @@ struct Hello {
   uint32_t page_size = kPageSize;
   std::array<uint8_t, 16> pairing_id{};
   uint64_t witness_term = 0;
+  uint32_t max_device_state_bytes = 0;
   std::string vm_id;
   std::string host_id;
   std::vector<BlockLayout> blocks;
@@ -193,8 +201,10 @@ Status DecodeEpochCommit(std::span<const uint8_t> payload, EpochCommitPayload* o
 
 // A complete control record (ACK, HEARTBEAT) in a fixed buffer: no allocation.
 inline constexpr size_t kControlRecordBytes = kHeaderBytes + 8;
-// ACK has no payload (kHeaderBytes long); HEARTBEAT carries `latest_epoch`.
+// ACK and GOODBYE_ACK have no payload (kHeaderBytes long); HEARTBEAT carries
+// `latest_epoch`.
 size_t EncodeAck(uint64_t epoch, uint8_t out[kControlRecordBytes]);
+size_t EncodeGoodbyeAck(uint8_t out[kControlRecordBytes]);
 size_t EncodeHeartbeat(uint64_t latest_epoch, uint8_t out[kControlRecordBytes]);
 // GOODBYE and ERROR with a reason (allocates; not a hot-path record).
 std::vector<uint8_t> EncodeReasonRecord(RecordType type, std::string_view reason);

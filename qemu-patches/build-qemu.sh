@@ -26,8 +26,10 @@ if [[ -x $binary ]]; then
   exit 0
 fi
 
+# The last two are firmware (SeaBIOS, option ROMs): Debian's QEMU source is DFSG-clean and
+# ships none. Run the binary with -L /usr/share/qemu -L /usr/share/seabios.
 deps=(build-essential meson ninja-build pkg-config libglib2.0-dev libpixman-1-dev libslirp-dev
-  libfdt-dev python3-venv flex bison dpkg-dev)
+  libfdt-dev python3-venv flex bison dpkg-dev qemu-system-data seabios)
 missing=()
 for p in "${deps[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,8 +1,8 @@
 #include <algorithm>
 #include <atomic>
-#include <new>
 #include <condition_variable>
 #include <mutex>
+#include <new>
 #include <thread>
 
 #include "epoch_stager.h"
@@ -33,7 +33,7 @@ struct PrimaryReplicator::Impl {
   Hypervisor& hv;
   vip::Witness& witness;
   const ReplicationOptions opt;
-  RoleState role{true};
+  RoleState role{true, opt.on_transition};
   LatencyWindow pauses;
   LatencyWindow ack_latencies;  // end of pause to ACK, per acknowledged epoch after the first
   std::atomic<int64_t> initial_sync_pause_us{0};

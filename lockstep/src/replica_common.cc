@@ -80,15 +80,18 @@ bool RoleState::Allowed(ReplicaState from, ReplicaState to) const {
 }
 
 bool RoleState::MoveTo(ReplicaState to, std::string reason) {
+  Transition t;
   {
     std::lock_guard<std::mutex> lock(mu_);
     ReplicaState from = state_.load();
     if (!Allowed(from, to)) return false;
-    log_.push_back({std::chrono::system_clock::now(), from, to, reason});
-    if (IsSettled(to)) end_reason_ = reason;
+    t = {std::chrono::system_clock::now(), from, to, std::move(reason)};
+    log_.push_back(t);
+    if (IsSettled(to)) end_reason_ = t.reason;
     state_.store(to, std::memory_order_release);
   }
   cv_.notify_all();
+  if (observer_) observer_(t);
   return true;
 }
 

@@ -25,7 +25,8 @@ using SteadyClock = std::chrono::steady_clock;
 // The replica's state and every change of it, with the reason. Thread-safe.
 class RoleState {
  public:
-  explicit RoleState(bool primary) : primary_(primary) {}
+  explicit RoleState(bool primary, std::function<void(const Transition&)> observer = nullptr)
+      : primary_(primary), observer_(std::move(observer)) {}
 
   ReplicaState get() const { return state_.load(std::memory_order_acquire); }
   // Moves to `to` if the role allows it from the current state; returns whether it did.
@@ -43,6 +44,7 @@ class RoleState {
   bool Allowed(ReplicaState from, ReplicaState to) const;
 
   const bool primary_;
+  const std::function<void(const Transition&)> observer_;
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;
   std::atomic<ReplicaState> state_{ReplicaState::kIdle};

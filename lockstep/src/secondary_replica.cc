@@ -78,7 +78,7 @@ struct SecondaryReplica::Impl {
   Hypervisor& hv;
   vip::Witness& witness;
   const ReplicationOptions opt;
-  RoleState role{false};
+  RoleState role{false, opt.on_transition};
 
   // Declared so that they are destroyed in the right order: the heartbeater uses the
   // channel; the channel must go before the memory it receives into.

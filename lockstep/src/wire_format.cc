@@ -210,8 +210,7 @@ Status DecodeHello(const RecordView& record, Hello* out) {
   uint32_t nblocks = 0;
   if (!in.U32(&out->page_size) || !in.Bytes(out->pairing_id.data(), out->pairing_id.size()) ||
       !in.U64(&out->witness_term) || !in.U32(&out->max_device_state_bytes) ||
-      !in.Str(&out->vm_id) || !in.Str(&out->host_id) ||
-      !in.U32(&nblocks)) {
+      !in.Str(&out->vm_id) || !in.Str(&out->host_id) || !in.U32(&nblocks)) {
     return Status::Corruption("HELLO payload is truncated");
   }
   // Each block needs at least 10 bytes; this bounds the allocation below.

@@ -273,7 +273,8 @@ TEST_CASE("well-formed but forged records are rejected", "[corruption]") {
   }
   SECTION("a delta larger than a delta may be") {
     std::vector<uint8_t> delta(wire::kMaxDeltaPayloadBytes + 8);
-    REQUIRE_FALSE(Committed(a, {begin(1), record(wire::RecordType::kPageXorRle, 2, 0, 5, delta)}, &err));
+    REQUIRE_FALSE(
+        Committed(a, {begin(1), record(wire::RecordType::kPageXorRle, 2, 0, 5, delta)}, &err));
     REQUIRE(err.message().find("larger than a delta") != std::string::npos);
   }
   SECTION("a first epoch that is not FULL") {

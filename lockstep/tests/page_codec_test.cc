@@ -75,8 +75,8 @@ TEST_CASE("malformed deltas are rejected", "[codec]") {
   REQUIRE_FALSE(ValidateXorRle(runs({4096, 8}, 8), kPage).ok());    // too long
   REQUIRE_FALSE(ValidateXorRle(runs({0, 4096}, 100), kPage).ok());  // literal missing
   std::vector<uint8_t> stub = {1, 2};
-  REQUIRE_FALSE(ValidateXorRle(stub, kPage).ok());  // truncated header
-  REQUIRE_FALSE(ValidateXorRle({}, kPage).ok());    // empty
+  REQUIRE_FALSE(ValidateXorRle(stub, kPage).ok());                      // truncated header
+  REQUIRE_FALSE(ValidateXorRle({}, kPage).ok());                        // empty
   REQUIRE_FALSE(ValidateXorRle(runs({0, 0, 4096, 0}, 0), kPage).ok());  // an empty run
 }
 

@@ -16,6 +16,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,6 +40,8 @@ struct ReplicationOptions {
   bool delta_encoding = true;            // XOR+RLE deltas against the last copy sent
   size_t max_device_state_bytes = 4u << 20;
   std::chrono::milliseconds handshake_timeout{5'000};
+  // Called after every state change, on an engine thread, outside the engine's locks.
+  std::function<void(const struct Transition&)> on_transition;
 };
 
 // The explicit states of a replica. See docs/engine.md for the allowed transitions.

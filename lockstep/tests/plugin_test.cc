@@ -1,0 +1,202 @@
+// The C ABI end to end: liblockstep_plugin.so is dlopened as QEMU's object will, given a
+// host-operations table backed by simulated guests, and protects one over real TCP.
+#include <arpa/inet.h>
+#include <dlfcn.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <cerrno>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "lockstep/plugin_abi.h"
+#include "simulated_guest.h"
+
+using namespace lockstep;
+using namespace lockstep::testing;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct Host {
+  explicit Host(GuestConfig c) : guest(std::move(c)), blocks(guest.RamBlocks()) {}
+  SimulatedGuest guest;
+  std::vector<RamBlock> blocks;
+  std::mutex mu;
+  std::vector<std::string> states;
+
+  static Host& Of(void* o) { return *static_cast<Host*>(o); }
+  static int Rc(const Status& s) { return s.ok() ? 0 : -EIO; }
+  lockstep_host_ops Ops() {
+    lockstep_host_ops o{};
+    o.abi_version = LOCKSTEP_PLUGIN_ABI_VERSION;
+    o.opaque = this;
+    o.ram_block_count = [](void* h) { return static_cast<int>(Of(h).blocks.size()); };
+    o.ram_block_info = [](void* h, int i, const char** id, uint8_t** host, uint64_t* len) {
+      auto& b = Of(h).blocks.at(static_cast<size_t>(i));
+      *id = b.id.c_str();
+      *host = b.host;
+      *len = b.length;
+      return 0;
+    };
+    o.stop_vcpus = [](void* h) { return Rc(Of(h).guest.StopVcpus()); };
+    o.start_vcpus = [](void* h) { return Rc(Of(h).guest.StartVcpus()); };
+    o.dirty_log_start = [](void* h) { return Rc(Of(h).guest.StartDirtyLog()); };
+    o.dirty_log_stop = [](void* h) { return Rc(Of(h).guest.StopDirtyLog()); };
+    o.dirty_log_sync = [](void* h) { return Rc(Of(h).guest.SyncDirtyLog()); };
+    o.take_dirty_bitmap = [](void* h, int i, uint64_t* bm, size_t words) {
+      return Rc(Of(h).guest.TakeDirtyBitmap(static_cast<size_t>(i), {bm, words}));
+    };
+    o.save_device_state = [](void* h, uint8_t* buf, size_t cap) -> int64_t {
+      auto r = Of(h).guest.SaveDeviceState({buf, cap});
+      return r.ok() ? static_cast<int64_t>(*r) : -ENOSPC;
+    };
+    o.load_device_state = [](void* h, const uint8_t* buf, size_t len) {
+      return Rc(Of(h).guest.LoadDeviceState({buf, len}));
+    };
+    o.close_output_barrier = [](void* h, uint64_t e) { Of(h).guest.CloseOutputBarrier(e); };
+    o.release_output = [](void* h, uint64_t e) { Of(h).guest.ReleaseOutput(e); };
+    o.set_output_mode = [](void* h, int m) {
+      Of(h).guest.SetOutputMode(m == LOCKSTEP_OUTPUT_BUFFERED  ? OutputMode::kBuffered
+                                : m == LOCKSTEP_OUTPUT_DROPPED ? OutputMode::kDropped
+                                                               : OutputMode::kPassThrough);
+    };
+    o.announce = [](void* h) { return Rc(Of(h).guest.Announce()); };
+    o.describe_error = nullptr;
+    o.state_changed = [](void* h, const char* state, const char*) {
+      std::lock_guard<std::mutex> lock(Of(h).mu);
+      Of(h).states.push_back(state);
+    };
+    return o;
+  }
+};
+
+int FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+const lockstep_plugin_api* LoadPlugin() {
+  void* so = dlopen(LOCKSTEP_PLUGIN_PATH, RTLD_NOW | RTLD_LOCAL);
+  INFO(dlerror());
+  REQUIRE(so != nullptr);
+  auto entry =
+      reinterpret_cast<decltype(&lockstep_plugin_entry)>(dlsym(so, "lockstep_plugin_entry"));
+  REQUIRE(entry != nullptr);
+  REQUIRE(entry(LOCKSTEP_PLUGIN_ABI_VERSION + 1) == nullptr);  // another ABI: refused
+  return entry(LOCKSTEP_PLUGIN_ABI_VERSION);
+}
+
+std::string StatusJson(const lockstep_plugin_api* api, void* r) {
+  char buf[2048];
+  REQUIRE(api->query_status(r, buf, sizeof buf) > 0);
+  return buf;
+}
+
+GuestConfig SmallGuest() {
+  GuestConfig g;
+  g.blocks = {{"pc.ram", 4u << 20}, {"pc.bios", 64u << 10}};
+  g.step_delay = 100us;
+  return g;
+}
+
+}  // namespace
+
+TEST_CASE("the plugin refuses bad configuration with a reason", "[plugin]") {
+  const lockstep_plugin_api* api = LoadPlugin();
+  REQUIRE(api != nullptr);
+  Host host(SmallGuest());
+  lockstep_host_ops ops = host.Ops();
+  char err[512];
+  struct Case {
+    const char* config;
+    const char* says;
+  } cases[] = {
+      {"vm=a,host=b,witness=this-process", "role must be"},
+      {"role=primary,host=b,peer=127.0.0.1:1,witness=this-process", "vm=NAME"},
+      {"role=primary,vm=a,host=b,witness=this-process", "peer=HOST:PORT"},
+      {"role=secondary,vm=a,host=b,witness=this-process", "listen=HOST:PORT"},
+      {"role=primary,vm=a,host=b,peer=127.0.0.1:1", "witness=this-process is required"},
+      {"role=primary,vm=a,host=b,peer=x,witness=this-process,colour=red",
+       "unknown setting 'colour'"},
+      {"role=primary,vm=a,host=b,peer=x,witness=this-process,interval_ms=0", "interval_ms"},
+      {"role=primary,vm=a,host=b,peer=x,witness=this-process,pairing=xyz", "pairing"},
+  };
+  for (const auto& c : cases) {
+    INFO(c.config);
+    err[0] = 0;
+    REQUIRE(api->create(&ops, c.config, err, sizeof err) == nullptr);
+    REQUIRE(std::string(err).find(c.says) != std::string::npos);
+  }
+  lockstep_host_ops old = ops;
+  old.abi_version = 0;
+  REQUIRE(api->create(&old, "role=primary", err, sizeof err) == nullptr);
+  REQUIRE(std::string(err).find("ABI version") != std::string::npos);
+}
+
+TEST_CASE("a guest protected through the plugin ABI over TCP", "[plugin]") {
+  const lockstep_plugin_api* api = LoadPlugin();
+  Host primary_host(SmallGuest()), secondary_host(SmallGuest());
+  lockstep_host_ops pops = primary_host.Ops(), sops = secondary_host.Ops();
+  std::string addr = "127.0.0.1:" + std::to_string(FreePort());
+  std::string common =
+      ",vm=vm1,witness=this-process,interval_ms=10,pairing=00112233445566778899aabbccddeeff";
+  char err[512];
+  void* s = api->create(&sops, ("role=secondary,host=b,listen=" + addr + common).c_str(), err,
+                        sizeof err);
+  INFO(err);
+  REQUIRE(s != nullptr);
+  void* p =
+      api->create(&pops, ("role=primary,host=a,peer=" + addr + common).c_str(), err, sizeof err);
+  REQUIRE(p != nullptr);
+  REQUIRE(api->start(s, err, sizeof err) == 0);
+  primary_host.guest.Boot();
+  REQUIRE(api->start(p, err, sizeof err) == 0);
+  std::string ps, ss;
+  for (int i = 0; i < 500; ++i) {
+    ps = StatusJson(api, p);
+    ss = StatusJson(api, s);
+    if (ps.find("\"state\":\"PROTECTED\"") != std::string::npos &&
+        ss.find("\"state\":\"PROTECTED\"") != std::string::npos &&
+        ps.find("\"acked_epoch\":1,") == std::string::npos) {
+      break;
+    }
+    std::this_thread::sleep_for(10ms);
+  }
+  INFO(ps << "\n" << ss);
+  REQUIRE(ps.find("\"role\":\"primary\",\"state\":\"PROTECTED\"") != std::string::npos);
+  REQUIRE(ss.find("\"role\":\"secondary\",\"state\":\"PROTECTED\"") != std::string::npos);
+  REQUIRE(ps.find("\"acked_epoch\":0,") == std::string::npos);
+  api->destroy(p);  // orderly: GOODBYE, acknowledged
+  for (int i = 0; i < 300 && StatusJson(api, s).find("STOPPED") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(10ms);
+  }
+  REQUIRE(StatusJson(api, s).find("\"state\":\"STOPPED\"") != std::string::npos);
+  api->destroy(s);
+  std::lock_guard<std::mutex> lock(primary_host.mu);
+  REQUIRE(primary_host.states == std::vector<std::string>{"SYNCING", "PROTECTED", "STOPPED"});
+}
+
+TEST_CASE("a secondary given an address it cannot listen on says so at once", "[plugin]") {
+  const lockstep_plugin_api* api = LoadPlugin();
+  Host host(SmallGuest());
+  lockstep_host_ops ops = host.Ops();
+  char err[512];
+  void* s = api->create(&ops, "role=secondary,vm=a,host=b,witness=this-process,listen=nonsense",
+                        err, sizeof err);
+  REQUIRE(s != nullptr);
+  REQUIRE(api->start(s, err, sizeof err) == -1);
+  REQUIRE(std::string(err).find("cannot listen on nonsense") != std::string::npos);
+  api->destroy(s);
+}

@@ -16,8 +16,9 @@ configure_flags=(--target-list=x86_64-softmmu --without-default-features --enabl
 
 shopt -s nullglob
 patches=("$series_dir"/*.patch)
-key=$( { printf '%s\n' "${configure_flags[@]}"; ((${#patches[@]})) && cat "${patches[@]}"; true; } |
-  sha256sum | cut -c1-16)
+abi_header=$repo/lockstep/include/lockstep/plugin_abi.h
+key=$( { printf '%s\n' "${configure_flags[@]}"; cat "$abi_header"
+  ((${#patches[@]})) && cat "${patches[@]}"; true; } | sha256sum | cut -c1-16)
 out=$cache/build-$key
 binary=$out/build/qemu-system-x86_64
 if [[ -x $binary ]]; then
@@ -74,6 +75,9 @@ for p in "${patches[@]}"; do
     exit 1
   fi
 done
+# The one engine header QEMU's side includes: the plugin C ABI.
+mkdir -p "$out/qemu/include/lockstep"
+cp "$abi_header" "$out/qemu/include/lockstep/plugin_abi.h"
 mkdir -p "$out/build"
 # Debian's python3 and meson, not a python3 that may sit earlier on PATH (pyenv).
 (cd "$out/build" && PATH=/usr/bin:$PATH ../qemu/configure "${configure_flags[@]}" >configure.log 2>&1) || {

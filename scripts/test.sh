@@ -1,10 +1,28 @@
 #!/usr/bin/env bash
-# The test command: installs what is missing, builds, and runs every test (ctest), then
-# a short run of the epoch-decoder fuzzer. Exits non-zero on any failure.
+# The test command: installs what is missing, builds lockstep, lockstep's QEMU (cached)
+# and the test guest, runs every test (ctest), then a short run of the epoch-decoder
+# fuzzer. Exits non-zero on any failure.
 #   LOCKSTEP_FUZZ_SECONDS  how long the fuzzer runs (default 30; 0 skips it)
+#   LOCKSTEP_SKIP_QEMU=1   leave out QEMU and the guest (and the tests that need them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh --if-root
+mkdir -p build
+if [[ ${LOCKSTEP_SKIP_QEMU:-0} != 1 ]]; then
+  echo "== lockstep's QEMU (qemu-patches/build-qemu.sh; about 7 minutes the first time)"
+  if ! qemu=$(qemu-patches/build-qemu.sh > build/qemu-build.log 2>&1 && tail -n 1 build/qemu-build.log); then
+    tail -n 30 build/qemu-build.log >&2
+    echo "test: building QEMU failed; the whole log is build/qemu-build.log" >&2
+    exit 1
+  fi
+  echo "== the test guest (guest/build-guest.sh)"
+  if ! guest=$(guest/build-guest.sh > build/guest-build.log 2>&1 && tail -n 1 build/guest-build.log); then
+    tail -n 30 build/guest-build.log >&2
+    echo "test: building the guest failed; the whole log is build/guest-build.log" >&2
+    exit 1
+  fi
+  export LOCKSTEP_CMAKE_ARGS="-DLOCKSTEP_QEMU=$qemu -DLOCKSTEP_GUEST_DIR=$guest"
+fi
 scripts/build.sh
 echo "== ctest"
 (cd build && ctest --output-on-failure --timeout 600 -j2)

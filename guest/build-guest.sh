@@ -16,17 +16,10 @@ cache=${LOCKSTEP_GUEST_CACHE:-$repo/.cache/guest}
 modules=(virtio_pci virtio_net)
 
 deps=(busybox-static kmod cpio gzip build-essential)
-missing=()
-for p in "${deps[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  if [[ $(id -u) -ne 0 ]]; then
-    echo "build-guest: missing Debian packages ${missing[*]}; run as root to install them" >&2
-    exit 1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+who=build-guest
+# shellcheck source=../scripts/lib/packages.sh
+source "$repo/scripts/lib/packages.sh"
+ensure_packages "${deps[@]}"
 
 # The kernel: the package linux-image-cloud-amd64 currently points at.
 mkdir -p "$cache"

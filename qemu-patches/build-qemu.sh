@@ -31,17 +31,10 @@ fi
 # ships none. Run the binary with -L /usr/share/qemu -L /usr/share/seabios.
 deps=(build-essential meson ninja-build pkg-config libglib2.0-dev libpixman-1-dev libslirp-dev
   libfdt-dev python3-venv flex bison dpkg-dev qemu-system-data seabios)
-missing=()
-for p in "${deps[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  if [[ $(id -u) -ne 0 ]]; then
-    echo "build-qemu: missing Debian packages ${missing[*]}; run as root to install them" >&2
-    exit 1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+who=build-qemu
+# shellcheck source=../scripts/lib/packages.sh
+source "$repo/scripts/lib/packages.sh"
+ensure_packages "${deps[@]}"
 
 pristine=$cache/src/qemu-src
 if [[ ! -d $pristine ]]; then

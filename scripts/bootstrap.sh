@@ -25,19 +25,8 @@ if [[ $(id -u) -ne 0 ]]; then
   exit 1
 fi
 
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-
-if ((${#missing[@]})); then
-  # Refresh the package lists unless they are less than a day old.
-  if [[ -z $(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -1440 -print -quit 2>/dev/null) ]]; then
-    echo "bootstrap: refreshing Debian package lists"
-    apt-get update -q
-  fi
-  echo "bootstrap: installing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-else
-  echo "bootstrap: all ${#PACKAGES[@]} packages already installed"
-fi
+who=bootstrap
+# shellcheck source=lib/packages.sh
+source "$(dirname "$0")/lib/packages.sh"
+ensure_packages "${PACKAGES[@]}"
+echo "bootstrap: all ${#PACKAGES[@]} packages installed"

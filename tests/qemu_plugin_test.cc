@@ -13,6 +13,8 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+
+#include "free_port.h"
 #include <chrono>
 #include <fstream>
 #include <sstream>
@@ -21,20 +23,10 @@
 #include <vector>
 
 using namespace std::chrono_literals;
+using lockstep::testing::FreePort;
 
 namespace {
 
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
 
 // One QEMU process with its output in a log file; killed when it goes out of scope.
 class Qemu {

@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+
+#include "free_port.h"
 #include <cerrno>
 #include <mutex>
 #include <string>
@@ -75,17 +77,6 @@ struct Host {
   }
 };
 
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
 
 const lockstep_plugin_api* LoadPlugin() {
   void* so = dlopen(LOCKSTEP_PLUGIN_PATH, RTLD_NOW | RTLD_LOCAL);

@@ -8,6 +8,7 @@
 # The guest's /init reads from the kernel command line:
 #   lockstep.ip=ADDR/PREFIX     address of eth0 (none: no network configured)
 #   lockstep.args="..."         extra arguments for lockstep-workload
+#   lockstep.tick               print "lockstep-tick UPTIME" on the console every second
 # and prints LOCKSTEP-GUEST-READY on the console once the workload listens.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -85,6 +86,10 @@ fi
 /bin/lockstep-workload $args &
 sleep 0.2
 echo LOCKSTEP-GUEST-READY
+# lockstep.tick: a line on the console every second, to see that a guest runs.
+if grep -q lockstep.tick /proc/cmdline; then
+  while :; do echo "lockstep-tick $(cat /proc/uptime)"; sleep 1; done &
+fi
 while :; do sleep 3600; done
 INIT
 chmod +x "$root/init"

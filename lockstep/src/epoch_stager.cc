@@ -151,13 +151,11 @@ Status EpochStreamer::Send(const EpochStager& stager, channel::Channel& channel,
   records_ = 0;
   nheaders_ = delta_used_ = ngather_ = 0;
 
-  auto add_record = [&](wire::RecordHeader& h, std::span<const uint8_t> a,
-                        std::span<const uint8_t> b) {
+  auto add_record = [&](wire::RecordHeader& h, std::span<const uint8_t> payload) {
     uint8_t* hdr = NextHeader();
-    wire::EncodeHeader(h, a, b, hdr);
+    wire::EncodeHeader(h, payload, hdr);
     gather_[ngather_++] = {hdr, kHeaderBytes};
-    if (!a.empty()) gather_[ngather_++] = {a.data(), a.size()};
-    if (!b.empty()) gather_[ngather_++] = {b.data(), b.size()};
+    if (!payload.empty()) gather_[ngather_++] = {payload.data(), payload.size()};
     epoch_crc_ = records_ == 0 ? Crc32c(&h.crc, 4) : Crc32cExtend(epoch_crc_, &h.crc, 4);
     ++records_;
   };
@@ -172,7 +170,7 @@ Status EpochStreamer::Send(const EpochStager& stager, channel::Channel& channel,
     wire::EncodeEpochBegin(
         {stager.page_count(), static_cast<uint32_t>(stager.device_state().size())},
         slot + kHeaderBytes);
-    add_record(h, {slot + kHeaderBytes, wire::kEpochBeginPayloadBytes}, {});
+    add_record(h, {slot + kHeaderBytes, wire::kEpochBeginPayloadBytes});
   }
 
   const bool use_delta = delta_ && !stager.full();
@@ -187,7 +185,7 @@ Status EpochStreamer::Send(const EpochStager& stager, channel::Channel& channel,
     h.epoch = epoch;
     if (IsZeroPage(page, kPageSize)) {
       h.type = RecordType::kPageZero;
-      add_record(h, {}, {});
+      add_record(h, {});
       ++stats->zero_pages;
       if (shadow) std::memset(shadow, 0, kPageSize);
       continue;
@@ -199,14 +197,14 @@ Status EpochStreamer::Send(const EpochStager& stager, channel::Channel& channel,
         wire::PutU32(out, Crc32c(page, kPageSize));
         delta_used_ += 4 + n;
         h.type = RecordType::kPageXorRle;
-        add_record(h, {out, 4 + n}, {});
+        add_record(h, {out, 4 + n});
         ++stats->delta_pages;
         std::memcpy(shadow, page, kPageSize);
         continue;
       }
     }
     h.type = RecordType::kPageRaw;
-    add_record(h, {page, kPageSize}, {});
+    add_record(h, {page, kPageSize});
     ++stats->raw_pages;
     if (shadow) std::memcpy(shadow, page, kPageSize);
   }
@@ -215,7 +213,7 @@ Status EpochStreamer::Send(const EpochStager& stager, channel::Channel& channel,
     wire::RecordHeader h;
     h.type = RecordType::kDeviceState;
     h.epoch = epoch;
-    add_record(h, stager.device_state(), {});
+    add_record(h, stager.device_state());
   }
   {
     wire::RecordHeader h;
@@ -225,7 +223,7 @@ Status EpochStreamer::Send(const EpochStager& stager, channel::Channel& channel,
     wire::EncodeEpochCommit(
         {stager.page_count(), stager.device_state().size(), records_, epoch_crc_},
         slot + kHeaderBytes);
-    add_record(h, {slot + kHeaderBytes, wire::kEpochCommitPayloadBytes}, {});
+    add_record(h, {slot + kHeaderBytes, wire::kEpochCommitPayloadBytes});
   }
   return Flush(channel, stats);
 }

@@ -69,7 +69,7 @@ class PayloadWriter {
     RecordHeader h;
     h.type = type;
     h.payload_len = static_cast<uint32_t>(buf_.size());
-    EncodeHeader(h, buf_, {}, rec.data());
+    EncodeHeader(h, buf_, rec.data());
     std::memcpy(rec.data() + kHeaderBytes, buf_.data(), buf_.size());
     return rec;
   }
@@ -140,13 +140,11 @@ Status ReadMagicAndVersion(PayloadReader& in, uint32_t* version, std::string_vie
 
 }  // namespace
 
-void EncodeHeader(RecordHeader& h, std::span<const uint8_t> payload_a,
-                  std::span<const uint8_t> payload_b, uint8_t out[kHeaderBytes]) {
-  h.payload_len = static_cast<uint32_t>(payload_a.size() + payload_b.size());
+void EncodeHeader(RecordHeader& h, std::span<const uint8_t> payload, uint8_t out[kHeaderBytes]) {
+  h.payload_len = static_cast<uint32_t>(payload.size());
   PutHeaderFields(h, out);
   uint32_t crc = Crc32c(out, 28);
-  if (!payload_a.empty()) crc = Crc32cExtend(crc, payload_a.data(), payload_a.size());
-  if (!payload_b.empty()) crc = Crc32cExtend(crc, payload_b.data(), payload_b.size());
+  if (!payload.empty()) crc = Crc32cExtend(crc, payload.data(), payload.size());
   h.crc = crc;
   PutU32(out + 28, crc);
 }
@@ -286,14 +284,14 @@ size_t EncodeAck(uint64_t epoch, uint8_t out[kControlRecordBytes]) {
   RecordHeader h;
   h.type = RecordType::kAck;
   h.epoch = epoch;
-  EncodeHeader(h, {}, {}, out);
+  EncodeHeader(h, {}, out);
   return kHeaderBytes;
 }
 
 size_t EncodeGoodbyeAck(uint8_t out[kControlRecordBytes]) {
   RecordHeader h;
   h.type = RecordType::kGoodbyeAck;
-  EncodeHeader(h, {}, {}, out);
+  EncodeHeader(h, {}, out);
   return kHeaderBytes;
 }
 
@@ -301,7 +299,7 @@ size_t EncodeHeartbeat(uint64_t latest_epoch, uint8_t out[kControlRecordBytes]) 
   RecordHeader h;
   h.type = RecordType::kHeartbeat;
   PutU64(out + kHeaderBytes, latest_epoch);
-  EncodeHeader(h, {out + kHeaderBytes, 8}, {}, out);
+  EncodeHeader(h, {out + kHeaderBytes, 8}, out);
   return kHeaderBytes + 8;
 }
 

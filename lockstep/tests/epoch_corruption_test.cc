@@ -206,7 +206,7 @@ TEST_CASE("well-formed but forged records are rejected", "[corruption]") {
     h.block = block;
     h.page = page;
     h.flags = flags;
-    wire::EncodeHeader(h, payload, {}, rec.data());
+    wire::EncodeHeader(h, payload, rec.data());
     std::copy(payload.begin(), payload.end(), rec.begin() + wire::kHeaderBytes);
     return rec;
   };

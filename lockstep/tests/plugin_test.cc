@@ -7,14 +7,13 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
-
-#include "free_port.h"
 #include <cerrno>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "free_port.h"
 #include "lockstep/plugin_abi.h"
 #include "simulated_guest.h"
 
@@ -76,7 +75,6 @@ struct Host {
     return o;
   }
 };
-
 
 const lockstep_plugin_api* LoadPlugin() {
   void* so = dlopen(LOCKSTEP_PLUGIN_PATH, RTLD_NOW | RTLD_LOCAL);

@@ -62,7 +62,7 @@ TEST_CASE("a HELLO without the magic is not taken for lockstep", "[wire]") {
   rec[kHeaderBytes] ^= 0xFF;  // break the magic, then fix the CRC so only the magic is wrong
   RecordHeader hdr;
   hdr.type = RecordType::kHello;
-  EncodeHeader(hdr, {rec.data() + kHeaderBytes, rec.size() - kHeaderBytes}, {}, rec.data());
+  EncodeHeader(hdr, {rec.data() + kHeaderBytes, rec.size() - kHeaderBytes}, rec.data());
   Hello out;
   Status s = DecodeHello(ReadOne(rec), &out);
   REQUIRE(s.code() == Status::Code::kCorruption);
@@ -137,7 +137,7 @@ TEST_CASE("the record reader rejects damage of every kind", "[wire]") {
     RecordHeader h;
     h.type = static_cast<RecordType>(77);
     uint8_t rec[kHeaderBytes];
-    EncodeHeader(h, {}, {}, rec);
+    EncodeHeader(h, {}, rec);
     RecordReader reader({rec, kHeaderBytes});
     Status s = reader.Next(&r);
     REQUIRE(s.code() == Status::Code::kCorruption);

@@ -120,11 +120,9 @@ struct RecordHeader {
 // Name of a record type for messages ("PAGE_RAW"); "type 77" for unknown ones.
 std::string RecordTypeName(uint16_t type);
 
-// Writes the 32-byte header for `h` with the CRC computed over the header and `payload`
-// (which may be given in two pieces, e.g. a delta's CRC prefix and its runs). Sets h.crc.
-// No allocation.
-void EncodeHeader(RecordHeader& h, std::span<const uint8_t> payload_a,
-                  std::span<const uint8_t> payload_b, uint8_t out[kHeaderBytes]);
+// Writes the 32-byte header for `h` (payload_len set from `payload`) with the CRC
+// computed over the header and `payload`. Sets h.crc. No allocation.
+void EncodeHeader(RecordHeader& h, std::span<const uint8_t> payload, uint8_t out[kHeaderBytes]);
 
 // A record found in a message: its header and payload (pointing into the message).
 struct RecordView {

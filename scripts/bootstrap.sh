@@ -10,6 +10,7 @@ PACKAGES=(
   catch2                          # unit and integration tests
   libisal-dev                     # CRC32C (crc32_iscsi) for the wire format
   libboost-dev libboost-program-options-dev
+  nlohmann-json3-dev              # QMP (JSON) in the QEMU test bed
   clang libclang-rt-14-dev        # libFuzzer target for the epoch decoder
   python3-matplotlib              # PNG plots of benchmark results
   iproute2 procps

@@ -311,6 +311,7 @@ int QueryStatus(void* handle, char* json, size_t capacity) {
                   ",\"reason\":" + JsonString(reason) +
                   ",\"epoch\":" + std::to_string(st.current_epoch) +
                   ",\"acked_epoch\":" + std::to_string(st.acked_epoch) +
+                  ",\"epochs\":" + std::to_string(st.epochs) +
                   ",\"bytes\":" + std::to_string(st.bytes) +
                   ",\"last_pause_us\":" + std::to_string(st.last_pause.count()) +
                   ",\"pause_p50_us\":" + std::to_string(st.pause_p50.count()) +

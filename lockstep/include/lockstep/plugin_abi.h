@@ -85,7 +85,10 @@ struct lockstep_plugin_api {
   int (*start)(void* replica, char* err, size_t err_len);
   /* Ends protection on purpose (primary: GOODBYE; secondary: stop receiving). */
   void (*stop)(void* replica);
-  /* A JSON object describing the replica (role, state, reason, epochs, pauses, bytes).
+  /* A JSON object describing the replica, with exactly these keys: "role", "state",
+   * "reason" (strings); "epoch", "acked_epoch", "epochs", "bytes" (counts);
+   * "last_pause_us", "pause_p50_us", "pause_p99_us", "ack_latency_p50_us" (microseconds).
+   * The meanings are those of lockstep::ReplicationStats (lockstep/replicator.h).
    * Returns the length written (always NUL-terminated), or -1 if `capacity` is too small. */
   int (*query_status)(void* replica, char* json, size_t capacity);
   void (*destroy)(void* replica);

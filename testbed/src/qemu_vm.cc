@@ -1,0 +1,177 @@
+#include "testbed/qemu_vm.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+namespace lockstep::testbed {
+
+Status Parts::Check() const {
+  struct stat st;
+  if (stat(qemu.c_str(), &st) != 0) {
+    return Status::InvalidArgument("no QEMU at '" + qemu +
+                                   "': build it with qemu-patches/build-qemu.sh");
+  }
+  for (const char* f : {"/vmlinuz", "/initrd.gz"}) {
+    if (stat((guest_dir + f).c_str(), &st) != 0) {
+      return Status::InvalidArgument("no guest " + std::string(f + 1) + " in '" + guest_dir +
+                                     "': build it with guest/build-guest.sh");
+    }
+  }
+  if (stat(plugin.c_str(), &st) != 0) {
+    return Status::InvalidArgument("no engine plugin at '" + plugin +
+                                   "': build it with scripts/build.sh lockstep_plugin");
+  }
+  return Status::Ok();
+}
+
+std::string LockstepObjectArg(const Parts& parts, const LockstepConfig& c) {
+  return "lockstep,id=" + c.id + ",plugin=" + parts.plugin + ",role=" + c.role + ",vm=" + c.vm +
+         ",host=" + c.host + (c.role == "primary" ? ",peer=" : ",listen=") + c.address +
+         ",witness=this-process" + (c.settings.empty() ? "" : ",settings=" + c.settings);
+}
+
+Json LockstepObjectAdd(const Parts& parts, const LockstepConfig& c) {
+  Json j = {{"qom-type", "lockstep"}, {"id", c.id},          {"plugin", parts.plugin},
+            {"role", c.role},         {"vm", c.vm},          {"host", c.host},
+            {"witness", "this-process"}};
+  j[c.role == "primary" ? "peer" : "listen"] = c.address;
+  if (!c.settings.empty()) j["settings"] = c.settings;
+  return j;
+}
+
+Result<std::unique_ptr<QemuVm>> QemuVm::Launch(const Parts& parts, const VmOptions& o) {
+  std::unique_ptr<QemuVm> vm(new QemuVm());
+  std::string base = "/tmp/lockstep-" + o.name + "-" + std::to_string(getpid());
+  vm->log_path_ = base + ".log";
+  vm->qmp_path_ = base + ".qmp";
+  unlink(vm->qmp_path_.c_str());
+
+  std::vector<std::string> args;
+  if (!o.netns.empty()) args = {"/usr/bin/ip", "netns", "exec", o.netns};
+  // idle=halt: the AMD E400 idle routine does not survive a TCG save/load
+  // (qemu-patches/README.md).
+  std::string append = "console=ttyS0 quiet panic=-1 idle=halt lockstep.ip=";
+  append += o.tap.empty() ? "10.0.2.15/24" : "10.9.0.10/24";
+  if (!o.workload_args.empty()) append += " lockstep.args=\"" + o.workload_args + "\"";
+  for (std::string a :
+       {parts.qemu, std::string("-L"), std::string("/usr/share/qemu"), std::string("-L"),
+        std::string("/usr/share/seabios"), std::string("-accel"), std::string("tcg"),
+        std::string("-m"), o.memory_mib, std::string("-smp"), std::to_string(o.smp),
+        std::string("-nographic"), std::string("-no-reboot"), std::string("-kernel"),
+        parts.guest_dir + "/vmlinuz", std::string("-initrd"), parts.guest_dir + "/initrd.gz",
+        std::string("-append"), append, std::string("-qmp"),
+        "unix:" + vm->qmp_path_ + ",server=on,wait=off", std::string("-device"),
+        std::string("virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56")}) {
+    args.push_back(a);
+  }
+  if (!o.tap.empty()) {
+    args.insert(args.end(), {"-netdev", "tap,id=n0,ifname=" + o.tap + ",script=no,downscript=no",
+                             "-object", "filter-lockstep,id=f0,netdev=n0,queue=rx"});
+  } else {
+    args.insert(args.end(), {"-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:" +
+                                            std::to_string(o.forward_port) + "-:7000"});
+  }
+  if (o.start_paused) args.push_back("-S");
+  args.insert(args.end(), o.extra.begin(), o.extra.end());
+
+  vm->pid_ = fork();
+  if (vm->pid_ < 0) return Status::FromErrno("fork", errno);
+  if (vm->pid_ == 0) {
+    int fd = open(vm->log_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(fd, 1);
+    dup2(fd, 2);
+    int devnull = open("/dev/null", O_RDONLY);
+    dup2(devnull, 0);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  // QEMU creates its QMP socket early; one that exits first (bad arguments) says why in
+  // its log.
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  for (;;) {
+    auto q = Qmp::Connect(vm->qmp_path_, std::chrono::milliseconds(200));
+    if (q.ok()) {
+      vm->qmp_ = std::move(*q);
+      return vm;
+    }
+    int status = 0;
+    if (vm->WaitExit(std::chrono::milliseconds(0), &status)) {
+      return Status::FailedPrecondition("QEMU exited (status " + std::to_string(status) +
+                                        ") before its QMP socket opened; its log:\n" + vm->Log());
+    }
+    if (std::chrono::steady_clock::now() >= deadline) {
+      return q.status().WithContext("QEMU '" + o.name + "' (log: " + vm->Log() + ")");
+    }
+  }
+}
+
+QemuVm::~QemuVm() {
+  if (pid_ > 0) {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+  unlink(log_path_.c_str());
+  unlink(qmp_path_.c_str());
+}
+
+std::string QemuVm::Log() const {
+  std::ifstream f(log_path_);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+bool QemuVm::WaitForLog(const std::string& text, std::chrono::milliseconds timeout) const {
+  auto end = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < end) {
+    if (Log().find(text) != std::string::npos) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
+}
+
+void QemuVm::Kill() {
+  if (pid_ > 0) kill(pid_, SIGKILL);
+}
+
+bool QemuVm::WaitExit(std::chrono::milliseconds timeout, int* status) {
+  auto end = std::chrono::steady_clock::now() + timeout;
+  while (pid_ > 0) {
+    if (waitpid(pid_, status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return true;
+    }
+    if (std::chrono::steady_clock::now() >= end) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return true;
+}
+
+Result<Json> QemuVm::LockstepStatus(const std::string& id) {
+  auto r = qmp_.Execute("query-lockstep");
+  if (!r.ok()) return r.status();
+  for (const Json& o : *r) {
+    if (o.value("id", std::string()) == id) return o;
+  }
+  return Status::FailedPrecondition("query-lockstep lists no object '" + id + "'");
+}
+
+Result<Json> QemuVm::WaitForState(const std::string& state, std::chrono::milliseconds timeout,
+                                  const std::string& id) {
+  return qmp_.WaitForEvent("LOCKSTEP_STATE_CHANGE", timeout, [&](const Json& e) {
+    const Json& d = e.at("data");
+    return d.value("id", std::string()) == id && d.value("state", std::string()) == state;
+  });
+}
+
+}  // namespace lockstep::testbed

@@ -64,7 +64,7 @@ Result<std::unique_ptr<QemuVm>> QemuVm::Launch(const Parts& parts, const VmOptio
        {parts.qemu, std::string("-L"), std::string("/usr/share/qemu"), std::string("-L"),
         std::string("/usr/share/seabios"), std::string("-accel"), std::string("tcg"),
         std::string("-m"), o.memory_mib, std::string("-smp"), std::to_string(o.smp),
-        std::string("-nographic"), std::string("-no-reboot"), std::string("-kernel"),
+        std::string("-nographic"), std::string("-kernel"),
         parts.guest_dir + "/vmlinuz", std::string("-initrd"), parts.guest_dir + "/initrd.gz",
         std::string("-append"), append, std::string("-qmp"),
         "unix:" + vm->qmp_path_ + ",server=on,wait=off", std::string("-device"),
@@ -74,11 +74,14 @@ Result<std::unique_ptr<QemuVm>> QemuVm::Launch(const Parts& parts, const VmOptio
   if (!o.tap.empty()) {
     args.insert(args.end(), {"-netdev", "tap,id=n0,ifname=" + o.tap + ",script=no,downscript=no",
                              "-object", "filter-lockstep,id=f0,netdev=n0,queue=rx"});
-  } else {
+  } else if (o.forward_port > 0) {
     args.insert(args.end(), {"-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:" +
                                             std::to_string(o.forward_port) + "-:7000"});
+  } else {
+    args.insert(args.end(), {"-netdev", "user,id=n0"});
   }
   if (o.start_paused) args.push_back("-S");
+  if (o.exit_on_reboot) args.push_back("-no-reboot");
   args.insert(args.end(), o.extra.begin(), o.extra.end());
 
   vm->pid_ = fork();

@@ -26,10 +26,11 @@ struct VmOptions {
   std::string name;        // for the log and socket file names
   std::string netns;       // run inside this namespace ("" = here)
   std::string tap;         // with netns: the tap, output held by filter-lockstep
-  int forward_port = 0;    // without tap: user networking, 127.0.0.1:port -> guest:7000
+  int forward_port = 0;    // without tap: user networking, 127.0.0.1:port -> guest:7000 (0: none)
   std::string memory_mib = "256";
   int smp = 1;
   bool start_paused = false;        // -S (a secondary)
+  bool exit_on_reboot = true;       // -no-reboot: a guest panic ends QEMU
   std::string workload_args;        // lockstep.args for the guest's workload
   std::vector<std::string> extra;   // more QEMU arguments
 };

@@ -1,5 +1,7 @@
 // A client of the guest's workload (guest/workload.cc): one TCP connection, requests back
-// to back, every reply checked against the documented checksum chain.
+// to back, every reply checked against the documented checksum chain. The guest's counter
+// runs since its boot: a first reply with a counter above 1 (earlier clients) is taken as
+// the base the chain is checked from.
 #pragma once
 
 #include <atomic>

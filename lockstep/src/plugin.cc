@@ -187,6 +187,10 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
       if (!ParseMillis(v, &r->options.heartbeat_interval)) return "heartbeat_ms must be 1..600000";
     } else if (k == "threshold_ms") {
       if (!ParseMillis(v, &r->options.peer_loss_threshold)) return "threshold_ms must be 1..600000";
+    } else if (k == "output_spacing_ms") {
+      Micros spacing{0};
+      if (v != "0" && !ParseMillis(v, &spacing)) return "output_spacing_ms must be 0..600000";
+      r->options.output_epoch_spacing = spacing;
     } else if (k == "delta") {
       if (v != "on" && v != "off") return "delta must be on or off";
       r->options.delta_encoding = v == "on";
@@ -322,6 +326,11 @@ int QueryStatus(void* handle, char* json, size_t capacity) {
   return static_cast<int>(s.size());
 }
 
+void OutputPending(void* handle) {
+  auto* r = static_cast<PluginReplica*>(handle);
+  if (r->primary) r->primary_replica->OutputPending();
+}
+
 void Destroy(void* handle) {
   auto* r = static_cast<PluginReplica*>(handle);
   Stop(r);
@@ -329,7 +338,7 @@ void Destroy(void* handle) {
 }
 
 const lockstep_plugin_api kApi = {
-    LOCKSTEP_PLUGIN_ABI_VERSION, Create, Start, Stop, QueryStatus, Destroy};
+    LOCKSTEP_PLUGIN_ABI_VERSION, Create, Start, Stop, QueryStatus, Destroy, OutputPending};
 
 }  // namespace
 }  // namespace lockstep

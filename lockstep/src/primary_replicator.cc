@@ -54,6 +54,7 @@ struct PrimaryReplicator::Impl {
   std::atomic<bool> epoch_thread_done{false};
   std::mutex wake_mu;
   std::condition_variable wake_cv;  // wakes the epoch thread early on stop or fault
+  std::atomic<bool> output_pending{false};  // set by OutputPending(), cleared by a pause
 
   std::mutex fault_mu;
   std::string fault;  // GUARDED_BY(fault_mu); first fault seen
@@ -105,6 +106,8 @@ void PrimaryReplicator::Impl::EpochLoop() {
     if (s.ok()) {
       if (full) hv.SetOutputMode(OutputMode::kBuffered);
       hv.CloseOutputBarrier(epoch);
+      // What the guest sends after this pause belongs to the next epoch: its own notice.
+      output_pending.store(false);
     }
     Status start = hv.StartVcpus();
     auto t1 = SteadyClock::now();
@@ -137,9 +140,19 @@ void PrimaryReplicator::Impl::EpochLoop() {
       stream.bytes += delta.bytes;
     }
     ++epoch;
+    // The next pause: at the interval, or earlier once output is pending (not before the
+    // spacing); the previous epoch has been sent by now, so pauses never queue up.
+    const bool early = opt.output_epoch_spacing.count() > 0 &&
+                       opt.output_epoch_spacing < opt.epoch_interval;
     std::unique_lock<std::mutex> lock(wake_mu);
-    wake_cv.wait_until(lock, t0 + opt.epoch_interval,
-                       [&] { return stopping.load() || faulted.load(); });
+    auto ended = [&] { return stopping.load() || faulted.load(); };
+    if (early) {
+      wake_cv.wait_until(lock, t0 + opt.output_epoch_spacing, ended);
+      wake_cv.wait_until(lock, t0 + opt.epoch_interval,
+                         [&] { return ended() || output_pending.load(); });
+    } else {
+      wake_cv.wait_until(lock, t0 + opt.epoch_interval, ended);
+    }
   }
   if (!s.ok() && local) {
     // This host's problem, not the link's: the secondary must not take over.
@@ -378,6 +391,12 @@ void PrimaryReplicator::Stop() {
 void PrimaryReplicator::ClearLatencyWindows() {
   impl_->pauses.Clear();
   impl_->ack_latencies.Clear();
+}
+
+void PrimaryReplicator::OutputPending() {
+  Impl& m = *impl_;
+  if (m.output_pending.exchange(true)) return;  // already noticed for this epoch
+  m.Wake();
 }
 
 ReplicationStats PrimaryReplicator::stats() const {

@@ -235,6 +235,41 @@ TEST_CASE("a packet is never released before the secondary acknowledged its epoc
   }
 }
 
+TEST_CASE("held output ends an epoch early, but no sooner than the spacing",
+          "[replicator][output-commit]") {
+  // A long interval: without early epochs a second of running makes one or two.
+  auto run = [](std::chrono::microseconds spacing, uint32_t output_every) {
+    GuestConfig g = TestGuest();
+    g.output_every = output_every;
+    ReplicationOptions o = Options("hostA");
+    o.epoch_interval = 1s;
+    o.output_epoch_spacing = spacing;
+    auto p = std::make_unique<Pair>(g, g, o);
+    p->pg.SetHeldHook([q = p.get()] { q->primary->OutputPending(); });
+    p->StartProtected();
+    uint64_t before = p->primary->stats().epochs;
+    std::this_thread::sleep_for(1s);
+    uint64_t epochs = p->primary->stats().epochs - before;
+    p->primary->Stop();
+    std::lock_guard<std::mutex> lock(p->mu);
+    REQUIRE(p->early_releases == 0);  // early epochs release nothing before its ACK
+    return epochs;
+  };
+  // A packet every ~25 ms (250 steps of ~100 us): about one early epoch per packet.
+  uint64_t sparse = run(2ms, 250);
+  INFO("epochs in 1 s, sparse output: " << sparse);
+  CHECK(sparse >= 10);
+  // Without early epochs the same guest waits out the interval.
+  uint64_t off = run(0us, 250);
+  INFO("epochs in 1 s, early epochs off: " << off);
+  CHECK(off <= 3);
+  // Output at every step: epochs come as fast as the spacing allows, no faster.
+  uint64_t chatty = run(50ms, 1);
+  INFO("epochs in 1 s, output every step, 50 ms spacing: " << chatty);
+  CHECK(chatty >= 10);
+  CHECK(chatty <= 22);
+}
+
 TEST_CASE("killing the primary at random points: the secondary resumes exactly an acked epoch",
           "[replicator][kill]") {
   std::mt19937_64 rng(Catch::rngSeed() + 17);

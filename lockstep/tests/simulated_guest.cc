@@ -232,21 +232,26 @@ Status SimulatedGuest::LoadDeviceState(std::span<const uint8_t> state) {
 }
 
 void SimulatedGuest::Emit() {
-  std::function<void(const Packet&)> hook;
-  std::lock_guard<std::mutex> lock(out_mu_);
-  Packet p{regs_.step, Load(ram_[0].data() + 16), mode_ == OutputMode::kBuffered ? open_epoch_ : 0};
-  switch (mode_) {
-    case OutputMode::kPassThrough:
-      emitted_.push_back(p);
-      if (emit_hook_) emit_hook_(p);
-      break;
-    case OutputMode::kBuffered:
-      held_.push_back(p);
-      break;
-    case OutputMode::kDropped:
-      ++dropped_;
-      break;
+  bool held = false;
+  {
+    std::lock_guard<std::mutex> lock(out_mu_);
+    Packet p{regs_.step, Load(ram_[0].data() + 16),
+             mode_ == OutputMode::kBuffered ? open_epoch_ : 0};
+    switch (mode_) {
+      case OutputMode::kPassThrough:
+        emitted_.push_back(p);
+        if (emit_hook_) emit_hook_(p);
+        break;
+      case OutputMode::kBuffered:
+        held_.push_back(p);
+        held = true;
+        break;
+      case OutputMode::kDropped:
+        ++dropped_;
+        break;
+    }
   }
+  if (held && held_hook_) held_hook_();
 }
 
 void SimulatedGuest::CloseOutputBarrier(uint64_t epoch) {

@@ -97,6 +97,9 @@ class SimulatedGuest final : public Hypervisor {
   void SetStartHook(std::function<void()> hook) { start_hook_ = std::move(hook); }
   // Called for every packet that leaves (released or passed through), under the output lock.
   void SetEmitHook(std::function<void(const Packet&)> hook);
+  // Called on the vCPU thread whenever a packet is held (buffered), as QEMU's
+  // filter-lockstep tells the engine (PrimaryReplicator::OutputPending). Set before Boot().
+  void SetHeldHook(std::function<void()> hook) { held_hook_ = std::move(hook); }
   std::vector<Packet> emitted() const;
   size_t held_packets() const;
   uint64_t dropped_packets() const;
@@ -147,6 +150,7 @@ class SimulatedGuest final : public Hypervisor {
   std::vector<Packet> emitted_;                 // GUARDED_BY(out_mu_)
   uint64_t dropped_ = 0;                        // GUARDED_BY(out_mu_)
   std::function<void(const Packet&)> emit_hook_;
+  std::function<void()> held_hook_;
   std::function<void(uint64_t, uint64_t)> barrier_hook_;
   std::function<void()> start_hook_;
 

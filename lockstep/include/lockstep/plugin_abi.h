@@ -28,7 +28,7 @@
 extern "C" {
 #endif
 
-#define LOCKSTEP_PLUGIN_ABI_VERSION 1u
+#define LOCKSTEP_PLUGIN_ABI_VERSION 2u
 
 enum lockstep_output_mode {
   LOCKSTEP_OUTPUT_PASS_THROUGH = 0,
@@ -76,7 +76,8 @@ struct lockstep_plugin_api {
    *   role=primary|secondary (required), vm=NAME (required), host=NAME (required),
    *   peer=HOST:PORT (primary: where the secondary listens),
    *   listen=HOST:PORT (secondary: where to accept the primary),
-   *   pairing=32 hex digits, interval_ms=N, heartbeat_ms=N, threshold_ms=N, delta=on|off.
+   *   pairing=32 hex digits, interval_ms=N, heartbeat_ms=N, threshold_ms=N, delta=on|off,
+   *   output_spacing_ms=N (0 = epochs end on the interval only).
    * Validates everything; starts nothing. NULL on error, with the reason in `err`. */
   void* (*create)(const struct lockstep_host_ops* ops, const char* config, char* err,
                   size_t err_len);
@@ -92,6 +93,10 @@ struct lockstep_plugin_api {
    * Returns the length written (always NUL-terminated), or -1 if `capacity` is too small. */
   int (*query_status)(void* replica, char* json, size_t capacity);
   void (*destroy)(void* replica);
+  /* The host holds guest output sent in the open epoch (output barrier mode BUFFERED): the
+   * engine may end the epoch early. Call it at least for the first packet held after each
+   * close_output_barrier; it is cheap and never blocks on I/O. A secondary ignores it. */
+  void (*output_pending)(void* replica);
 };
 
 /* The one exported symbol. NULL if the host's `abi_version` is not spoken. */

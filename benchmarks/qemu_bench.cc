@@ -52,10 +52,10 @@ struct Options {
   std::string out_dir = "benchmarks/results";
 };
 
-#define BENCH_TRY(expr)                                                 \
-  do {                                                                  \
-    Status _s = (expr);                                                 \
-    if (!_s.ok()) return _s;                                            \
+#define BENCH_TRY(expr)      \
+  do {                       \
+    Status _s = (expr);      \
+    if (!_s.ok()) return _s; \
   } while (0)
 
 template <typename T>
@@ -98,8 +98,7 @@ Status RunLockstep(const Options& o, std::vector<Row>* rows) {
   sc.role = "secondary";
   sc.host = "hostB";
   pc.address = sc.address = addr;
-  pc.settings = sc.settings =
-      "interval_ms=" + std::to_string(o.interval_ms) + ";threshold_ms=300";
+  pc.settings = sc.settings = "interval_ms=" + std::to_string(o.interval_ms) + ";threshold_ms=300";
   VmOptions po, so;
   po.name = "bench-pri";
   po.netns = net->primary_ns();
@@ -193,12 +192,12 @@ Status RunColo(const Options& o, bool nodelay, std::vector<Row>* rows) {
   Json ignored;
   BENCH_TRY(Assign(secondary->qmp().Execute("migrate-set-capabilities", caps), &ignored));
   BENCH_TRY(Assign(primary->qmp().Execute("migrate-set-capabilities", caps), &ignored));
-  BENCH_TRY(Assign(primary->qmp().Execute("migrate-set-parameters",
-                                          {{"x-checkpoint-delay", o.colo_delay_ms}}),
-                   &ignored));
-  BENCH_TRY(Assign(primary->qmp().Execute(
-                       "migrate", {{"uri", "tcp:127.0.0.1:" + std::to_string(port)}}),
-                   &ignored));
+  BENCH_TRY(Assign(
+      primary->qmp().Execute("migrate-set-parameters", {{"x-checkpoint-delay", o.colo_delay_ms}}),
+      &ignored));
+  BENCH_TRY(
+      Assign(primary->qmp().Execute("migrate", {{"uri", "tcp:127.0.0.1:" + std::to_string(port)}}),
+             &ignored));
   if (!primary->WaitForLog("'stop' => 'run'", 120s)) {
     return Status::TimedOut("COLO made no checkpoint: " + primary->Log());
   }
@@ -223,15 +222,16 @@ Status RunColo(const Options& o, bool nodelay, std::vector<Row>* rows) {
 }
 
 int Usage() {
-  std::fprintf(stderr,
-               "usage: qemu_bench [--seconds N] [--quick] [--interval-ms N] [--colo-delay-ms N]\n"
-               "                  [--qemu PATH] [--guest-dir DIR] [--plugin PATH] [--out DIR]\n"
-               "  --seconds        length of each measured phase (default 20; --quick: 5)\n"
-               "  --interval-ms    lockstep's epoch interval (default 10)\n"
-               "  --colo-delay-ms  COLO's x-checkpoint-delay (default 100)\n"
-               "  --out            where to write qemu_bench.csv/.png (default benchmarks/results)\n"
-               "Needs root (network namespaces), QEMU from qemu-patches/build-qemu.sh and the\n"
-               "guest from guest/build-guest.sh; scripts/bench-qemu.sh builds and runs it all.\n");
+  std::fprintf(
+      stderr,
+      "usage: qemu_bench [--seconds N] [--quick] [--interval-ms N] [--colo-delay-ms N]\n"
+      "                  [--qemu PATH] [--guest-dir DIR] [--plugin PATH] [--out DIR]\n"
+      "  --seconds        length of each measured phase (default 20; --quick: 5)\n"
+      "  --interval-ms    lockstep's epoch interval (default 10)\n"
+      "  --colo-delay-ms  COLO's x-checkpoint-delay (default 100)\n"
+      "  --out            where to write qemu_bench.csv/.png (default benchmarks/results)\n"
+      "Needs root (network namespaces), QEMU from qemu-patches/build-qemu.sh and the\n"
+      "guest from guest/build-guest.sh; scripts/bench-qemu.sh builds and runs it all.\n");
   return 2;
 }
 
@@ -259,15 +259,24 @@ int main(int argc, char** argv) {
       return true;
     };
     bool ok = true;
-    if (a == "--seconds") ok = number(&o.seconds);
-    else if (a == "--quick") o.seconds = 5;
-    else if (a == "--interval-ms") ok = number(&o.interval_ms);
-    else if (a == "--colo-delay-ms") ok = number(&o.colo_delay_ms);
-    else if (a == "--qemu") ok = value(&o.parts.qemu);
-    else if (a == "--guest-dir") ok = value(&o.parts.guest_dir);
-    else if (a == "--plugin") ok = value(&o.parts.plugin);
-    else if (a == "--out") ok = value(&o.out_dir);
-    else ok = false;
+    if (a == "--seconds")
+      ok = number(&o.seconds);
+    else if (a == "--quick")
+      o.seconds = 5;
+    else if (a == "--interval-ms")
+      ok = number(&o.interval_ms);
+    else if (a == "--colo-delay-ms")
+      ok = number(&o.colo_delay_ms);
+    else if (a == "--qemu")
+      ok = value(&o.parts.qemu);
+    else if (a == "--guest-dir")
+      ok = value(&o.parts.guest_dir);
+    else if (a == "--plugin")
+      ok = value(&o.parts.plugin);
+    else if (a == "--out")
+      ok = value(&o.out_dir);
+    else
+      ok = false;
     if (!ok) {
       std::fprintf(stderr, "qemu_bench: bad argument '%s'\n", a.c_str());
       return Usage();
@@ -291,8 +300,8 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("\n%-13s %-7s %10s %11s %11s %8s %12s\n", "system", "load", "epochs/s",
-              "pause p50", "pause p99", "pauses", "requests/s");
+  std::printf("\n%-13s %-7s %10s %11s %11s %8s %12s\n", "system", "load", "epochs/s", "pause p50",
+              "pause p99", "pauses", "requests/s");
   for (const Row& r : rows) {
     std::printf("%-13s %-7s %10.1f %8.2f ms %8.2f ms %8llu %12.0f\n", r.system.c_str(),
                 r.load.c_str(), r.epochs_per_s, r.pause_p50_ms, r.pause_p99_ms,
@@ -322,8 +331,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "qemu_bench: cannot write %s: %s\n", csv.c_str(), std::strerror(errno));
     return 1;
   }
-  std::fprintf(f, "system,load,epochs_per_s,pause_p50_ms,pause_p99_ms,pauses,requests_per_s,"
-                  "seconds,interval_ms,colo_delay_ms\n");
+  std::fprintf(f,
+               "system,load,epochs_per_s,pause_p50_ms,pause_p99_ms,pauses,requests_per_s,"
+               "seconds,interval_ms,colo_delay_ms\n");
   for (const Row& r : rows) {
     std::fprintf(f, "%s,%s,%.2f,%.3f,%.3f,%llu,%.1f,%d,%d,%d\n", r.system.c_str(), r.load.c_str(),
                  r.epochs_per_s, r.pause_p50_ms, r.pause_p99_ms,
@@ -334,8 +344,7 @@ int main(int argc, char** argv) {
   std::printf("\nwrote %s\n", csv.c_str());
   std::string plot = "/usr/bin/python3 benchmarks/plot_qemu_bench.py '" + csv + "' '" + o.out_dir +
                      "/qemu_bench.png'";
-  if (std::filesystem::exists("benchmarks/plot_qemu_bench.py") &&
-      std::system(plot.c_str()) != 0) {
+  if (std::filesystem::exists("benchmarks/plot_qemu_bench.py") && std::system(plot.c_str()) != 0) {
     std::fprintf(stderr, "qemu_bench: plotting failed (is python3-matplotlib installed?)\n");
   }
   return 0;

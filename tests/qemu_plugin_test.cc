@@ -80,8 +80,8 @@ TEST_CASE("QMP switches protection of a running guest on and off and reports it"
   REQUIRE(primary->qmp().Execute("query-lockstep")->empty());
 
   // Protect the running guest.
-  auto added = primary->qmp().Execute(
-      "object-add", LockstepObjectAdd(kParts, Config("primary", addr, "hostA")));
+  auto added = primary->qmp().Execute("object-add",
+                                      LockstepObjectAdd(kParts, Config("primary", addr, "hostA")));
   INFO(added.status().ToString());
   REQUIRE(added.ok());
   auto event = primary->WaitForState("PROTECTED", 60s);
@@ -96,7 +96,7 @@ TEST_CASE("QMP switches protection of a running guest on and off and reports it"
   INFO(p->dump() << "\n" << s->dump());
   CHECK((*p)["role"] == "primary");
   CHECK((*p)["state"] == "PROTECTED");
-  CHECK((*p)["epochs"].get<uint64_t>() >= 5);  // 20 ms epochs for a second
+  CHECK((*p)["epochs"].get<uint64_t>() >= 5);       // 20 ms epochs for a second
   CHECK((*p)["bytes"].get<uint64_t>() > 1u << 20);  // the full copy came first
   CHECK((*p)["pause-p50-us"].get<uint64_t>() > 0);
   CHECK((*p)["acked-epoch"].get<uint64_t>() + 5 >= (*p)["epoch"].get<uint64_t>());
@@ -126,8 +126,7 @@ TEST_CASE("QEMU refuses a missing plugin with the reason", "[qemu]") {
     VmOptions o = UserNet("noplugin", FreePort());
     lockstep::testbed::Parts bad = kParts;
     bad.plugin = "/nonexistent/liblockstep_plugin.so";
-    o.extra = {"-object",
-               LockstepObjectArg(bad, Config("primary", "127.0.0.1:1", "hostA"))};
+    o.extra = {"-object", LockstepObjectArg(bad, Config("primary", "127.0.0.1:1", "hostA"))};
     auto vm = QemuVm::Launch(kParts, o);
     REQUIRE(!vm.ok());
     INFO(vm.status().ToString());
@@ -209,8 +208,8 @@ TEST_CASE("peers of another wire-format version are refused at the handshake", "
     so.start_paused = true;
     so.extra = {"-object", LockstepObjectArg(kParts, Config("secondary", addr, "hostB"))};
     auto secondary = Launch(so);
-    auto ch = lockstep::channel::ConnectWithRetry(*tcp, addr,
-                                                  lockstep::channel::Clock::now() + 30s);
+    auto ch =
+        lockstep::channel::ConnectWithRetry(*tcp, addr, lockstep::channel::Clock::now() + 30s);
     REQUIRE(ch.ok());
     wire::Hello hello;
     hello.version = 2;
@@ -285,7 +284,8 @@ TEST_CASE("kill -9 of the primary QEMU: the client's connection goes on, no repl
     CHECK(Running(*secondary));
     WARN("trial " << trial << " (-smp " << so.smp << "): promoted "
                   << 1000 * (lockstep::testbed::Qmp::EventTime(*active) - killed_at)
-                  << " ms after kill -9, first reply " << 1000 * ((*client)->FirstReplyAfterMark() - killed_at)
+                  << " ms after kill -9, first reply "
+                  << 1000 * ((*client)->FirstReplyAfterMark() - killed_at)
                   << " ms, longest wait for a reply " << 1000 * (*client)->LongestGapAfterMark()
                   << " ms");
   }

@@ -310,17 +310,16 @@ int QueryStatus(void* handle, char* json, size_t capacity) {
     std::lock_guard<std::mutex> lock(r->mu);
     if (!r->start_error.empty()) reason = r->start_error;
   }
-  std::string s = "{\"role\":" + JsonString(r->primary ? "primary" : "secondary") +
-                  ",\"state\":" + JsonString(ReplicaStateName(r->replica().state())) +
-                  ",\"reason\":" + JsonString(reason) +
-                  ",\"epoch\":" + std::to_string(st.current_epoch) +
-                  ",\"acked_epoch\":" + std::to_string(st.acked_epoch) +
-                  ",\"epochs\":" + std::to_string(st.epochs) +
-                  ",\"bytes\":" + std::to_string(st.bytes) +
-                  ",\"last_pause_us\":" + std::to_string(st.last_pause.count()) +
-                  ",\"pause_p50_us\":" + std::to_string(st.pause_p50.count()) +
-                  ",\"pause_p99_us\":" + std::to_string(st.pause_p99.count()) +
-                  ",\"ack_latency_p50_us\":" + std::to_string(st.ack_latency_p50.count()) + "}";
+  std::string s =
+      "{\"role\":" + JsonString(r->primary ? "primary" : "secondary") +
+      ",\"state\":" + JsonString(ReplicaStateName(r->replica().state())) +
+      ",\"reason\":" + JsonString(reason) + ",\"epoch\":" + std::to_string(st.current_epoch) +
+      ",\"acked_epoch\":" + std::to_string(st.acked_epoch) +
+      ",\"epochs\":" + std::to_string(st.epochs) + ",\"bytes\":" + std::to_string(st.bytes) +
+      ",\"last_pause_us\":" + std::to_string(st.last_pause.count()) +
+      ",\"pause_p50_us\":" + std::to_string(st.pause_p50.count()) +
+      ",\"pause_p99_us\":" + std::to_string(st.pause_p99.count()) +
+      ",\"ack_latency_p50_us\":" + std::to_string(st.ack_latency_p50.count()) + "}";
   if (s.size() + 1 > capacity) return -1;
   std::memcpy(json, s.c_str(), s.size() + 1);
   return static_cast<int>(s.size());

@@ -53,7 +53,7 @@ struct PrimaryReplicator::Impl {
   std::atomic<bool> stopping{false};
   std::atomic<bool> epoch_thread_done{false};
   std::mutex wake_mu;
-  std::condition_variable wake_cv;  // wakes the epoch thread early on stop or fault
+  std::condition_variable wake_cv;          // wakes the epoch thread early on stop or fault
   std::atomic<bool> output_pending{false};  // set by OutputPending(), cleared by a pause
 
   std::mutex fault_mu;
@@ -142,8 +142,8 @@ void PrimaryReplicator::Impl::EpochLoop() {
     ++epoch;
     // The next pause: at the interval, or earlier once output is pending (not before the
     // spacing); the previous epoch has been sent by now, so pauses never queue up.
-    const bool early = opt.output_epoch_spacing.count() > 0 &&
-                       opt.output_epoch_spacing < opt.epoch_interval;
+    const bool early =
+        opt.output_epoch_spacing.count() > 0 && opt.output_epoch_spacing < opt.epoch_interval;
     std::unique_lock<std::mutex> lock(wake_mu);
     auto ended = [&] { return stopping.load() || faulted.load(); };
     if (early) {

@@ -38,8 +38,8 @@ std::string LockstepObjectArg(const Parts& parts, const LockstepConfig& c) {
 }
 
 Json LockstepObjectAdd(const Parts& parts, const LockstepConfig& c) {
-  Json j = {{"qom-type", "lockstep"}, {"id", c.id},          {"plugin", parts.plugin},
-            {"role", c.role},         {"vm", c.vm},          {"host", c.host},
+  Json j = {{"qom-type", "lockstep"},   {"id", c.id}, {"plugin", parts.plugin},
+            {"role", c.role},           {"vm", c.vm}, {"host", c.host},
             {"witness", "this-process"}};
   j[c.role == "primary" ? "peer" : "listen"] = c.address;
   if (!c.settings.empty()) j["settings"] = c.settings;
@@ -60,15 +60,28 @@ Result<std::unique_ptr<QemuVm>> QemuVm::Launch(const Parts& parts, const VmOptio
   std::string append = "console=ttyS0 quiet panic=-1 idle=halt lockstep.ip=";
   append += o.tap.empty() ? "10.0.2.15/24" : "10.9.0.10/24";
   if (!o.workload_args.empty()) append += " lockstep.args=\"" + o.workload_args + "\"";
-  for (std::string a :
-       {parts.qemu, std::string("-L"), std::string("/usr/share/qemu"), std::string("-L"),
-        std::string("/usr/share/seabios"), std::string("-accel"), std::string("tcg"),
-        std::string("-m"), o.memory_mib, std::string("-smp"), std::to_string(o.smp),
-        std::string("-nographic"), std::string("-kernel"),
-        parts.guest_dir + "/vmlinuz", std::string("-initrd"), parts.guest_dir + "/initrd.gz",
-        std::string("-append"), append, std::string("-qmp"),
-        "unix:" + vm->qmp_path_ + ",server=on,wait=off", std::string("-device"),
-        std::string("virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56")}) {
+  for (std::string a : {parts.qemu,
+                        std::string("-L"),
+                        std::string("/usr/share/qemu"),
+                        std::string("-L"),
+                        std::string("/usr/share/seabios"),
+                        std::string("-accel"),
+                        std::string("tcg"),
+                        std::string("-m"),
+                        o.memory_mib,
+                        std::string("-smp"),
+                        std::to_string(o.smp),
+                        std::string("-nographic"),
+                        std::string("-kernel"),
+                        parts.guest_dir + "/vmlinuz",
+                        std::string("-initrd"),
+                        parts.guest_dir + "/initrd.gz",
+                        std::string("-append"),
+                        append,
+                        std::string("-qmp"),
+                        "unix:" + vm->qmp_path_ + ",server=on,wait=off",
+                        std::string("-device"),
+                        std::string("virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56")}) {
     args.push_back(a);
   }
   if (!o.tap.empty()) {

@@ -156,10 +156,10 @@ void WorkloadClient::Loop() {
       char buf[256];
       ssize_t n = read(fd_, buf, sizeof buf);
       if (n <= 0) {
-        fail(n == 0 ? "the guest closed the connection after " + std::to_string(counter) +
-                          " replies"
-                    : "no reply after " + std::to_string(counter) +
-                          " replies: " + std::strerror(errno));
+        fail(n == 0
+                 ? "the guest closed the connection after " + std::to_string(counter) + " replies"
+                 : "no reply after " + std::to_string(counter) +
+                       " replies: " + std::strerror(errno));
         return;
       }
       pending.append(buf, static_cast<size_t>(n));

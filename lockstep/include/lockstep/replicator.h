@@ -41,9 +41,9 @@ struct ReplicationOptions {
   // the next such early one, so a chatty guest is not paused back to back. Zero: epochs
   // end on the interval only.
   Micros output_epoch_spacing{3'000};
-  Micros heartbeat_interval{1'000};      // a heartbeat goes out when nothing else did
-  Micros peer_loss_threshold{30'000};    // silence longer than this is a lost peer
-  bool delta_encoding = true;            // XOR+RLE deltas against the last copy sent
+  Micros heartbeat_interval{1'000};    // a heartbeat goes out when nothing else did
+  Micros peer_loss_threshold{30'000};  // silence longer than this is a lost peer
+  bool delta_encoding = true;          // XOR+RLE deltas against the last copy sent
   size_t max_device_state_bytes = 4u << 20;
   std::chrono::milliseconds handshake_timeout{5'000};
   // Called after every state change, on an engine thread, outside the engine's locks.

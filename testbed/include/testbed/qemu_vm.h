@@ -23,23 +23,23 @@ struct Parts {
 };
 
 struct VmOptions {
-  std::string name;        // for the log and socket file names
-  std::string netns;       // run inside this namespace ("" = here)
-  std::string tap;         // with netns: the tap, output held by filter-lockstep
-  int forward_port = 0;    // without tap: user networking, 127.0.0.1:port -> guest:7000 (0: none)
+  std::string name;      // for the log and socket file names
+  std::string netns;     // run inside this namespace ("" = here)
+  std::string tap;       // with netns: the tap, output held by filter-lockstep
+  int forward_port = 0;  // without tap: user networking, 127.0.0.1:port -> guest:7000 (0: none)
   std::string memory_mib = "256";
   int smp = 1;
-  bool start_paused = false;        // -S (a secondary)
-  bool exit_on_reboot = true;       // -no-reboot: a guest panic ends QEMU
-  std::string workload_args;        // lockstep.args for the guest's workload
-  std::vector<std::string> extra;   // more QEMU arguments
+  bool start_paused = false;       // -S (a secondary)
+  bool exit_on_reboot = true;      // -no-reboot: a guest panic ends QEMU
+  std::string workload_args;       // lockstep.args for the guest's workload
+  std::vector<std::string> extra;  // more QEMU arguments
 };
 
 // The -object value of a lockstep object (use with "-object" or object-add's JSON below).
 struct LockstepConfig {
-  std::string role;      // primary | secondary
-  std::string address;   // primary: the secondary's HOST:PORT; secondary: where to listen
-  std::string host;      // this host's name
+  std::string role;     // primary | secondary
+  std::string address;  // primary: the secondary's HOST:PORT; secondary: where to listen
+  std::string host;     // this host's name
   std::string settings = "interval_ms=20;threshold_ms=300";
   std::string id = "ft0";
   std::string vm = "vm1";

@@ -43,7 +43,7 @@ class WorkloadClient {
 
   // Marks a moment (WallSeconds()): FirstReplyAfterMark() then tells when the first reply
   // sent after it arrived, and LongestGapAfterMark() the longest wait for a reply since.
-  double Mark();  // returns the moment
+  double Mark();                       // returns the moment
   double FirstReplyAfterMark() const;  // 0 until then
   double LongestGapAfterMark() const;  // seconds
 

@@ -7,21 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh --if-root
-mkdir -p build
 if [[ ${LOCKSTEP_SKIP_QEMU:-0} != 1 ]]; then
-  echo "== lockstep's QEMU (qemu-patches/build-qemu.sh; about 7 minutes the first time)"
-  if ! qemu=$(qemu-patches/build-qemu.sh > build/qemu-build.log 2>&1 && tail -n 1 build/qemu-build.log); then
-    tail -n 30 build/qemu-build.log >&2
-    echo "test: building QEMU failed; the whole log is build/qemu-build.log" >&2
-    exit 1
-  fi
-  echo "== the test guest (guest/build-guest.sh)"
-  if ! guest=$(guest/build-guest.sh > build/guest-build.log 2>&1 && tail -n 1 build/guest-build.log); then
-    tail -n 30 build/guest-build.log >&2
-    echo "test: building the guest failed; the whole log is build/guest-build.log" >&2
-    exit 1
-  fi
-  export LOCKSTEP_CMAKE_ARGS="-DLOCKSTEP_QEMU=$qemu -DLOCKSTEP_GUEST_DIR=$guest"
+  who="test"
+  # shellcheck source=lib/qemu-parts.sh
+  source scripts/lib/qemu-parts.sh
+  build_qemu_parts
 fi
 scripts/build.sh
 echo "== ctest"

@@ -231,7 +231,8 @@ int Usage() {
       "  --colo-delay-ms  COLO's x-checkpoint-delay (default 100)\n"
       "  --out            where to write qemu_bench.csv/.png (default benchmarks/results)\n"
       "Needs root (network namespaces), QEMU from qemu-patches/build-qemu.sh and the\n"
-      "guest from guest/build-guest.sh; scripts/bench-qemu.sh builds and runs it all.\n");
+      "guest from guest/build-guest.sh: scripts/test.sh builds both, and this program\n"
+      "with their paths as defaults.\n");
   return 2;
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds lockstep's QEMU: Debian's QEMU 7.2 source package, plus the patch series in
 # qemu-patches/series/ (applied in file-name order with patch -p1), configured for TCG on
-# x86_64 only, with replication (so stock COLO can be measured with the same binary).
+# x86_64 only, with replication (so stock COLO can be measured with the same binary), and
+# with -Werror: QEMU and the series build without a warning on Debian's gcc.
 #
 # The build is cached under $LOCKSTEP_QEMU_CACHE (default: .cache/qemu in the repository)
 # keyed on the series and the configure flags: changing the engine never rebuilds QEMU.
@@ -12,7 +13,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${LOCKSTEP_QEMU_CACHE:-$repo/.cache/qemu}
 series_dir=$repo/qemu-patches/series
 configure_flags=(--target-list=x86_64-softmmu --without-default-features --enable-slirp
-  --enable-fdt=system --enable-replication --disable-docs --disable-werror)
+  --enable-fdt=system --enable-replication --disable-docs --enable-werror)
 
 shopt -s nullglob
 patches=("$series_dir"/*.patch)

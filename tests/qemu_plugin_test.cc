@@ -144,6 +144,21 @@ TEST_CASE("QEMU refuses a missing plugin with the reason", "[qemu]") {
     REQUIRE(!added.ok());
     INFO(added.status().ToString());
     CHECK(added.status().message().find("cannot load the plugin") != std::string::npos);
+    // A library that is not the engine: said so, by name.
+    bad.plugin = "/lib/x86_64-linux-gnu/libz.so.1";
+    added = vm->qmp().Execute("object-add",
+                              LockstepObjectAdd(bad, Config("primary", "127.0.0.1:1", "a")));
+    REQUIRE(!added.ok());
+    INFO(added.status().ToString());
+    CHECK(added.status().message().find("is not a lockstep plugin") != std::string::npos);
+    CHECK(added.status().message().find("libz.so.1") != std::string::npos);
+    // A bad setting: the engine's own refusal comes back as the command's error.
+    LockstepConfig c = Config("primary", "127.0.0.1:1", "a");
+    c.settings = "interval_ms=soon";
+    added = vm->qmp().Execute("object-add", LockstepObjectAdd(kParts, c));
+    REQUIRE(!added.ok());
+    INFO(added.status().ToString());
+    CHECK(added.status().message().find("interval_ms") != std::string::npos);
     CHECK(Running(*vm));
     CHECK(vm->qmp().Execute("query-lockstep")->empty());
   }

@@ -11,6 +11,7 @@ PACKAGES=(
   libisal-dev                     # CRC32C (crc32_iscsi) for the wire format
   libboost-dev libboost-program-options-dev
   nlohmann-json3-dev              # QMP (JSON) in the QEMU test bed
+  libnl-route-3-dev               # rtnetlink: the virtual IP (vip-manager)
   clang libclang-rt-14-dev        # libFuzzer target for the epoch decoder
   python3-matplotlib              # PNG plots of benchmark results
   iproute2 procps

@@ -1,5 +1,10 @@
 #include "testbed/topology.h"
 
+#include <fcntl.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
 #include <vector>
 
@@ -16,6 +21,17 @@ Status Run(const std::string& command) {
   if (rc != 0) {
     return Status::IoError("'" + command + "' failed (status " + std::to_string(rc) + "): " + out);
   }
+  return Status::Ok();
+}
+
+Status EnterNamespace(const std::string& netns) {
+  if (netns.empty()) return Status::Ok();
+  int fd = open(("/var/run/netns/" + netns).c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::FromErrno("opening namespace " + netns, errno);
+  int rc = setns(fd, CLONE_NEWNET);
+  int err = errno;
+  close(fd);
+  if (rc != 0) return Status::FromErrno("entering namespace " + netns, err);
   return Status::Ok();
 }
 

@@ -13,6 +13,8 @@
 #include <cstring>
 #include <future>
 
+#include "testbed/topology.h"
+
 namespace lockstep::testbed {
 
 uint64_t WorkloadChain(uint64_t prev, uint64_t counter, const std::string& line) {
@@ -42,15 +44,7 @@ namespace {
 // socket it makes stays in that namespace wherever it is used afterwards.
 Result<int> ConnectIn(const std::string& netns, const std::string& ip, int port,
                       std::chrono::milliseconds timeout) {
-  auto task = std::async(std::launch::async, [&]() -> Result<int> {
-    if (!netns.empty()) {
-      int nsfd = open(("/var/run/netns/" + netns).c_str(), O_RDONLY | O_CLOEXEC);
-      if (nsfd < 0) return Status::FromErrno("opening namespace " + netns, errno);
-      int rc = setns(nsfd, CLONE_NEWNET);
-      int err = errno;
-      close(nsfd);
-      if (rc != 0) return Status::FromErrno("entering namespace " + netns, err);
-    }
+  return InNamespace<int>(netns, [&]() -> Result<int> {
     sockaddr_in a{};
     a.sin_family = AF_INET;
     a.sin_port = htons(static_cast<uint16_t>(port));
@@ -72,7 +66,6 @@ Result<int> ConnectIn(const std::string& netns, const std::string& ip, int port,
     return Status::FromErrno(
         "connecting to the guest's workload at " + ip + ":" + std::to_string(port), err);
   });
-  return task.get();
 }
 
 }  // namespace

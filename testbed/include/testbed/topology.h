@@ -12,6 +12,8 @@
 // replication link joins the two hosts only, as a dedicated 10GbE link would.
 #pragma once
 
+#include <functional>
+#include <future>
 #include <memory>
 #include <string>
 
@@ -54,5 +56,22 @@ class Topology {
 
 // Runs `command` with /bin/sh; kIoError with its output if it fails.
 Status Run(const std::string& command);
+
+// Moves the calling thread into network namespace `netns` ("" = stays). For threads of
+// their own only: a thread never comes back.
+Status EnterNamespace(const std::string& netns);
+
+// Runs `fn` on a new thread inside `netns` and returns its result. Sockets (and netlink
+// connections) made there stay in that namespace wherever they are used afterwards.
+template <typename T>
+Result<T> InNamespace(const std::string& netns, const std::function<Result<T>()>& fn) {
+  return std::async(std::launch::async,
+                    [&]() -> Result<T> {
+                      Status s = EnterNamespace(netns);
+                      if (!s.ok()) return s;
+                      return fn();
+                    })
+      .get();
+}
 
 }  // namespace lockstep::testbed

@@ -194,6 +194,9 @@ void PrimaryReplicator::Impl::HandleAck(uint64_t epoch) {
 void PrimaryReplicator::Impl::ControlLoop() {
   // Room for the largest record the secondary sends (an ERROR with a 64 KiB reason).
   std::vector<uint8_t> buf(128 << 10);
+  // Why the secondary said it left (an ERROR record), even if a failed send on another
+  // thread signalled the fault first: the ERROR is the cause, the failed send its echo.
+  std::string reported;
   while (!stopping.load() && !faulted.load() && !local_failed.load()) {
     size_t n = 0;
     Status s = ch->Receive(buf, &n, opt.heartbeat_interval);
@@ -211,6 +214,7 @@ void PrimaryReplicator::Impl::ControlLoop() {
             break;
           case wire::RecordType::kError:
             s = Status::Corruption("the secondary reported: " + wire::DecodeReason(r));
+            reported = s.WithContext("from the secondary").ToString();
             break;
           default:
             s = Status::Corruption("unexpected " +
@@ -228,11 +232,29 @@ void PrimaryReplicator::Impl::ControlLoop() {
       if (!silence.ok()) SignalFault(silence);
     }
   }
+  // The ERROR may still be unread when another thread's failed send ended the loop.
+  for (int i = 0; i < 64 && faulted.load() && reported.empty(); ++i) {
+    size_t n = 0;
+    if (!ch->Receive(buf, &n, Micros(0)).ok()) break;
+    wire::RecordReader reader({buf.data(), n});
+    wire::RecordView r;
+    while (!reader.done() && reader.Next(&r).ok()) {
+      if (r.header.type == wire::RecordType::kError) {
+        reported = Status::Corruption("the secondary reported: " + wire::DecodeReason(r))
+                       .WithContext("from the secondary")
+                       .ToString();
+        break;
+      }
+    }
+  }
   bool orderly;
   std::string reason;
   {
     // One consistent reading: a fault that lands from here on is not acted on separately.
     std::lock_guard<std::mutex> lock(fault_mu);
+    if (!reported.empty() && fault.find("the secondary reported") == std::string::npos) {
+      fault = reported + " (then: " + fault + ")";
+    }
     if (faulted.load()) {
       orderly = false;
       reason = fault;

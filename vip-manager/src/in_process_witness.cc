@@ -40,6 +40,19 @@ void InProcessWitness::SetReachable(bool reachable) {
   reachable_ = reachable;
 }
 
+std::vector<TokenRecord> InProcessWitness::Snapshot() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<TokenRecord> out;
+  for (const auto& [vm, t] : tokens_) out.push_back({vm, t.term, t.holder});
+  return out;
+}
+
+void InProcessWitness::Restore(const std::vector<TokenRecord>& tokens) {
+  std::lock_guard<std::mutex> lock(mu_);
+  tokens_.clear();
+  for (const auto& t : tokens) tokens_[t.vm] = Token{t.term, t.holder};
+}
+
 uint64_t InProcessWitness::requests() const {
   std::lock_guard<std::mutex> lock(mu_);
   return requests_;

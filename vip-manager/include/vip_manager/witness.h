@@ -17,6 +17,7 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "common/status.h"
 
@@ -44,6 +45,13 @@ class Witness {
                                                 uint64_t expected_term) = 0;
 };
 
+// One VM's token, as a witness keeps it.
+struct TokenRecord {
+  std::string vm;
+  uint64_t term = 0;
+  std::string holder;
+};
+
 // A witness living in this process. Thread-safe.
 class InProcessWitness final : public Witness {
  public:
@@ -54,6 +62,9 @@ class InProcessWitness final : public Witness {
   void SetReachable(bool reachable);
   // Number of RequestActive calls so far (to prove the normal path never asks).
   uint64_t requests() const;
+  // Every token, and a way to start from them again (the embedded witness's disk).
+  std::vector<TokenRecord> Snapshot() const;
+  void Restore(const std::vector<TokenRecord>& tokens);
 
  private:
   struct Token {

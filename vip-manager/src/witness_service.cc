@@ -1,0 +1,404 @@
+#include "vip_manager/witness_service.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+namespace lockstep::vip {
+namespace {
+
+constexpr uint32_t kMagic = 0x4C535754;  // "LSWT"
+constexpr uint16_t kVersion = 1;
+constexpr uint16_t kOpRegister = 1;
+constexpr uint16_t kOpRequestActive = 2;
+constexpr uint32_t kMaxMessage = 4096;
+constexpr size_t kMaxName = 255;
+constexpr const char* kStateHeader = "lockstep-witness 1";
+
+using Clock = std::chrono::steady_clock;
+
+// ---- encoding ----
+void Put16(std::string& b, uint16_t v) {
+  b.push_back(static_cast<char>(v >> 8));
+  b.push_back(static_cast<char>(v));
+}
+void Put32(std::string& b, uint32_t v) {
+  Put16(b, static_cast<uint16_t>(v >> 16));
+  Put16(b, static_cast<uint16_t>(v));
+}
+void Put64(std::string& b, uint64_t v) {
+  Put32(b, static_cast<uint32_t>(v >> 32));
+  Put32(b, static_cast<uint32_t>(v));
+}
+void PutStr(std::string& b, std::string_view s) {
+  Put16(b, static_cast<uint16_t>(s.size()));
+  b.append(s);
+}
+
+// Reads fields off a received body; any overrun marks it bad.
+class Reader {
+ public:
+  explicit Reader(std::string_view b) : b_(b) {}
+  uint64_t N(size_t bytes) {
+    if (at_ + bytes > b_.size()) {
+      bad_ = true;
+      return 0;
+    }
+    uint64_t v = 0;
+    for (size_t i = 0; i < bytes; ++i) v = v << 8 | static_cast<uint8_t>(b_[at_ + i]);
+    at_ += bytes;
+    return v;
+  }
+  std::string Str() {
+    size_t n = N(2);
+    if (bad_ || at_ + n > b_.size()) {
+      bad_ = true;
+      return "";
+    }
+    std::string s(b_.substr(at_, n));
+    at_ += n;
+    return s;
+  }
+  bool ok() const { return !bad_ && at_ == b_.size(); }
+
+ private:
+  std::string_view b_;
+  size_t at_ = 0;
+  bool bad_ = false;
+};
+
+bool ValidName(std::string_view s) {
+  if (s.empty() || s.size() > kMaxName) return false;
+  for (char c : s) {
+    if (static_cast<unsigned char>(c) <= ' ') return false;
+  }
+  return true;
+}
+
+// ---- sockets with deadlines ----
+Status WaitFor(int fd, short events, Clock::time_point deadline) {
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0) return Status::TimedOut("the witness did not answer in time");
+    pollfd p{fd, events, 0};
+    int r = poll(&p, 1, static_cast<int>(left.count()));
+    if (r > 0) return Status::Ok();
+    if (r < 0 && errno != EINTR) return Status::FromErrno("poll", errno);
+  }
+}
+
+Status WriteAll(int fd, const std::string& data, Clock::time_point deadline) {
+  for (size_t off = 0; off < data.size();) {
+    LOCKSTEP_RETURN_IF_ERROR(WaitFor(fd, POLLOUT, deadline));
+    ssize_t n = send(fd, data.data() + off, data.size() - off, MSG_NOSIGNAL);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n <= 0) return Status::FromErrno("sending to the witness", errno);
+    off += static_cast<size_t>(n);
+  }
+  return Status::Ok();
+}
+
+Status ReadExactly(int fd, char* out, size_t len, Clock::time_point deadline) {
+  for (size_t off = 0; off < len;) {
+    LOCKSTEP_RETURN_IF_ERROR(WaitFor(fd, POLLIN, deadline));
+    ssize_t n = recv(fd, out + off, len - off, 0);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n == 0) return Status::PeerLost("the connection closed mid-message");
+    if (n < 0) return Status::FromErrno("receiving", errno);
+    off += static_cast<size_t>(n);
+  }
+  return Status::Ok();
+}
+
+Status SendMessage(int fd, const std::string& body, Clock::time_point deadline) {
+  std::string m;
+  Put32(m, static_cast<uint32_t>(body.size()));
+  m += body;
+  return WriteAll(fd, m, deadline);
+}
+
+Result<std::string> ReceiveMessage(int fd, Clock::time_point deadline) {
+  char len[4];
+  LOCKSTEP_RETURN_IF_ERROR(ReadExactly(fd, len, 4, deadline));
+  uint32_t n = static_cast<uint32_t>(Reader(std::string_view(len, 4)).N(4));
+  if (n > kMaxMessage)
+    return Status::Corruption("a witness message of " + std::to_string(n) + " bytes");
+  std::string body(n, '\0');
+  LOCKSTEP_RETURN_IF_ERROR(ReadExactly(fd, body.data(), n, deadline));
+  return body;
+}
+
+Result<sockaddr_in> ParseAddress(const std::string& address) {
+  size_t colon = address.rfind(':');
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  char* end = nullptr;
+  long port = colon == std::string::npos ? -1 : std::strtol(address.c_str() + colon + 1, &end, 10);
+  if (colon == std::string::npos || *end != '\0' || port < 0 || port > 65535 ||
+      inet_pton(AF_INET, address.substr(0, colon).c_str(), &a.sin_addr) != 1) {
+    return Status::InvalidArgument("'" + address + "' is not an IPv4 HOST:PORT");
+  }
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  return a;
+}
+
+// ---- the state file ----
+Result<std::vector<TokenRecord>> LoadState(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return std::vector<TokenRecord>{};  // a new witness
+  std::string line;
+  if (!std::getline(in, line) || line != kStateHeader) {
+    return Status::Corruption("witness state " + path + ": line 1 is not '" + kStateHeader +
+                              "'; restore it from a backup or move it away to start afresh "
+                              "(which forgets every decision)");
+  }
+  std::vector<TokenRecord> out;
+  for (int n = 2; std::getline(in, line); ++n) {
+    std::istringstream fields(line);
+    TokenRecord t;
+    std::string extra;
+    if (!(fields >> t.vm >> t.term >> t.holder) || (fields >> extra)) {
+      return Status::Corruption("witness state " + path + ": line " + std::to_string(n) +
+                                " is not '<vm> <term> <holder>'");
+    }
+    out.push_back(t);
+  }
+  return out;
+}
+
+Status SaveState(const std::string& path, const std::vector<TokenRecord>& tokens) {
+  std::string text = std::string(kStateHeader) + "\n";
+  for (const auto& t : tokens) text += t.vm + " " + std::to_string(t.term) + " " + t.holder + "\n";
+  std::string tmp = path + ".tmp";
+  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return Status::FromErrno("writing the witness state " + tmp, errno);
+  bool ok =
+      write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && fsync(fd) == 0;
+  int err = errno;
+  close(fd);
+  if (!ok) return Status::FromErrno("writing the witness state " + tmp + " (disk full?)", err);
+  if (rename(tmp.c_str(), path.c_str()) != 0) {
+    return Status::FromErrno("renaming the witness state into " + path, errno);
+  }
+  std::string dir = std::filesystem::path(path).parent_path().string();
+  int dfd = open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    fsync(dfd);
+    close(dfd);
+  }
+  return Status::Ok();
+}
+
+std::string Reply(uint16_t code, const WitnessDecision& d, std::string_view error) {
+  std::string b;
+  Put32(b, kMagic);
+  Put16(b, kVersion);
+  Put16(b, code);
+  b.push_back(d.granted ? 1 : 0);
+  Put64(b, d.term);
+  PutStr(b, d.holder);
+  PutStr(b, error.substr(0, kMaxName));
+  return b;
+}
+
+}  // namespace
+
+struct WitnessServer::Impl {
+  std::string state_file;
+  InProcessWitness decisions;
+  int listen_fd = -1;
+  int wake[2] = {-1, -1};  // a byte on wake[1] stops the loop
+  std::string address;
+  std::thread loop;
+  std::atomic<uint64_t> requests{0};
+
+  ~Impl() {
+    if (wake[1] >= 0) (void)!write(wake[1], "x", 1);
+    if (loop.joinable()) loop.join();
+    for (int fd : {listen_fd, wake[0], wake[1]}) {
+      if (fd >= 0) close(fd);
+    }
+  }
+
+  // One connection, one request. Decisions are taken one at a time (this thread only).
+  void Serve(int fd) {
+    auto deadline = Clock::now() + std::chrono::seconds(2);
+    auto body = ReceiveMessage(fd, deadline);
+    if (!body.ok()) return;
+    Reader r(*body);
+    uint32_t magic = static_cast<uint32_t>(r.N(4));
+    uint16_t version = static_cast<uint16_t>(r.N(2));
+    uint16_t op = static_cast<uint16_t>(r.N(2));
+    uint64_t expected = r.N(8);
+    std::string vm = r.Str(), candidate = r.Str();
+    WitnessDecision none;
+    std::string reply;
+    if (magic != kMagic) {
+      return;  // not one of ours: say nothing
+    } else if (version != kVersion) {
+      reply = Reply(1, none, "this witness speaks version " + std::to_string(kVersion));
+    } else if (!r.ok() || !ValidName(vm) || !ValidName(candidate)) {
+      reply = Reply(1, none, "malformed request (names: 1..255 bytes, no whitespace)");
+    } else if (op == kOpRegister || op == kOpRequestActive) {
+      requests.fetch_add(1);
+      auto before = decisions.Snapshot();
+      WitnessDecision d;
+      Status s;
+      if (op == kOpRegister) {
+        auto term = decisions.Register(vm, candidate);
+        s = term.status();
+        if (term.ok()) d = {true, *term, candidate};
+      } else {
+        auto got = decisions.RequestActive(vm, candidate, expected);
+        s = got.status();
+        if (got.ok()) d = *got;
+      }
+      if (s.ok() && d.granted) {
+        // On disk before anyone hears of it; if that fails, the decision is taken back.
+        Status saved = SaveState(state_file, decisions.Snapshot());
+        if (!saved.ok()) {
+          decisions.Restore(before);
+          s = saved;
+        }
+      }
+      reply = s.ok() ? Reply(0, d, "") : Reply(1, none, s.ToString());
+    } else {
+      reply = Reply(1, none, "unknown operation " + std::to_string(op));
+    }
+    (void)SendMessage(fd, reply, deadline);
+  }
+
+  void Loop() {
+    for (;;) {
+      pollfd p[2] = {{listen_fd, POLLIN, 0}, {wake[0], POLLIN, 0}};
+      if (poll(p, 2, -1) < 0) {
+        if (errno == EINTR) continue;
+        return;
+      }
+      if (p[1].revents) return;
+      int fd = accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) continue;
+      Serve(fd);
+      close(fd);
+    }
+  }
+};
+
+WitnessServer::WitnessServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+WitnessServer::~WitnessServer() = default;
+
+Result<std::unique_ptr<WitnessServer>> WitnessServer::Start(const std::string& listen,
+                                                            const std::string& state_file) {
+  auto m = std::make_unique<Impl>();
+  m->state_file = state_file;
+  auto tokens = LoadState(state_file);
+  if (!tokens.ok()) return tokens.status();
+  m->decisions.Restore(*tokens);
+  auto a = ParseAddress(listen);
+  if (!a.ok()) return a.status();
+  m->listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int one = 1;
+  setsockopt(m->listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (bind(m->listen_fd, reinterpret_cast<const sockaddr*>(&*a), sizeof *a) != 0 ||
+      ::listen(m->listen_fd, 64) != 0) {
+    return Status::FromErrno("the witness cannot listen on " + listen, errno);
+  }
+  sockaddr_in bound{};
+  socklen_t len = sizeof bound;
+  getsockname(m->listen_fd, reinterpret_cast<sockaddr*>(&bound), &len);
+  char ip[INET_ADDRSTRLEN];
+  inet_ntop(AF_INET, &bound.sin_addr, ip, sizeof ip);
+  m->address = std::string(ip) + ":" + std::to_string(ntohs(bound.sin_port));
+  if (pipe2(m->wake, O_CLOEXEC) != 0) return Status::FromErrno("pipe", errno);
+  m->loop = std::thread([p = m.get()] { p->Loop(); });
+  return std::unique_ptr<WitnessServer>(new WitnessServer(std::move(m)));
+}
+
+std::string WitnessServer::address() const { return impl_->address; }
+uint64_t WitnessServer::requests() const { return impl_->requests.load(); }
+
+WitnessClient::WitnessClient(std::string address, std::chrono::milliseconds timeout)
+    : address_(std::move(address)), timeout_(timeout) {}
+
+Result<uint64_t> WitnessClient::Register(std::string_view vm, std::string_view holder) {
+  auto d = Ask(kOpRegister, vm, holder, 0);
+  if (!d.ok()) return d.status();
+  return d->term;
+}
+
+Result<WitnessDecision> WitnessClient::RequestActive(std::string_view vm,
+                                                     std::string_view candidate,
+                                                     uint64_t expected_term) {
+  return Ask(kOpRequestActive, vm, candidate, expected_term);
+}
+
+Result<WitnessDecision> WitnessClient::Ask(uint16_t op, std::string_view vm,
+                                           std::string_view candidate, uint64_t expected_term) {
+  if (!ValidName(vm) || !ValidName(candidate)) {
+    return Status::InvalidArgument(
+        "VM and host names for the witness: 1..255 bytes, no whitespace");
+  }
+  auto a = ParseAddress(address_);
+  if (!a.ok()) return a.status();
+  auto deadline = Clock::now() + timeout_;
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return Status::FromErrno("socket", errno);
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  Status s;
+  if (connect(fd, reinterpret_cast<const sockaddr*>(&*a), sizeof *a) != 0 && errno != EINPROGRESS) {
+    s = Status::FromErrno("connecting to the witness at " + address_, errno);
+  } else {
+    s = WaitFor(fd, POLLOUT, deadline);
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (s.ok() && (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0)) {
+      s = Status::FromErrno("connecting to the witness at " + address_, err);
+    }
+  }
+  std::string body;
+  Put32(body, kMagic);
+  Put16(body, kVersion);
+  Put16(body, op);
+  Put64(body, expected_term);
+  PutStr(body, vm);
+  PutStr(body, candidate);
+  if (s.ok()) s = SendMessage(fd, body, deadline);
+  Result<std::string> reply = s.ok() ? ReceiveMessage(fd, deadline) : Result<std::string>(s);
+  close(fd);
+  if (!reply.ok()) return reply.status().WithContext("asking the witness at " + address_);
+  Reader r(*reply);
+  uint32_t magic = static_cast<uint32_t>(r.N(4));
+  uint16_t version = static_cast<uint16_t>(r.N(2));
+  uint16_t code = static_cast<uint16_t>(r.N(2));
+  WitnessDecision d;
+  d.granted = r.N(1) != 0;
+  d.term = r.N(8);
+  d.holder = r.Str();
+  std::string error = r.Str();
+  if (magic != kMagic || !r.ok()) {
+    return Status::Corruption("the witness at " + address_ + " sent a malformed reply");
+  }
+  if (code != 0) {
+    return version != kVersion
+               ? Status::VersionMismatch("the witness at " + address_ + ": " + error)
+               : Status::FailedPrecondition("the witness at " + address_ + " refused: " + error);
+  }
+  return d;
+}
+
+}  // namespace lockstep::vip

@@ -1,0 +1,182 @@
+// The embedded witness over real TCP sockets, with its state on disk.
+#include "vip_manager/witness_service.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+using namespace std::chrono_literals;
+using lockstep::Status;
+using lockstep::vip::WitnessClient;
+using lockstep::vip::WitnessServer;
+
+namespace {
+
+struct TempDir {
+  TempDir() {
+    char tmpl[] = "/tmp/lockstep-witness-XXXXXX";
+    path = mkdtemp(tmpl);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+  std::string path;
+};
+
+std::unique_ptr<WitnessServer> Serve(const std::string& state,
+                                     const std::string& at = "127.0.0.1:0") {
+  auto s = WitnessServer::Start(at, state);
+  INFO(s.status().ToString());
+  REQUIRE(s.ok());
+  return std::move(*s);
+}
+
+}  // namespace
+
+TEST_CASE("the witness grants one active replica per term, over the network", "[witness-service]") {
+  TempDir dir;
+  auto server = Serve(dir.path + "/state");
+  WitnessClient a(server->address()), b(server->address());
+  auto term = a.Register("vm1", "hostA");
+  REQUIRE(term.ok());
+  CHECK(*term == 1);
+  auto won = b.RequestActive("vm1", "hostB", 1);
+  REQUIRE(won.ok());
+  CHECK(won->granted);
+  CHECK(won->term == 2);
+  CHECK(won->holder == "hostB");
+  auto lost = a.RequestActive("vm1", "hostA", 1);  // the same fault, asked later
+  REQUIRE(lost.ok());
+  CHECK(!lost->granted);
+  CHECK(lost->holder == "hostB");
+  CHECK(lost->term == 2);
+  auto unknown = a.RequestActive("vm9", "hostA", 1);
+  REQUIRE(!unknown.ok());
+  CHECK(unknown.status().message().find("knows no VM named 'vm9'") != std::string::npos);
+}
+
+TEST_CASE("two replicas asking at once: exactly one wins, every time", "[witness-service]") {
+  TempDir dir;
+  auto server = Serve(dir.path + "/state");
+  for (int round = 0; round < 50; ++round) {
+    std::string vm = "vm" + std::to_string(round);
+    WitnessClient setup(server->address());
+    auto term = setup.Register(vm, "hostA");
+    REQUIRE(term.ok());
+    std::atomic<int> granted{0}, answered{0};
+    auto ask = [&](const char* host) {
+      WitnessClient c(server->address());
+      auto d = c.RequestActive(vm, host, *term);
+      if (d.ok()) {
+        ++answered;
+        if (d->granted) ++granted;
+      }
+    };
+    std::thread t1(ask, "hostA"), t2(ask, "hostB");
+    t1.join();
+    t2.join();
+    REQUIRE(answered == 2);
+    REQUIRE(granted == 1);
+  }
+}
+
+TEST_CASE("a restarted witness keeps its decisions", "[witness-service]") {
+  TempDir dir;
+  std::string state = dir.path + "/state";
+  std::string address;
+  {
+    auto server = Serve(state);
+    address = server->address();
+    WitnessClient c(address);
+    REQUIRE(c.Register("vm1", "hostA").ok());
+    REQUIRE(c.RequestActive("vm1", "hostB", 1)->granted);
+  }
+  // A new process on the same state, even on the same port: hostA's old term is stale.
+  auto server = Serve(state, address);
+  WitnessClient c(server->address());
+  auto stale = c.RequestActive("vm1", "hostA", 1);
+  REQUIRE(stale.ok());
+  CHECK(!stale->granted);
+  CHECK(stale->holder == "hostB");
+  CHECK(stale->term == 2);
+}
+
+TEST_CASE("a corrupt state file is refused with the line, and nothing is overwritten",
+          "[witness-service]") {
+  TempDir dir;
+  std::string state = dir.path + "/state";
+  {
+    std::ofstream f(state);
+    f << "lockstep-witness 1\nvm1 2 hostB\nvm2 seven hostA\n";
+  }
+  auto s = WitnessServer::Start("127.0.0.1:0", state);
+  REQUIRE(!s.ok());
+  CHECK(s.status().code() == Status::Code::kCorruption);
+  CHECK(s.status().message().find("line 3") != std::string::npos);
+  std::ifstream f(state);
+  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  CHECK(all.find("vm2 seven hostA") != std::string::npos);
+}
+
+TEST_CASE("a decision that cannot be written is not given", "[witness-service]") {
+  TempDir dir;
+  auto server = Serve(dir.path + "/no/such/dir/state");
+  WitnessClient c(server->address());
+  auto term = c.Register("vm1", "hostA");
+  REQUIRE(!term.ok());
+  CHECK(term.status().message().find("writing the witness state") != std::string::npos);
+}
+
+TEST_CASE("an unreachable or silent witness is an error within the deadline", "[witness-service]") {
+  // Nobody listens: refused at once.
+  int probe = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  bind(probe, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  getsockname(probe, reinterpret_cast<sockaddr*>(&a), &len);
+  std::string address = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+  WitnessClient refused(address, 300ms);
+  CHECK(!refused.RequestActive("vm1", "hostB", 1).ok());
+  // Listening but never answering: a timeout, not a hang.
+  REQUIRE(listen(probe, 4) == 0);
+  WitnessClient silent(address, 300ms);
+  auto t0 = std::chrono::steady_clock::now();
+  auto d = silent.RequestActive("vm1", "hostB", 1);
+  auto took = std::chrono::steady_clock::now() - t0;
+  close(probe);
+  REQUIRE(!d.ok());
+  CHECK(d.status().code() == Status::Code::kTimedOut);
+  CHECK(took < 2s);
+}
+
+TEST_CASE("a request of another protocol version is refused, naming ours", "[witness-service]") {
+  TempDir dir;
+  auto server = Serve(dir.path + "/state");
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  std::string addr = server->address();
+  inet_pton(AF_INET, addr.substr(0, addr.rfind(':')).c_str(), &a.sin_addr);
+  a.sin_port = htons(static_cast<uint16_t>(std::stoi(addr.substr(addr.rfind(':') + 1))));
+  REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  // length 20: magic, version 2, op 2, term 1, two empty strings
+  const unsigned char req[] = {0, 0, 0, 20, 'L', 'S', 'W', 'T', 0, 2, 0, 2,
+                               0, 0, 0, 0,  0,   0,   0,   1,   0, 0, 0, 0};
+  REQUIRE(write(fd, req, sizeof req) == static_cast<ssize_t>(sizeof req));
+  char reply[512];
+  ssize_t n = 0, got;
+  while ((got = read(fd, reply + n, sizeof reply - static_cast<size_t>(n))) > 0) n += got;
+  close(fd);
+  std::string text(reply, static_cast<size_t>(n));
+  REQUIRE(n > 12);
+  CHECK(reply[11] == 1);  // code: refused
+  CHECK(text.find("speaks version 1") != std::string::npos);
+}

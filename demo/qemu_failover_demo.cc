@@ -18,6 +18,7 @@
 #include <string>
 #include <thread>
 
+#include "testbed/child_process.h"
 #include "testbed/qemu_vm.h"
 #include "testbed/topology.h"
 #include "testbed/workload_client.h"
@@ -93,11 +94,15 @@ Result<Flags> ParseFlags(int argc, char** argv) {
   return f;
 }
 
+// The embedded witness, on a host of its own.
+const std::string kWitnessAt = std::string(Topology::kWitnessIp) + ":7900";
+
 LockstepConfig Config(const std::string& role, const std::string& host) {
   LockstepConfig c;
   c.role = role;
   c.address = std::string(Topology::kSecondaryLinkIp) + ":7700";  // the replication link
   c.host = host;
+  c.witness = "tcp:" + kWitnessAt;
   return c;
 }
 
@@ -133,9 +138,21 @@ Status RunDemo(const Flags& f) {
   auto net = Topology::Create(f.prefix);
   if (!net.ok()) return net.status();
   Topology& t = **net;
-  std::printf("hosts (network namespaces): client %s, switch %s, primary %s, secondary %s\n",
-              t.client_ns().c_str(), t.switch_ns().c_str(), t.primary_ns().c_str(),
-              t.secondary_ns().c_str());
+  std::printf(
+      "hosts (network namespaces): client %s, switch %s, primary %s, secondary %s, witness %s\n",
+      t.client_ns().c_str(), t.switch_ns().c_str(), t.primary_ns().c_str(),
+      t.secondary_ns().c_str(), t.witness_ns().c_str());
+
+  // The witness decides which replica may be active after a fault; its decisions persist.
+  const std::string witness_state = "/tmp/lockstep-demo-witness-" + std::to_string(getpid());
+  std::remove(witness_state.c_str());
+  auto witness =
+      ChildProcess::Start({LOCKSTEP_WITNESS_PATH, "--listen", kWitnessAt, "--state", witness_state},
+                          t.witness_ns(), witness_state + ".log");
+  if (!witness.ok()) return witness.status().WithContext("starting lockstep-witness");
+  if (!(*witness)->WaitForLog("listening on", 10s)) {
+    return Status::FailedPrecondition("lockstep-witness did not start: " + (*witness)->Log());
+  }
 
   // The secondary waits, paused, for the primary to connect over the replication link.
   VmOptions sec_options, pri_options;

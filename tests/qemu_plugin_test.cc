@@ -5,8 +5,11 @@
 //
 // Configured only when CMake is given LOCKSTEP_QEMU and LOCKSTEP_GUEST_DIR (scripts/test.sh
 // builds both first).
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <cstdio>
 #include <memory>
 #include <random>
 #include <string>
@@ -15,6 +18,7 @@
 #include "free_port.h"
 #include "lockstep/wire_format.h"
 #include "replication_channel/tcp.h"
+#include "testbed/child_process.h"
 #include "testbed/qemu_vm.h"
 #include "testbed/topology.h"
 #include "testbed/workload_client.h"
@@ -249,59 +253,125 @@ TEST_CASE("peers of another wire-format version are refused at the handshake", "
   }
 }
 
+namespace {
+
+// A protected guest across the test bed's hosts: the embedded witness (lockstep-witness)
+// on its own host, the secondary paused, the primary protected by QMP object-add, and a
+// client busy on one TCP connection from a third host.
+struct ProtectedPair {
+  explicit ProtectedPair(int smp = 1) {
+    auto n = Topology::Create("lst");
+    INFO(n.status().ToString());
+    REQUIRE(n.ok());
+    net = std::move(*n);
+    const std::string state = "/tmp/lockstep-witness-state-" + std::to_string(getpid());
+    std::remove(state.c_str());
+    const std::string at = std::string(Topology::kWitnessIp) + ":7900";
+    auto w = lockstep::testbed::ChildProcess::Start(
+        {LOCKSTEP_WITNESS_PATH, "--listen", at, "--state", state}, net->witness_ns(),
+        "/tmp/lockstep-witness-" + std::to_string(getpid()) + ".log");
+    REQUIRE(w.ok());
+    witness = std::move(*w);
+    INFO(witness->Log());
+    REQUIRE(witness->WaitForLog("listening on", 10s));
+    const std::string addr = std::string(Topology::kSecondaryLinkIp) + ":7700";
+    LockstepConfig sc = Config("secondary", addr, "hostB"), pc = Config("primary", addr, "hostA");
+    sc.witness = pc.witness = "tcp:" + at;
+    VmOptions so, po;
+    so.name = "fsec";
+    so.netns = net->secondary_ns();
+    so.start_paused = true;
+    so.extra = {"-object", LockstepObjectArg(kParts, sc)};
+    po.name = "fpri";
+    po.netns = net->primary_ns();
+    so.tap = po.tap = Topology::kTap;
+    so.smp = po.smp = smp;
+    secondary = Launch(so);
+    primary = Launch(po);
+    INFO(Logs(*primary, *secondary));
+    REQUIRE(primary->WaitForLog("LOCKSTEP-GUEST-READY", 60s));
+    REQUIRE(primary->qmp().Execute("object-add", LockstepObjectAdd(kParts, pc)).ok());
+    REQUIRE(secondary->WaitForState("PROTECTED", 60s).ok());
+    auto c = WorkloadClient::Start(net->client_ns(), Topology::kGuestIp, 7000, 30s);
+    INFO(c.status().ToString());
+    REQUIRE(c.ok());
+    client = std::move(*c);
+    REQUIRE(client->WaitForReplies(5, 30s));
+  }
+
+  // The same connection goes on: `n` more replies, each following from the one before.
+  void RequireClientGoesOn(uint64_t n) {
+    uint64_t from = client->replies();
+    bool more = client->WaitForReplies(from + n, 60s);
+    INFO("client: " << client->error());
+    REQUIRE(more);
+    REQUIRE(client->inconsistent() == 0);
+    REQUIRE(client->error().empty());
+  }
+
+  std::unique_ptr<Topology> net;
+  std::unique_ptr<lockstep::testbed::ChildProcess> witness;
+  std::unique_ptr<QemuVm> primary, secondary;
+  std::unique_ptr<WorkloadClient> client;
+};
+
+std::string StateOf(QemuVm& vm) {
+  auto st = vm.LockstepStatus();
+  return st.ok() ? (*st)["state"].get<std::string>() : "(" + st.status().ToString() + ")";
+}
+
+}  // namespace
+
 TEST_CASE("kill -9 of the primary QEMU: the client's connection goes on, no reply lost",
           "[qemu][failover]") {
   std::mt19937_64 rng(Catch::rngSeed() + 7);
   for (int trial = 0; trial < 3; ++trial) {
-    auto net = Topology::Create("lst");
-    INFO(net.status().ToString());
-    REQUIRE(net.ok());
-    Topology& t = **net;
-    std::string addr = std::string(Topology::kSecondaryLinkIp) + ":7700";
-    VmOptions so, po;
-    so.name = "fsec";
-    so.netns = t.secondary_ns();
-    so.start_paused = true;
-    so.extra = {"-object", LockstepObjectArg(kParts, Config("secondary", addr, "hostB"))};
-    po.name = "fpri";
-    po.netns = t.primary_ns();
-    so.tap = po.tap = Topology::kTap;
-    so.smp = po.smp = trial == 2 ? 2 : 1;  // the last trial runs two vCPUs
-    auto secondary = Launch(so);
-    auto primary = Launch(po);
-    INFO("trial " << trial << "\n" << Logs(*primary, *secondary));
-    REQUIRE(primary->WaitForLog("LOCKSTEP-GUEST-READY", 60s));
-    REQUIRE(primary->qmp()
-                .Execute("object-add", LockstepObjectAdd(kParts, Config("primary", addr, "hostA")))
-                .ok());
-    REQUIRE(secondary->WaitForState("PROTECTED", 60s).ok());
-
-    auto client = WorkloadClient::Start(t.client_ns(), Topology::kGuestIp, 7000, 30s);
-    INFO(client.status().ToString());
-    REQUIRE(client.ok());
-    REQUIRE((*client)->WaitForReplies(5, 30s));
+    INFO("trial " << trial);
+    ProtectedPair pair(trial == 2 ? 2 : 1);  // the last trial runs two vCPUs
     std::this_thread::sleep_for(std::chrono::milliseconds(300 + rng() % 1500));
-    const double killed_at = (*client)->Mark();
-    primary->Kill();
-    uint64_t at_kill = (*client)->replies();
-    auto active = secondary->WaitForState("ACTIVE", 30s);
-    INFO(active.status().ToString());
+    const double killed_at = pair.client->Mark();
+    pair.primary->Kill();
+    auto active = pair.secondary->WaitForState("ACTIVE", 30s);
+    INFO(active.status().ToString() << "\n" << pair.secondary->Log());
     REQUIRE(active.ok());
-    // The same connection goes on: 20 more replies, each following from the one before.
-    bool more = (*client)->WaitForReplies(at_kill + 20, 60s);
-    INFO("client: " << (*client)->error());
-    REQUIRE(more);
-    REQUIRE((*client)->inconsistent() == 0);
-    REQUIRE((*client)->error().empty());
-    auto st = secondary->LockstepStatus();
-    REQUIRE(st.ok());
-    CHECK((*st)["state"] == "ACTIVE");
-    CHECK(Running(*secondary));
-    WARN("trial " << trial << " (-smp " << so.smp << "): promoted "
+    pair.RequireClientGoesOn(20);
+    CHECK(StateOf(*pair.secondary) == "ACTIVE");
+    CHECK(Running(*pair.secondary));
+    WARN("trial " << trial << ": promoted "
                   << 1000 * (lockstep::testbed::Qmp::EventTime(*active) - killed_at)
                   << " ms after kill -9, first reply "
-                  << 1000 * ((*client)->FirstReplyAfterMark() - killed_at)
-                  << " ms, longest wait for a reply " << 1000 * (*client)->LongestGapAfterMark()
+                  << 1000 * (pair.client->FirstReplyAfterMark() - killed_at)
+                  << " ms, longest wait for a reply " << 1000 * pair.client->LongestGapAfterMark()
                   << " ms");
   }
+}
+
+TEST_CASE("a cut replication link: the witness lets exactly one replica go on",
+          "[qemu][partition]") {
+  ProtectedPair pair;
+  REQUIRE(pair.net->SetReplicationLinkUp(false).ok());
+  // Both sides notice the silence and ask the witness; one is granted the token.
+  auto deadline = std::chrono::steady_clock::now() + 30s;
+  std::string p, s;
+  for (;;) {
+    p = StateOf(*pair.primary);
+    s = StateOf(*pair.secondary);
+    bool p_done = p != "PROTECTED" && p != "SYNCING";
+    bool s_done = s != "PROTECTED" && s != "PROMOTING";
+    if ((p_done && s_done) || std::chrono::steady_clock::now() > deadline) break;
+    std::this_thread::sleep_for(50ms);
+  }
+  INFO("primary " << p << ", secondary " << s << "\n" << Logs(*pair.primary, *pair.secondary));
+  const bool primary_on = p == "PRIMARY_ALONE", secondary_on = s == "ACTIVE";
+  REQUIRE(primary_on != secondary_on);  // exactly one
+  if (primary_on) {
+    CHECK(!Running(*pair.secondary));
+  } else {
+    CHECK(p == "FENCED");  // stopped, its held output dropped
+    CHECK(!Running(*pair.primary));
+  }
+  // Whichever went on, the client's connection goes on with it, no reply contradicted.
+  pair.RequireClientGoesOn(20);
+  WARN("cut replication link: " << (primary_on ? "the primary" : "the secondary")
+                                << " went on; the other is " << (primary_on ? s : p));
 }

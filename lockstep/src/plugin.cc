@@ -11,6 +11,7 @@
 #include "lockstep/replicator.h"
 #include "replica_common.h"
 #include "replication_channel/tcp.h"
+#include "vip_manager/witness_service.h"
 
 namespace lockstep {
 namespace {
@@ -117,7 +118,7 @@ class ThisProcessWitness final : public vip::Witness {
 struct PluginReplica {
   lockstep_host_ops ops{};
   std::unique_ptr<HostHypervisor> hv;
-  ThisProcessWitness witness;
+  std::unique_ptr<vip::Witness> witness;
   ReplicationOptions options;
   bool primary = false;
   std::string peer;    // primary
@@ -204,10 +205,15 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
   if (r->options.host_id.empty()) return "host=NAME is required";
   if (r->primary && r->peer.empty()) return "a primary needs peer=HOST:PORT (the secondary)";
   if (!r->primary && r->listen.empty()) return "a secondary needs listen=HOST:PORT";
-  if (witness != "this-process") {
-    return "witness=this-process is required: it is the only witness this build has, and it "
-           "is sound only when a failed replica cannot ask again (the embedded and etcd "
-           "witnesses come with vip-manager)";
+  if (witness == "this-process") {
+    r->witness = std::make_unique<ThisProcessWitness>();
+  } else if (witness.rfind("tcp:", 0) == 0 && witness.size() > 4) {
+    // The embedded witness (vip-manager's lockstep-witness) on a third host.
+    r->witness = std::make_unique<vip::WitnessClient>(witness.substr(4));
+  } else {
+    return "witness=tcp:HOST:PORT (the embedded witness, lockstep-witness) or "
+           "witness=this-process (tests only: sound only when a failed replica cannot ask "
+           "again) is required";
   }
   return "";
 }
@@ -232,9 +238,9 @@ void* Create(const lockstep_host_ops* ops, const char* config, char* err, size_t
     };
   }
   if (r->primary) {
-    r->primary_replica = std::make_unique<PrimaryReplicator>(*r->hv, r->witness, r->options);
+    r->primary_replica = std::make_unique<PrimaryReplicator>(*r->hv, *r->witness, r->options);
   } else {
-    r->secondary_replica = std::make_unique<SecondaryReplica>(*r->hv, r->witness, r->options);
+    r->secondary_replica = std::make_unique<SecondaryReplica>(*r->hv, *r->witness, r->options);
   }
   return r.release();
 }

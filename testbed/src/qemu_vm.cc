@@ -34,13 +34,13 @@ Status Parts::Check() const {
 std::string LockstepObjectArg(const Parts& parts, const LockstepConfig& c) {
   return "lockstep,id=" + c.id + ",plugin=" + parts.plugin + ",role=" + c.role + ",vm=" + c.vm +
          ",host=" + c.host + (c.role == "primary" ? ",peer=" : ",listen=") + c.address +
-         ",witness=this-process" + (c.settings.empty() ? "" : ",settings=" + c.settings);
+         ",witness=" + c.witness + (c.settings.empty() ? "" : ",settings=" + c.settings);
 }
 
 Json LockstepObjectAdd(const Parts& parts, const LockstepConfig& c) {
-  Json j = {{"qom-type", "lockstep"},   {"id", c.id}, {"plugin", parts.plugin},
-            {"role", c.role},           {"vm", c.vm}, {"host", c.host},
-            {"witness", "this-process"}};
+  Json j = {{"qom-type", "lockstep"}, {"id", c.id}, {"plugin", parts.plugin},
+            {"role", c.role},         {"vm", c.vm}, {"host", c.host},
+            {"witness", c.witness}};
   j[c.role == "primary" ? "peer" : "listen"] = c.address;
   if (!c.settings.empty()) j["settings"] = c.settings;
   return j;
@@ -49,12 +49,10 @@ Json LockstepObjectAdd(const Parts& parts, const LockstepConfig& c) {
 Result<std::unique_ptr<QemuVm>> QemuVm::Launch(const Parts& parts, const VmOptions& o) {
   std::unique_ptr<QemuVm> vm(new QemuVm());
   std::string base = "/tmp/lockstep-" + o.name + "-" + std::to_string(getpid());
-  vm->log_path_ = base + ".log";
   vm->qmp_path_ = base + ".qmp";
   unlink(vm->qmp_path_.c_str());
 
   std::vector<std::string> args;
-  if (!o.netns.empty()) args = {"/usr/bin/ip", "netns", "exec", o.netns};
   // idle=halt: the AMD E400 idle routine does not survive a TCG save/load
   // (qemu-patches/README.md).
   std::string append = "console=ttyS0 quiet panic=-1 idle=halt lockstep.ip=";
@@ -97,20 +95,9 @@ Result<std::unique_ptr<QemuVm>> QemuVm::Launch(const Parts& parts, const VmOptio
   if (o.exit_on_reboot) args.push_back("-no-reboot");
   args.insert(args.end(), o.extra.begin(), o.extra.end());
 
-  vm->pid_ = fork();
-  if (vm->pid_ < 0) return Status::FromErrno("fork", errno);
-  if (vm->pid_ == 0) {
-    int fd = open(vm->log_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    dup2(fd, 1);
-    dup2(fd, 2);
-    int devnull = open("/dev/null", O_RDONLY);
-    dup2(devnull, 0);
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    execv(argv[0], argv.data());
-    _exit(127);
-  }
+  auto child = ChildProcess::Start(args, o.netns, base + ".log");
+  if (!child.ok()) return child.status();
+  vm->process_ = std::move(*child);
   // QEMU creates its QMP socket early; one that exits first (bad arguments) says why in
   // its log.
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
@@ -132,45 +119,20 @@ Result<std::unique_ptr<QemuVm>> QemuVm::Launch(const Parts& parts, const VmOptio
 }
 
 QemuVm::~QemuVm() {
-  if (pid_ > 0) {
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-  }
-  unlink(log_path_.c_str());
+  process_.reset();  // SIGKILL, reaped, log removed
   unlink(qmp_path_.c_str());
 }
 
-std::string QemuVm::Log() const {
-  std::ifstream f(log_path_);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+std::string QemuVm::Log() const { return process_->Log(); }
 
 bool QemuVm::WaitForLog(const std::string& text, std::chrono::milliseconds timeout) const {
-  auto end = std::chrono::steady_clock::now() + timeout;
-  while (std::chrono::steady_clock::now() < end) {
-    if (Log().find(text) != std::string::npos) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  return false;
+  return process_->WaitForLog(text, timeout);
 }
 
-void QemuVm::Kill() {
-  if (pid_ > 0) kill(pid_, SIGKILL);
-}
+void QemuVm::Kill() { process_->Kill(SIGKILL); }
 
 bool QemuVm::WaitExit(std::chrono::milliseconds timeout, int* status) {
-  auto end = std::chrono::steady_clock::now() + timeout;
-  while (pid_ > 0) {
-    if (waitpid(pid_, status, WNOHANG) == pid_) {
-      pid_ = -1;
-      return true;
-    }
-    if (std::chrono::steady_clock::now() >= end) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return true;
+  return process_->WaitExit(timeout, status);
 }
 
 Result<Json> QemuVm::LockstepStatus(const std::string& id) {

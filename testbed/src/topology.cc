@@ -53,15 +53,24 @@ Result<std::unique_ptr<Topology>> Topology::Create(const std::string& prefix) {
       "ip -n " + cli + " addr add " + kClientIp + "/24 dev eth0",
       "ip -n " + cli + " link set eth0 up",
       "ip -n " + cli + " link set lo up",
+      // The witness's port.
+      "ip netns add " + t->witness_ns(),
+      "ip -n " + t->witness_ns() + " link set lo up",
+      "ip -n " + t->witness_ns() + " link add eth0 type veth peer name wit netns " + sw,
+      "ip -n " + sw + " link set wit master sw up",
+      "ip -n " + t->witness_ns() + " addr add " + kWitnessIp + "/24 dev eth0",
+      "ip -n " + t->witness_ns() + " link set eth0 up",
   };
   for (bool primary : {true, false}) {
     const std::string ns = primary ? t->primary_ns() : t->secondary_ns();
     const std::string port = primary ? "pri" : "sec";
+    const std::string host_ip = primary ? kPrimaryHostIp : kSecondaryHostIp;
     for (std::string c : {
              "ip netns add " + ns,
              "ip -n " + ns + " link set lo up",
              "ip -n " + ns + " link add br0 type bridge",
              "ip -n " + ns + " link set br0 up",
+             "ip -n " + ns + " addr add " + host_ip + "/24 dev br0",
              "ip -n " + ns + " tuntap add dev " + std::string(kTap) + " mode tap",
              "ip -n " + ns + " link set " + std::string(kTap) + " master br0 up",
              "ip -n " + ns + " link add uplink type veth peer name " + port + " netns " + sw,
@@ -94,7 +103,7 @@ Result<std::unique_ptr<Topology>> Topology::Create(const std::string& prefix) {
 Topology::~Topology() { Remove(); }
 
 void Topology::Remove() {
-  for (const auto& ns : {client_ns(), switch_ns(), primary_ns(), secondary_ns()}) {
+  for (const auto& ns : {client_ns(), switch_ns(), primary_ns(), secondary_ns(), witness_ns()}) {
     (void)Run("ip netns del " + ns + " 2>/dev/null || true");
   }
 }
@@ -102,6 +111,10 @@ void Topology::Remove() {
 Status Topology::SetHostPortUp(bool primary, bool up) {
   return Run("ip -n " + switch_ns() + " link set " + (primary ? "pri" : "sec") +
              (up ? " up" : " down"));
+}
+
+Status Topology::SetWitnessPortUp(bool up) {
+  return Run("ip -n " + switch_ns() + " link set wit" + (up ? " up" : " down"));
 }
 
 Status Topology::SetReplicationLinkUp(bool up) {

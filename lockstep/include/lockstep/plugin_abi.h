@@ -74,6 +74,7 @@ struct lockstep_plugin_api {
   uint32_t abi_version;
   /* Creates a replica from `config`, a comma-separated key=value list:
    *   role=primary|secondary (required), vm=NAME (required), host=NAME (required),
+   *   witness=tcp:HOST:PORT (the embedded witness) or witness=this-process (tests),
    *   peer=HOST:PORT (primary: where the secondary listens),
    *   listen=HOST:PORT (secondary: where to accept the primary),
    *   pairing=32 hex digits, interval_ms=N, heartbeat_ms=N, threshold_ms=N, delta=on|off,

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "testbed/child_process.h"
 #include "testbed/qmp.h"
 
 namespace lockstep::testbed {
@@ -43,6 +44,7 @@ struct LockstepConfig {
   std::string settings = "interval_ms=20;threshold_ms=300";
   std::string id = "ft0";
   std::string vm = "vm1";
+  std::string witness = "this-process";  // or "tcp:HOST:PORT" (lockstep-witness)
 };
 std::string LockstepObjectArg(const Parts& parts, const LockstepConfig& c);
 Json LockstepObjectAdd(const Parts& parts, const LockstepConfig& c);  // object-add arguments
@@ -56,7 +58,7 @@ class QemuVm {
   QemuVm& operator=(const QemuVm&) = delete;
 
   Qmp& qmp() { return qmp_; }
-  pid_t pid() const { return pid_; }
+  pid_t pid() const { return process_->pid(); }
   std::string Log() const;
   bool WaitForLog(const std::string& text, std::chrono::milliseconds timeout) const;
   // kill -9; returns at once (the process is reaped by WaitExit or the destructor).
@@ -71,8 +73,8 @@ class QemuVm {
 
  private:
   QemuVm() = default;
-  std::string log_path_, qmp_path_;
-  pid_t pid_ = -1;
+  std::unique_ptr<ChildProcess> process_;
+  std::string qmp_path_;
   Qmp qmp_;
 };
 

@@ -42,6 +42,7 @@ class HostHypervisor final : public Hypervisor {
   Status StartVcpus() override {
     return Check(ops_.start_vcpus(ops_.opaque), "starting the vCPUs");
   }
+  Status Halt() override { return Check(ops_.halt(ops_.opaque), "halting the guest"); }
   Status StartDirtyLog() override {
     return Check(ops_.dirty_log_start(ops_.opaque), "starting dirty logging");
   }

@@ -326,7 +326,7 @@ void PrimaryReplicator::Impl::Teardown(bool orderly, std::string reason) {
                                                  "): running UNPROTECTED");
     return;
   }
-  (void)hv.StopVcpus();
+  (void)hv.Halt();
   hv.SetOutputMode(OutputMode::kDropped);
   std::string why = decision.ok()
                         ? "the witness gave the token to " + decision->holder

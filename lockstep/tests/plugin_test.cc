@@ -46,6 +46,7 @@ struct Host {
     };
     o.stop_vcpus = [](void* h) { return Rc(Of(h).guest.StopVcpus()); };
     o.start_vcpus = [](void* h) { return Rc(Of(h).guest.StartVcpus()); };
+    o.halt = [](void* h) { return Rc(Of(h).guest.Halt()); };
     o.dirty_log_start = [](void* h) { return Rc(Of(h).guest.StartDirtyLog()); };
     o.dirty_log_stop = [](void* h) { return Rc(Of(h).guest.StopDirtyLog()); };
     o.dirty_log_sync = [](void* h) { return Rc(Of(h).guest.SyncDirtyLog()); };

@@ -291,6 +291,9 @@ TEST_CASE("killing the primary at random points: the secondary resumes exactly a
     // Never two actives: the dead primary fenced itself and drops its output.
     REQUIRE(p.primary->state() == S::kFenced);
     REQUIRE(p.pg.output_mode() == OutputMode::kDropped);
+    // Halted, not left inside a pause (QEMU would keep its big lock: a hung main loop).
+    REQUIRE(p.pg.halted());
+    REQUIRE(p.pg.open_pauses() == 0);
     if (p.secondary->state() == S::kFailed) {
       // Cut before the first complete checkpoint: nothing to resume, nothing resumed.
       REQUIRE(p.secondary->applied_epoch() == 0);

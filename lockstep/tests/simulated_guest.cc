@@ -159,7 +159,15 @@ void SimulatedGuest::Run() {
   run_cv_.notify_all();
 }
 
+Status SimulatedGuest::Halt() {
+  halted_.store(true);
+  Status s = StopVcpus();
+  open_pauses_.fetch_sub(1);  // no StartVcpus() follows a halt
+  return s;
+}
+
 Status SimulatedGuest::StopVcpus() {
+  open_pauses_.fetch_add(1);
   std::unique_lock<std::mutex> lock(run_mu_);
   run_requested_ = false;
   run_cv_.notify_all();
@@ -168,6 +176,7 @@ Status SimulatedGuest::StopVcpus() {
 }
 
 Status SimulatedGuest::StartVcpus() {
+  if (open_pauses_.load() > 0) open_pauses_.fetch_sub(1);
   if (start_hook_) start_hook_();
   std::lock_guard<std::mutex> lock(run_mu_);
   if (!vcpu_.joinable()) vcpu_ = std::thread([this] { Run(); });

@@ -71,6 +71,7 @@ class SimulatedGuest final : public Hypervisor {
   std::vector<RamBlock> RamBlocks() override;
   Status StopVcpus() override;
   Status StartVcpus() override;
+  Status Halt() override;
   Status StartDirtyLog() override;
   Status StopDirtyLog() override;
   Status SyncDirtyLog() override;
@@ -84,6 +85,11 @@ class SimulatedGuest final : public Hypervisor {
 
   // ---- for tests ----
   bool running() const;
+  bool halted() const { return halted_.load(); }
+  // StopVcpus() calls not (yet) followed by a StartVcpus(): a host like QEMU holds its lock
+  // across that window, so the engine must bring it back to 0 (Halt() is the way to stop
+  // for good).
+  int open_pauses() const { return open_pauses_.load(); }
   uint64_t steps() const;  // steps executed so far (the "register")
   // Checks the invariant. REQUIRES: vCPUs stopped.
   bool CheckInvariant(std::string* why) const;
@@ -151,6 +157,8 @@ class SimulatedGuest final : public Hypervisor {
   uint64_t dropped_ = 0;                        // GUARDED_BY(out_mu_)
   std::function<void(const Packet&)> emit_hook_;
   std::function<void()> held_hook_;
+  std::atomic<bool> halted_{false};
+  std::atomic<int> open_pauses_{0};
   std::function<void(uint64_t, uint64_t)> barrier_hook_;
   std::function<void()> start_hook_;
 

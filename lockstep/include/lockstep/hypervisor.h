@@ -38,10 +38,14 @@ class Hypervisor {
   // The guest's RAM layout. Called at setup; the layout must not change while protected.
   virtual std::vector<RamBlock> RamBlocks() = 0;
 
-  // Stops every vCPU and waits until they are stopped. HOT.
+  // Stops every vCPU and waits until they are stopped, for a checkpoint: StartVcpus()
+  // follows (a host may hold its locks in between). HOT.
   virtual Status StopVcpus() = 0;
   // Restarts the vCPUs. HOT.
   virtual Status StartVcpus() = 0;
+  // Stops the guest for good (a fenced primary): no checkpoint and no StartVcpus()
+  // follow, so the host keeps no lock for them. The default is StopVcpus().
+  virtual Status Halt() { return StopVcpus(); }
 
   // Begins / ends dirty-page tracking for the engine (a log of its own, apart from live
   // migration's). StartDirtyLog marks nothing dirty: the engine copies everything once.

@@ -28,7 +28,7 @@
 extern "C" {
 #endif
 
-#define LOCKSTEP_PLUGIN_ABI_VERSION 2u
+#define LOCKSTEP_PLUGIN_ABI_VERSION 3u
 
 enum lockstep_output_mode {
   LOCKSTEP_OUTPUT_PASS_THROUGH = 0,
@@ -45,8 +45,12 @@ struct lockstep_host_ops {
   int (*ram_block_count)(void* opaque);
   int (*ram_block_info)(void* opaque, int index, const char** id, uint8_t** host, uint64_t* length);
 
+  /* A checkpoint's pause: start_vcpus always follows stop_vcpus, and the host may keep its
+   * locks (QEMU: the BQL) from one to the other. */
   int (*stop_vcpus)(void* opaque);  /* HOT */
   int (*start_vcpus)(void* opaque); /* HOT */
+  /* Stops the guest for good (a fenced primary); nothing follows, no lock is kept. */
+  int (*halt)(void* opaque);
   int (*dirty_log_start)(void* opaque);
   int (*dirty_log_stop)(void* opaque);
   int (*dirty_log_sync)(void* opaque); /* HOT; must hold the BQL under TCG */

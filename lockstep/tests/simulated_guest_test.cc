@@ -41,9 +41,14 @@ TEST_CASE("mixing two moments breaks the invariant", "[guest]") {
   auto blocks = g.RamBlocks();
   std::vector<uint8_t> old_ram(blocks[0].host, blocks[0].host + blocks[0].length);
   REQUIRE(*g.SaveDeviceState(dev) > 0);
+  const uint64_t first_moment = g.steps();
   REQUIRE(g.StartVcpus().ok());
-  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  // Two moments must differ: on a loaded machine the vCPU thread may not run for a while,
+  // so wait for it to step rather than for a fixed time.
+  for (int i = 0; i < 5000 && g.steps() < first_moment + 8; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   REQUIRE(g.StopVcpus().ok());
+  REQUIRE(g.steps() >= first_moment + 8);
   std::string why;
   SECTION("old device state with new RAM") {
     REQUIRE(g.LoadDeviceState(dev).ok());

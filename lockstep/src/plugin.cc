@@ -4,6 +4,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -11,6 +12,8 @@
 #include "lockstep/replicator.h"
 #include "replica_common.h"
 #include "replication_channel/tcp.h"
+#include "vip_manager/fence.h"
+#include "vip_manager/identity.h"
 #include "vip_manager/witness_service.h"
 
 namespace lockstep {
@@ -120,6 +123,8 @@ struct PluginReplica {
   lockstep_host_ops ops{};
   std::unique_ptr<HostHypervisor> hv;
   std::unique_ptr<vip::Witness> witness;
+  std::optional<vip::FenceCommand> fence;          // fence_command=
+  std::unique_ptr<vip::IdentityClaimer> identity;  // vip=
   ReplicationOptions options;
   bool primary = false;
   std::string peer;    // primary
@@ -158,7 +163,8 @@ bool ParseHex16(const std::string& v, std::array<uint8_t, 16>* out) {
 
 // Fills `r` from "key=value,key=value"; returns the first problem, or "".
 std::string ParseConfig(const char* config, PluginReplica* r) {
-  std::string role, witness;
+  std::string role, witness, fence_command, vip;
+  std::chrono::milliseconds fence_timeout{30'000};
   std::string s = config ? config : "";
   size_t at = 0;
   while (at <= s.size()) {
@@ -193,6 +199,14 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
       Micros spacing{0};
       if (v != "0" && !ParseMillis(v, &spacing)) return "output_spacing_ms must be 0..600000";
       r->options.output_epoch_spacing = spacing;
+    } else if (k == "fence_command") {
+      fence_command = v;
+    } else if (k == "fence_timeout_ms") {
+      Micros t{0};
+      if (!ParseMillis(v, &t)) return "fence_timeout_ms must be 1..600000";
+      fence_timeout = std::chrono::duration_cast<std::chrono::milliseconds>(t);
+    } else if (k == "vip") {
+      vip = v;
     } else if (k == "delta") {
       if (v != "on" && v != "off") return "delta must be on or off";
       r->options.delta_encoding = v == "on";
@@ -206,6 +220,31 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
   if (r->options.host_id.empty()) return "host=NAME is required";
   if (r->primary && r->peer.empty()) return "a primary needs peer=HOST:PORT (the secondary)";
   if (!r->primary && r->listen.empty()) return "a secondary needs listen=HOST:PORT";
+  if (!fence_command.empty()) {
+    auto f = vip::FenceCommand::Open(fence_command, fence_timeout);
+    if (!f.ok()) return f.status().message();
+    r->fence = std::move(*f);
+    r->options.fence_peer = [r](const std::string& peer_host) {
+      return r->fence->Run(r->options.vm_id, r->options.host_id, peer_host);
+    };
+  }
+  if (!vip.empty()) {
+    // ADDRESS@INTERFACE: a host-level address that follows the active replica.
+    size_t at_sign = vip.find('@');
+    if (at_sign == std::string::npos || at_sign == 0 || at_sign + 1 == vip.size())
+      return "vip must be ADDRESS@INTERFACE, e.g. vip=10.9.0.50@br0";
+    vip::IdentitySpec spec;
+    spec.vip = vip.substr(0, at_sign);
+    spec.interface = vip.substr(at_sign + 1);
+    auto claimer = vip::IdentityClaimer::Open(spec);
+    if (!claimer.ok()) return "vip=" + vip + ": " + claimer.status().message();
+    r->identity = std::move(*claimer);
+    r->options.claim_identity = [r] {
+      auto report = r->identity->Claim();
+      return report.ok() ? Status::Ok() : report.status();
+    };
+    r->options.release_identity = [r] { (void)r->identity->Release(); };
+  }
   if (witness == "this-process") {
     r->witness = std::make_unique<ThisProcessWitness>();
   } else if (witness.rfind("tcp:", 0) == 0 && witness.size() > 4) {
@@ -261,6 +300,20 @@ int Start(void* handle, char* err, size_t err_len) {
       return -1;
     }
     r->listener = std::move(*l);
+  }
+  if (r->identity) {
+    // The VIP lives where the guest runs: with the primary; a secondary drops a stale one
+    // (say, from before a failover back).
+    if (r->primary) {
+      auto claimed = r->identity->Claim();
+      if (!claimed.ok()) {
+        CopyError("lockstep: cannot claim the VIP: " + claimed.status().ToString(), err, err_len);
+        return -1;
+      }
+    } else if (Status released = r->identity->Release(); !released.ok()) {
+      CopyError("lockstep: cannot release the VIP: " + released.ToString(), err, err_len);
+      return -1;
+    }
   }
   r->starter = std::thread([r] {
     Status s;

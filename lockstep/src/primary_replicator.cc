@@ -45,6 +45,7 @@ struct PrimaryReplicator::Impl {
   std::unique_ptr<Channel> ch;
   std::unique_ptr<Heartbeater> heartbeat;
   uint64_t term = 0;
+  std::string secondary_host;  // from the handshake; set before the threads start
 
   std::mutex lifecycle_mu;  // serializes Start() and Stop()
 
@@ -318,19 +319,30 @@ void PrimaryReplicator::Impl::Teardown(bool orderly, std::string reason) {
     return;
   }
   // A fault: only the witness may let this replica go on releasing output.
+  TakeoverTimeline timeline;
   auto decision = witness.RequestActive(opt.vm_id, opt.host_id, term);
+  timeline.Mark("witness");
+  std::string why;
   if (decision.ok() && decision->granted) {
-    hv.SetOutputMode(OutputMode::kPassThrough);  // no other replica can ever contradict it
-    role.MoveTo(ReplicaState::kPrimaryAlone, reason + "; the witness kept this host active (term " +
-                                                 std::to_string(decision->term) +
-                                                 "): running UNPROTECTED");
-    return;
+    std::string identity_note;
+    Status steps = RunTakeoverSteps(opt, secondary_host, &timeline, &identity_note);
+    if (steps.ok()) {
+      hv.SetOutputMode(OutputMode::kPassThrough);  // no other replica can ever contradict it
+      role.MoveTo(ReplicaState::kPrimaryAlone,
+                  reason + "; the witness kept this host active (term " +
+                      std::to_string(decision->term) + "): running UNPROTECTED" +
+                      (identity_note.empty() ? "" : "; " + identity_note) + " (" +
+                      timeline.ToString() + ")");
+      return;
+    }
+    why = "the witness kept this host active but " + steps.ToString();
+  } else {
+    why = decision.ok() ? "the witness gave the token to " + decision->holder
+                        : "the witness could not be asked (" + decision.status().ToString() + ")";
   }
   (void)hv.Halt();
   hv.SetOutputMode(OutputMode::kDropped);
-  std::string why = decision.ok()
-                        ? "the witness gave the token to " + decision->holder
-                        : "the witness could not be asked (" + decision.status().ToString() + ")";
+  if (opt.release_identity) opt.release_identity();
   role.MoveTo(ReplicaState::kFenced,
               reason + "; " + why + ": fenced, guest stopped, output dropped");
 }
@@ -389,6 +401,7 @@ Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
   }
 
   m.term = *term;
+  m.secondary_host = reply.host_id;
   m.ch = std::move(channel);
   m.heartbeat = std::make_unique<Heartbeater>(
       *m.ch, m.opt.heartbeat_interval, [&m] { return m.sent.load(); },

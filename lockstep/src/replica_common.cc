@@ -32,6 +32,35 @@ const char* ReplicaStateName(ReplicaState s) {
   return "?";
 }
 
+void TakeoverTimeline::Mark(const char* step) {
+  auto now = SteadyClock::now();
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%s%s %.2f ms", text_.empty() ? "" : ", ", step,
+                std::chrono::duration<double, std::milli>(now - last_).count());
+  text_ += buf;
+  last_ = now;
+}
+
+Status RunTakeoverSteps(const ReplicationOptions& opt, const std::string& peer_host,
+                        TakeoverTimeline* timeline, std::string* identity_note) {
+  identity_note->clear();
+  if (opt.fence_peer) {
+    Status fenced = opt.fence_peer(peer_host);
+    timeline->Mark("fence");
+    if (!fenced.ok()) {
+      return Status::FailedPrecondition("fencing " + (peer_host.empty() ? "the peer" : peer_host) +
+                                        " failed (" + fenced.ToString() +
+                                        "); a configured fence must succeed before a takeover");
+    }
+  }
+  if (opt.claim_identity) {
+    Status claimed = opt.claim_identity();
+    timeline->Mark("identity");
+    if (!claimed.ok()) *identity_note = "claiming the identity failed: " + claimed.ToString();
+  }
+  return Status::Ok();
+}
+
 bool IsSettled(ReplicaState s) {
   return s != ReplicaState::kIdle && s != ReplicaState::kSyncing && s != ReplicaState::kProtected &&
          s != ReplicaState::kPromoting;

@@ -52,6 +52,26 @@ class RoleState {
   std::string end_reason_;       // GUARDED_BY(mu_)
 };
 
+// The steps of a takeover and how long each took, for the transition's reason (operators
+// and the failover harness read it): "timeline: witness 1.20 ms, fence 0.00 ms, ...".
+// Used on the fault path only (it allocates).
+class TakeoverTimeline {
+ public:
+  TakeoverTimeline() : last_(SteadyClock::now()) {}
+  // Ends the step named `step` now.
+  void Mark(const char* step);
+  std::string ToString() const { return "timeline: " + text_; }
+
+ private:
+  SteadyClock::time_point last_;
+  std::string text_;
+};
+
+// Runs the optional takeover steps of `opt` that come before going active. On success,
+// `*identity_note` is "" or what went wrong claiming the identity (not fatal).
+Status RunTakeoverSteps(const ReplicationOptions& opt, const std::string& peer_host,
+                        TakeoverTimeline* timeline, std::string* identity_note);
+
 // Whether `s` means a fault was handled or protection ended.
 bool IsSettled(ReplicaState s);
 

@@ -233,7 +233,9 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
     return;
   }
   role.MoveTo(ReplicaState::kPromoting, reason);
+  TakeoverTimeline timeline;
   auto decision = witness.RequestActive(opt.vm_id, opt.host_id, term);
+  timeline.Mark("witness");
   if (!decision.ok() || !decision->granted) {
     std::string why = decision.ok()
                           ? "the witness gave the token to " + decision->holder
@@ -243,6 +245,7 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
   }
   const uint64_t epoch = applied.load();
   Status s = hv.LoadDeviceState(device);
+  timeline.Mark("device state");
   if (!s.ok()) {
     role.MoveTo(ReplicaState::kFailed,
                 "won the token but could not load the device state of "
@@ -250,9 +253,18 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
                     std::to_string(epoch) + ": " + s.ToString());
     return;
   }
+  std::string identity_note;
+  s = RunTakeoverSteps(opt, primary_host, &timeline, &identity_note);
+  if (!s.ok()) {
+    role.MoveTo(ReplicaState::kFailed, "won the token (term " + std::to_string(decision->term) +
+                                           ") but " + s.ToString() + "; the guest stays stopped");
+    return;
+  }
   hv.SetOutputMode(OutputMode::kPassThrough);
   Status announced = hv.Announce();
+  timeline.Mark("announce");
   s = hv.StartVcpus();
+  timeline.Mark("vcpus");
   if (!s.ok()) {
     role.MoveTo(ReplicaState::kFailed,
                 "won the token but could not start the vCPUs: " + s.ToString());
@@ -261,7 +273,9 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
   role.MoveTo(ReplicaState::kActive,
               "took over from " + primary_host + " at epoch " + std::to_string(epoch) + " (term " +
                   std::to_string(decision->term) + ") after: " + reason +
-                  (announced.ok() ? "" : "; announcing failed: " + announced.ToString()));
+                  (announced.ok() ? "" : "; announcing failed: " + announced.ToString()) +
+                  (identity_note.empty() ? "" : "; " + identity_note) + " (" + timeline.ToString() +
+                  ")");
 }
 
 SecondaryReplica::SecondaryReplica(Hypervisor& hv, vip::Witness& witness,

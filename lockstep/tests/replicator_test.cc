@@ -3,6 +3,7 @@
 // failure detection, the witness rule and handshake refusals.
 #include "lockstep/replicator.h"
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <future>
 #include <map>
@@ -479,4 +480,57 @@ TEST_CASE("a secondary that rejects the stream does not take over from a live pr
   REQUIRE_FALSE(p.sg.running());
   REQUIRE(p.primary->state() == S::kPrimaryAlone);
   REQUIRE(p.primary->fault_reason().find("the secondary reported") != std::string::npos);
+}
+
+TEST_CASE("the takeover steps run in order, and a failed fence means no takeover",
+          "[replicator][fence]") {
+  ReplicationOptions sopt = Options("hostB"), popt = Options("hostA");
+  std::mutex steps_mu;
+  std::vector<std::string> steps;  // GUARDED_BY(steps_mu)
+  auto note = [&](std::string s) {
+    std::lock_guard<std::mutex> lock(steps_mu);
+    steps.push_back(std::move(s));
+  };
+  bool fence_ok = true;
+  SECTION("the fence succeeds") { fence_ok = true; }
+  SECTION("the fence fails") { fence_ok = false; }
+  sopt.fence_peer = [&](const std::string& peer) {
+    note("fence " + peer);
+    return fence_ok ? Status::Ok() : Status::FailedPrecondition("exit status 1");
+  };
+  sopt.claim_identity = [&] {
+    note("identity");
+    return Status::Ok();
+  };
+  popt.release_identity = [&] { note("primary released"); };
+  Pair p(TestGuest(), TestGuest(), popt, sopt);
+  p.sg.SetStartHook([&] { note("vcpus"); });
+  p.StartProtected();
+  std::this_thread::sleep_for(50ms);
+  p.KillPrimarySide();
+  p.link->Cut();
+  REQUIRE(p.secondary->WaitForFaultHandled(10s));
+  REQUIRE(p.primary->WaitForFaultHandled(10s));
+  INFO(Log(p.secondary->transitions()));
+  std::lock_guard<std::mutex> lock(steps_mu);
+  // The primary could not reach the witness: fenced, and it gave the identity up.
+  REQUIRE(p.primary->state() == S::kFenced);
+  if (fence_ok) {
+    REQUIRE(p.secondary->state() == S::kActive);
+    // The primary's side runs on its own clock; the secondary's steps are ordered.
+    std::vector<std::string> secondary_steps;
+    for (const auto& s : steps)
+      if (s != "primary released") secondary_steps.push_back(s);
+    REQUIRE(secondary_steps == std::vector<std::string>{"fence hostA", "identity", "vcpus"});
+    REQUIRE(std::count(steps.begin(), steps.end(), "primary released") == 1);
+    std::string r = p.secondary->transitions().back().reason;
+    for (const char* step : {"witness ", "device state ", "fence ", "identity ", "vcpus "})
+      REQUIRE(r.find(step) != std::string::npos);
+  } else {
+    REQUIRE(p.secondary->state() == S::kFailed);
+    REQUIRE(p.secondary->fault_reason().find("fencing hostA failed") != std::string::npos);
+    REQUIRE_FALSE(p.sg.running());
+    REQUIRE(p.sg.emitted().empty());
+    REQUIRE(std::find(steps.begin(), steps.end(), "vcpus") == steps.end());
+  }
 }

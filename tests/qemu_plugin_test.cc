@@ -10,6 +10,8 @@
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <random>
 #include <string>
@@ -19,6 +21,7 @@
 #include "lockstep/wire_format.h"
 #include "replication_channel/tcp.h"
 #include "testbed/child_process.h"
+#include "testbed/protected_pair.h"
 #include "testbed/qemu_vm.h"
 #include "testbed/topology.h"
 #include "testbed/workload_client.h"
@@ -255,69 +258,73 @@ TEST_CASE("peers of another wire-format version are refused at the handshake", "
 
 namespace {
 
-// A protected guest across the test bed's hosts: the embedded witness (lockstep-witness)
-// on its own host, the secondary paused, the primary protected by QMP object-add, and a
-// client busy on one TCP connection from a third host.
-struct ProtectedPair {
-  explicit ProtectedPair(int smp = 1) {
-    auto n = Topology::Create("lst");
-    INFO(n.status().ToString());
-    REQUIRE(n.ok());
-    net = std::move(*n);
-    const std::string state = "/tmp/lockstep-witness-state-" + std::to_string(getpid());
-    std::remove(state.c_str());
-    const std::string at = std::string(Topology::kWitnessIp) + ":7900";
-    auto w = lockstep::testbed::ChildProcess::Start(
-        {LOCKSTEP_WITNESS_PATH, "--listen", at, "--state", state}, net->witness_ns(),
-        "/tmp/lockstep-witness-" + std::to_string(getpid()) + ".log");
-    REQUIRE(w.ok());
-    witness = std::move(*w);
-    INFO(witness->Log());
-    REQUIRE(witness->WaitForLog("listening on", 10s));
-    const std::string addr = std::string(Topology::kSecondaryLinkIp) + ":7700";
-    LockstepConfig sc = Config("secondary", addr, "hostB"), pc = Config("primary", addr, "hostA");
-    sc.witness = pc.witness = "tcp:" + at;
-    VmOptions so, po;
-    so.name = "fsec";
-    so.netns = net->secondary_ns();
-    so.start_paused = true;
-    so.extra = {"-object", LockstepObjectArg(kParts, sc)};
-    po.name = "fpri";
-    po.netns = net->primary_ns();
-    so.tap = po.tap = Topology::kTap;
-    so.smp = po.smp = smp;
-    secondary = Launch(so);
-    primary = Launch(po);
-    INFO(Logs(*primary, *secondary));
-    REQUIRE(primary->WaitForLog("LOCKSTEP-GUEST-READY", 60s));
-    REQUIRE(primary->qmp().Execute("object-add", LockstepObjectAdd(kParts, pc)).ok());
-    REQUIRE(secondary->WaitForState("PROTECTED", 60s).ok());
-    auto c = WorkloadClient::Start(net->client_ns(), Topology::kGuestIp, 7000, 30s);
-    INFO(c.status().ToString());
-    REQUIRE(c.ok());
-    client = std::move(*c);
-    REQUIRE(client->WaitForReplies(5, 30s));
-  }
+using lockstep::testbed::PairOptions;
+using lockstep::testbed::ProtectedPair;
+using lockstep::testbed::WitnessKind;
 
-  // The same connection goes on: `n` more replies, each following from the one before.
-  void RequireClientGoesOn(uint64_t n) {
-    uint64_t from = client->replies();
-    bool more = client->WaitForReplies(from + n, 60s);
-    INFO("client: " << client->error());
-    REQUIRE(more);
-    REQUIRE(client->inconsistent() == 0);
-    REQUIRE(client->error().empty());
-  }
+PairOptions Pair(int smp = 1, WitnessKind witness = WitnessKind::kEmbedded) {
+  PairOptions o;
+  o.smp = smp;
+  o.witness = witness;
+  o.witness_binary = LOCKSTEP_WITNESS_PATH;
+  return o;
+}
 
-  std::unique_ptr<Topology> net;
-  std::unique_ptr<lockstep::testbed::ChildProcess> witness;
-  std::unique_ptr<QemuVm> primary, secondary;
-  std::unique_ptr<WorkloadClient> client;
-};
+std::unique_ptr<ProtectedPair> StartPair(const PairOptions& o) {
+  auto p = ProtectedPair::Start(kParts, o);
+  INFO(p.status().ToString());
+  REQUIRE(p.ok());
+  return std::move(*p);
+}
+
+// The same connection goes on: `n` more replies, each following from the one before.
+void RequireClientGoesOn(ProtectedPair& pair, uint64_t n) {
+  uint64_t from = pair.client().replies();
+  bool more = pair.client().WaitForReplies(from + n, 60s);
+  INFO("client: " << pair.client().error());
+  REQUIRE(more);
+  REQUIRE(pair.client().inconsistent() == 0);
+  REQUIRE(pair.client().error().empty());
+}
+
+// At most one host spoke for the guest at any moment since `since` (switch capture).
+void RequireOneSpeakerAtATime(ProtectedPair& pair, double since) {
+  std::string why;
+  bool interleaved = pair.capture().Interleaved(since, &why);
+  INFO(why);
+  REQUIRE_FALSE(interleaved);
+}
+
+// What `command` printed (run inside `netns` if given); "" if it failed.
+std::string Shell(const std::string& command, const std::string& netns = "") {
+  std::string full = netns.empty() ? command : "ip netns exec " + netns + " " + command;
+  std::string out;
+  if (FILE* f = popen((full + " 2>/dev/null").c_str(), "r")) {
+    char buf[512];
+    while (size_t n = fread(buf, 1, sizeof buf, f)) out.append(buf, n);
+    pclose(f);
+  }
+  while (!out.empty() && out.back() == '\n') out.pop_back();
+  return out;
+}
 
 std::string StateOf(QemuVm& vm) {
   auto st = vm.LockstepStatus();
   return st.ok() ? (*st)["state"].get<std::string>() : "(" + st.status().ToString() + ")";
+}
+
+// Polls both replicas until neither is in a state that is still deciding (or 30 s).
+std::pair<std::string, std::string> SettledStates(ProtectedPair& pair) {
+  auto deadline = std::chrono::steady_clock::now() + 30s;
+  std::string p, s;
+  for (;;) {
+    p = StateOf(pair.primary());
+    s = StateOf(pair.secondary());
+    bool p_done = p != "PROTECTED" && p != "SYNCING";
+    bool s_done = s != "PROTECTED" && s != "PROMOTING";
+    if ((p_done && s_done) || std::chrono::steady_clock::now() > deadline) return {p, s};
+    std::this_thread::sleep_for(50ms);
+  }
 }
 
 }  // namespace
@@ -325,53 +332,136 @@ std::string StateOf(QemuVm& vm) {
 TEST_CASE("kill -9 of the primary QEMU: the client's connection goes on, no reply lost",
           "[qemu][failover]") {
   std::mt19937_64 rng(Catch::rngSeed() + 7);
+  const std::string fence_dir = "/tmp/lockstep-fence-" + std::to_string(getpid());
+  const std::string fence = fence_dir + "/fence", fenced = fence_dir + "/fenced";
+  std::filesystem::create_directories(fence_dir);
+  std::ofstream(fence) << "#!/bin/sh\necho \"$1 $2\" >> " << fenced << "\n";
+  std::filesystem::permissions(fence, std::filesystem::perms::owner_all);
   for (int trial = 0; trial < 3; ++trial) {
     INFO("trial " << trial);
-    ProtectedPair pair(trial == 2 ? 2 : 1);  // the last trial runs two vCPUs
+    PairOptions o = Pair(trial == 2 ? 2 : 1);  // the last trial runs two vCPUs
+    const bool with_identity = trial == 1;     // a VIP and a fence command on this one
+    if (with_identity) {
+      o.vip = "10.9.0.50";
+      o.secondary_settings = "fence_command=" + fence;
+    }
+    auto pair = StartPair(o);
+    if (with_identity) {
+      CHECK(Shell("ip -n " + pair->net().primary_ns() + " -o addr show dev br0")
+                .find("10.9.0.50/32") != std::string::npos);
+      CHECK(Shell("ip -n " + pair->net().secondary_ns() + " -o addr show dev br0")
+                .find("10.9.0.50") == std::string::npos);
+      // The client talks to the VIP once (a refused connection), so it has a neighbour
+      // entry for it — at the primary's MAC — that the takeover must move.
+      Shell("bash -c 'exec 3<>/dev/tcp/10.9.0.50/9'", pair->net().client_ns());
+      const std::string primary_mac =
+          Shell("cat /sys/class/net/br0/address", pair->net().primary_ns());
+      CHECK(Shell("ip -n " + pair->net().client_ns() + " neigh show 10.9.0.50").find(primary_mac) !=
+            std::string::npos);
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(300 + rng() % 1500));
-    const double killed_at = pair.client->Mark();
-    pair.primary->Kill();
-    auto active = pair.secondary->WaitForState("ACTIVE", 30s);
-    INFO(active.status().ToString() << "\n" << pair.secondary->Log());
+    const double killed_at = pair->client().Mark();
+    pair->primary().Kill();
+    auto active = pair->secondary().WaitForState("ACTIVE", 30s);
+    INFO(active.status().ToString() << "\n" << pair->Logs());
     REQUIRE(active.ok());
-    pair.RequireClientGoesOn(20);
-    CHECK(StateOf(*pair.secondary) == "ACTIVE");
-    CHECK(Running(*pair.secondary));
+    RequireClientGoesOn(*pair, 20);
+    CHECK(StateOf(pair->secondary()) == "ACTIVE");
+    CHECK(Running(pair->secondary()));
+    RequireOneSpeakerAtATime(*pair, 0);
+    CHECK(pair->capture().CountFrom(1, killed_at) > 0);  // the secondary's port took over
+    if (with_identity) {
+      // The fence ran once, about the primary; the VIP moved and the client knows it.
+      std::ifstream in(fenced);
+      std::string line;
+      CHECK(std::getline(in, line));
+      CHECK(line == "vm1 hostA");
+      CHECK(Shell("ip -n " + pair->net().secondary_ns() + " -o addr show dev br0")
+                .find("10.9.0.50/32") != std::string::npos);
+      const std::string mac = Shell("cat /sys/class/net/br0/address", pair->net().secondary_ns());
+      CHECK(Shell("ip -n " + pair->net().client_ns() + " neigh show 10.9.0.50").find(mac) !=
+            std::string::npos);
+      WARN("takeover: " << active->value("data", Json::object()).value("reason", ""));
+    }
     WARN("trial " << trial << ": promoted "
                   << 1000 * (lockstep::testbed::Qmp::EventTime(*active) - killed_at)
                   << " ms after kill -9, first reply "
-                  << 1000 * (pair.client->FirstReplyAfterMark() - killed_at)
-                  << " ms, longest wait for a reply " << 1000 * pair.client->LongestGapAfterMark()
+                  << 1000 * (pair->client().FirstReplyAfterMark() - killed_at)
+                  << " ms, longest wait for a reply " << 1000 * pair->client().LongestGapAfterMark()
                   << " ms");
   }
+  std::filesystem::remove_all(fence_dir);
 }
 
 TEST_CASE("a cut replication link: the witness lets exactly one replica go on",
           "[qemu][partition]") {
-  ProtectedPair pair;
-  REQUIRE(pair.net->SetReplicationLinkUp(false).ok());
+  auto pair = StartPair(Pair());
+  REQUIRE(pair->net().SetReplicationLinkUp(false).ok());
   // Both sides notice the silence and ask the witness; one is granted the token.
-  auto deadline = std::chrono::steady_clock::now() + 30s;
-  std::string p, s;
-  for (;;) {
-    p = StateOf(*pair.primary);
-    s = StateOf(*pair.secondary);
-    bool p_done = p != "PROTECTED" && p != "SYNCING";
-    bool s_done = s != "PROTECTED" && s != "PROMOTING";
-    if ((p_done && s_done) || std::chrono::steady_clock::now() > deadline) break;
-    std::this_thread::sleep_for(50ms);
-  }
-  INFO("primary " << p << ", secondary " << s << "\n" << Logs(*pair.primary, *pair.secondary));
+  auto [p, s] = SettledStates(*pair);
+  INFO("primary " << p << ", secondary " << s << "\n" << pair->Logs());
   const bool primary_on = p == "PRIMARY_ALONE", secondary_on = s == "ACTIVE";
   REQUIRE(primary_on != secondary_on);  // exactly one
   if (primary_on) {
-    CHECK(!Running(*pair.secondary));
+    CHECK(!Running(pair->secondary()));
   } else {
     CHECK(p == "FENCED");  // stopped, its held output dropped
-    CHECK(!Running(*pair.primary));
+    CHECK(!Running(pair->primary()));
   }
-  // Whichever went on, the client's connection goes on with it, no reply contradicted.
-  pair.RequireClientGoesOn(20);
+  // Whichever went on, the client's connection goes on with it, no reply contradicted,
+  // and the switch never heard the guest from both hosts at once.
+  RequireClientGoesOn(*pair, 20);
+  RequireOneSpeakerAtATime(*pair, 0);
   WARN("cut replication link: " << (primary_on ? "the primary" : "the secondary")
                                 << " went on; the other is " << (primary_on ? s : p));
+}
+
+TEST_CASE("the primary cut off the switch: no failover, the pair waits for the port",
+          "[qemu][partition]") {
+  // The replication link still works, so neither replica sees a fault: the engine fails
+  // over on the loss of a replica, not of a client network (docs/vip-manager.md). The
+  // guest keeps running protected; the client is cut off until the port is back and then
+  // goes on on the same connection.
+  auto pair = StartPair(Pair());
+  REQUIRE(pair->net().SetHostPortUp(true, false).ok());
+  const double cut_at = lockstep::testbed::WallSeconds();
+  std::this_thread::sleep_for(2s);  // several detection thresholds
+  INFO(pair->Logs());
+  CHECK(StateOf(pair->primary()) == "PROTECTED");
+  CHECK(StateOf(pair->secondary()) == "PROTECTED");
+  CHECK(!Running(pair->secondary()));
+  CHECK(pair->capture().CountFrom(1, cut_at) == 0);  // the secondary never spoke
+  REQUIRE(pair->net().SetHostPortUp(true, true).ok());
+  RequireClientGoesOn(*pair, 20);
+  CHECK(StateOf(pair->primary()) == "PROTECTED");
+  RequireOneSpeakerAtATime(*pair, 0);
+}
+
+TEST_CASE("the witness cut off: protection goes on; a fault then stops both replicas",
+          "[qemu][partition]") {
+  auto pair = StartPair(Pair());
+  REQUIRE(pair->net().SetWitnessPortUp(false).ok());
+  // The normal path never asks the witness: nothing changes.
+  RequireClientGoesOn(*pair, 20);
+  INFO(pair->Logs());
+  CHECK(StateOf(pair->primary()) == "PROTECTED");
+  CHECK(StateOf(pair->secondary()) == "PROTECTED");
+  // A fault now: neither side can get the token, so neither may release output. The
+  // primary fences itself; the secondary stays paused. Unavailable, never two actives.
+  const double cut_at = lockstep::testbed::WallSeconds();
+  REQUIRE(pair->net().SetReplicationLinkUp(false).ok());
+  auto [p, s] = SettledStates(*pair);
+  INFO("primary " << p << ", secondary " << s);
+  CHECK(p == "FENCED");
+  CHECK(s == "FENCED");
+  CHECK(!Running(pair->primary()));
+  CHECK(!Running(pair->secondary()));
+  const double settled_at = lockstep::testbed::WallSeconds();
+  std::this_thread::sleep_for(1s);
+  // Nothing from the guest after the fault was handled, from either host; the client saw
+  // nothing contradicted.
+  CHECK(pair->capture().CountFrom(0, settled_at) == 0);
+  CHECK(pair->capture().CountFrom(1, cut_at) == 0);
+  CHECK(pair->client().inconsistent() == 0);
+  RequireOneSpeakerAtATime(*pair, 0);
 }

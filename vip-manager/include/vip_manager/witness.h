@@ -39,8 +39,18 @@ class Witness {
 
   // Compare-and-swap: if the token's term is `expected_term`, grants it to `candidate`
   // under term + 1. A candidate that already holds the token under `expected_term`
-  // (the primary staying active) is granted too, likewise with a new term. Errors mean the
-  // witness could not be asked (unreachable): the caller must then treat it as denied.
+  // (the primary staying active) is granted too, likewise with a new term.
+  //
+  // Retry rule: if the token already is (expected_term + 1, candidate), the answer is
+  // granted again, with that term and no change. This is a request asked again after its
+  // answer was lost (a timeout, a witness that applied it and then failed over); it is
+  // safe because the token really is the candidate's under that term. Any other request
+  // with a term that is no longer current is denied and told the current term and holder.
+  //
+  // A VM never registered: kFailedPrecondition ("the witness knows no VM named ...").
+  // Other errors mean the witness could not be asked (unreachable): the caller must then
+  // treat it as denied. An error does not prove the request was not applied; asking again
+  // with the same candidate and term then answers granted (the retry rule).
   virtual Result<WitnessDecision> RequestActive(std::string_view vm, std::string_view candidate,
                                                 uint64_t expected_term) = 0;
 };

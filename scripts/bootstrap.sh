@@ -12,6 +12,8 @@ PACKAGES=(
   libboost-dev libboost-program-options-dev
   nlohmann-json3-dev              # QMP (JSON) in the QEMU test bed
   libnl-route-3-dev               # rtnetlink: the virtual IP (vip-manager)
+  libssl-dev                      # libcrypto's base64 for etcd's JSON API (etcd witness)
+  etcd-server                     # /usr/bin/etcd: the etcd witness's tests run a real one
   clang libclang-rt-14-dev        # libFuzzer target for the epoch decoder
   python3-matplotlib              # PNG plots of benchmark results
   iproute2 procps

@@ -9,7 +9,9 @@
 // So at most one side ever acts on a given fault, whatever the timing of the two requests.
 //
 // The in-process witness below is for tests and single-process setups. The embedded
-// witness service and the etcd backend (with leases) implement the same interface.
+// witness service (witness_service.h) and the etcd backend (etcd_witness.h) implement the
+// same interface with the same rule; vip-manager/tests/witness_conformance_test.cc runs one
+// set of checks against all three.
 #pragma once
 
 #include <cstdint>

@@ -1,0 +1,84 @@
+// The etcd backend of the witness: the tokens live in an etcd cluster (v3 API). etcd makes
+// each decision durable before it answers: a transaction is committed through raft, i.e.
+// written and fsynced on a majority of the members, so a granted request survives a restart
+// of etcd and the loss of any minority of its members. The decision rule is the one of
+// witness.h, retry rule included; vip-manager/tests/witness_conformance_test.cc checks this
+// backend and the others against the same expectations.
+//
+// Keys, for VM `vm` under `key_prefix`:
+//   <prefix><vm>/term     the term, in decimal ("7")
+//   <prefix><vm>/holder   the host that holds the token under that term
+// Both are written by the same transaction, so they always agree.
+//
+// RequestActive is ONE transaction, so one round trip, applied atomically:
+//   compare  value(<prefix><vm>/term) == expected_term
+//   success  put term = expected_term + 1, put holder = candidate        -> granted
+//   failure  range term, range holder                                    -> current token
+// etcd orders every transaction in its log, so of two replicas asking with the same term
+// exactly one compare succeeds. One round trip keeps the failover path short and needs no
+// lock: the compare is the whole decision. When the compare fails but the token already is
+// (expected_term + 1, candidate), the answer is granted (witness.h's retry rule: the same
+// request, applied once, whose answer was lost). A term key that does not exist is a VM
+// never registered: kFailedPrecondition, as for the other witnesses.
+//
+// Register reads the term key (value and mod_revision), then writes term + 1 and the holder
+// in a transaction whose compare is mod_revision(term key) == what it read (0 when the key
+// is absent, which etcd compares as 0); a lost race is read and tried again, up to 5 times.
+//
+// No etcd lease is attached to these keys, deliberately: terms must never go backwards. A
+// lease that expired would delete the term, the next Register would count from 1 again,
+// and a replica still holding an old term could then win the token with it.
+//
+// Transport: HTTP/1.1 to etcd's JSON gateway (POST /v3/kv/range and /v3/kv/txn, keys and
+// values base64), one connection per request. Endpoints ("HOST:PORT" of the members'
+// client URLs, plain http) are tried in order until one answers like etcd; one that is
+// unreachable, silent, not etcd, or an etcd that refuses (no leader, ...) moves the request
+// to the next. Each exchange with one endpoint (connect, send, answer) has a deadline of
+// `timeout`, so a RequestActive takes at most timeout × endpoints; a Register, two such
+// round trips per attempt. When no endpoint answers, the error names every endpoint and what went
+// wrong with each, with the code of the last one. Resending a request to the next endpoint is safe
+// even if the first applied it: the retry rule answers RequestActive the same way, and Register's
+// compare sees the change and bumps again. Use IP addresses: a host name is resolved by the
+// system's resolver, outside the deadline.
+//
+// Names: VM and holder names are 1..255 bytes, each above ' ' (no whitespace, no control
+// character below 0x20), as in the embedded witness's wire format; anything else is
+// kInvalidArgument, before any request.
+//
+// Thread safety: thread-safe. The object holds only its configuration, which nothing
+// changes after construction; every call makes its own connections.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+#include "vip_manager/witness.h"
+
+namespace lockstep::vip {
+
+class EtcdWitness final : public Witness {
+ public:
+  // `endpoints`: "HOST:PORT" (IPv6 as "[ADDR]:PORT") of one or more members of the same etcd
+  // cluster, tried in this order. `key_prefix` is put as is in front of the VM's name.
+  explicit EtcdWitness(std::vector<std::string> endpoints,
+                       std::string key_prefix = "/lockstep/witness/",
+                       std::chrono::milliseconds timeout = std::chrono::milliseconds(500));
+
+  Result<uint64_t> Register(std::string_view vm, std::string_view holder) override;
+  Result<WitnessDecision> RequestActive(std::string_view vm, std::string_view candidate,
+                                        uint64_t expected_term) override;
+
+ private:
+  std::string TermKey(std::string_view vm) const;
+  std::string HolderKey(std::string_view vm) const;
+
+  const std::vector<std::string> endpoints_;
+  const std::string key_prefix_;
+  const std::chrono::milliseconds timeout_;
+};
+
+}  // namespace lockstep::vip

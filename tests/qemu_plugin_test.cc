@@ -437,7 +437,7 @@ TEST_CASE("the primary cut off the switch: no failover, the pair waits for the p
   RequireOneSpeakerAtATime(*pair, 0);
 }
 
-TEST_CASE("the witness cut off: protection goes on; a fault then stops both replicas",
+TEST_CASE("the witness cut off: protection goes on, and a fault then stops both replicas",
           "[qemu][partition]") {
   auto pair = StartPair(Pair());
   REQUIRE(pair->net().SetWitnessPortUp(false).ok());

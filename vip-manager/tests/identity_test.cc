@@ -141,7 +141,7 @@ TEST_CASE("announcement frames have the documented layout", "[identity]") {
   CHECK(!lockstep::vip::ParseMac("52:54:00:12:34:56:78").ok());
 }
 
-TEST_CASE("a claimed VIP moves the client's neighbour entry at once; release is idempotent",
+TEST_CASE("a claimed VIP moves the client's neighbour entry at once, and release is idempotent",
           "[identity][netns]") {
   Hosts hosts;
   IdentitySpec spec;

@@ -12,6 +12,7 @@
 #include "lockstep/replicator.h"
 #include "replica_common.h"
 #include "replication_channel/tcp.h"
+#include "vip_manager/etcd_witness.h"
 #include "vip_manager/fence.h"
 #include "vip_manager/identity.h"
 #include "vip_manager/witness_service.h"
@@ -195,6 +196,9 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
       if (!ParseMillis(v, &r->options.heartbeat_interval)) return "heartbeat_ms must be 1..600000";
     } else if (k == "threshold_ms") {
       if (!ParseMillis(v, &r->options.peer_loss_threshold)) return "threshold_ms must be 1..600000";
+    } else if (k == "sync_threshold_ms") {
+      if (!ParseMillis(v, &r->options.sync_loss_threshold))
+        return "sync_threshold_ms must be 1..600000";
     } else if (k == "output_spacing_ms") {
       Micros spacing{0};
       if (v != "0" && !ParseMillis(v, &spacing)) return "output_spacing_ms must be 0..600000";
@@ -250,8 +254,21 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
   } else if (witness.rfind("tcp:", 0) == 0 && witness.size() > 4) {
     // The embedded witness (vip-manager's lockstep-witness) on a third host.
     r->witness = std::make_unique<vip::WitnessClient>(witness.substr(4));
+  } else if (witness.rfind("etcd:", 0) == 0 && witness.size() > 5) {
+    // etcd's v3 API; members of one cluster as HOST:PORT+HOST:PORT (',' ends a setting).
+    std::vector<std::string> endpoints;
+    std::string list = witness.substr(5);
+    for (size_t at = 0; at <= list.size();) {
+      size_t plus = list.find('+', at);
+      if (plus == std::string::npos) plus = list.size();
+      if (plus > at) endpoints.push_back(list.substr(at, plus - at));
+      at = plus + 1;
+    }
+    if (endpoints.empty()) return "witness=etcd:HOST:PORT[+HOST:PORT...] needs an endpoint";
+    r->witness = std::make_unique<vip::EtcdWitness>(std::move(endpoints));
   } else {
-    return "witness=tcp:HOST:PORT (the embedded witness, lockstep-witness) or "
+    return "witness=tcp:HOST:PORT (the embedded witness, lockstep-witness), "
+           "witness=etcd:HOST:PORT[+HOST:PORT...] (etcd) or "
            "witness=this-process (tests only: sound only when a failed replica cannot ask "
            "again) is required";
   }

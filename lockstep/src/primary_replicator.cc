@@ -229,7 +229,12 @@ void PrimaryReplicator::Impl::ControlLoop() {
     } else {
       // Judged only after a Receive() that waited for nothing: LastHeardFrom() advances
       // when bytes are read, not when they arrive.
-      Status silence = CheckPeerSilence(*ch, opt.peer_loss_threshold, "secondary");
+      Status silence =
+          CheckPeerSilence(*ch,
+                           role.get() == ReplicaState::kSyncing
+                               ? std::max(opt.peer_loss_threshold, opt.sync_loss_threshold)
+                               : opt.peer_loss_threshold,
+                           "secondary");
       if (!silence.ok()) SignalFault(silence);
     }
   }

@@ -125,7 +125,11 @@ void SecondaryReplica::Impl::ReceiveLoop() {
     std::span<uint8_t> room(arena.data() + used, arena.size() - used);
     Status s = ch->Receive(room, &n, opt.heartbeat_interval);
     if (s.code() == Status::Code::kTimedOut) {
-      fault = CheckPeerSilence(*ch, opt.peer_loss_threshold, "primary");
+      fault = CheckPeerSilence(*ch,
+                               role.get() == ReplicaState::kSyncing
+                                   ? std::max(opt.peer_loss_threshold, opt.sync_loss_threshold)
+                                   : opt.peer_loss_threshold,
+                               "primary");
       if (!fault.ok()) {
         ending = Ending::kPeerLost;
         break;

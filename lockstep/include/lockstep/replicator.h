@@ -43,7 +43,11 @@ struct ReplicationOptions {
   Micros output_epoch_spacing{3'000};
   Micros heartbeat_interval{1'000};    // a heartbeat goes out when nothing else did
   Micros peer_loss_threshold{30'000};  // silence longer than this is a lost peer
-  bool delta_encoding = true;          // XOR+RLE deltas against the last copy sent
+  // Until the initial synchronization is complete (SYNCING) the larger of this and
+  // peer_loss_threshold applies: a secondary first-touching the guest's whole memory can
+  // be silent for a while, and a fault then has nothing to fail over to anyway.
+  Micros sync_loss_threshold{2'000'000};
+  bool delta_encoding = true;  // XOR+RLE deltas against the last copy sent
   size_t max_device_state_bytes = 4u << 20;
   std::chrono::milliseconds handshake_timeout{5'000};
   // Called after every state change, on an engine thread, outside the engine's locks.

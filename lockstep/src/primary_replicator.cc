@@ -325,7 +325,7 @@ void PrimaryReplicator::Impl::Teardown(bool orderly, std::string reason) {
   }
   // A fault: only the witness may let this replica go on releasing output.
   TakeoverTimeline timeline;
-  auto decision = witness.RequestActive(opt.vm_id, opt.host_id, term);
+  auto decision = AskWitness(witness, opt, term);
   timeline.Mark("witness");
   std::string why;
   if (decision.ok() && decision->granted) {

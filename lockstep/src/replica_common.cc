@@ -1,5 +1,8 @@
 #include "replica_common.h"
 
+#include <pthread.h>
+#include <sched.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -39,6 +42,15 @@ void TakeoverTimeline::Mark(const char* step) {
                 std::chrono::duration<double, std::milli>(now - last_).count());
   text_ += buf;
   last_ = now;
+}
+
+Result<vip::WitnessDecision> AskWitness(vip::Witness& witness, const ReplicationOptions& opt,
+                                        uint64_t term) {
+  Result<vip::WitnessDecision> decision = witness.RequestActive(opt.vm_id, opt.host_id, term);
+  for (int attempt = 1; attempt < kWitnessAttempts && !decision.ok(); ++attempt) {
+    decision = witness.RequestActive(opt.vm_id, opt.host_id, term);
+  }
+  return decision;
 }
 
 Status RunTakeoverSteps(const ReplicationOptions& opt, const std::string& peer_host,
@@ -159,6 +171,13 @@ void Heartbeater::Stop() {
 }
 
 void Heartbeater::Run() {
+  // The peer's failure detector trusts these beats. On a busy host a normal thread can wait
+  // milliseconds for a CPU, which a short threshold takes for a dead peer; real-time
+  // priority (where permitted: root or CAP_SYS_NICE) keeps that wait short. The thread
+  // sleeps between beats, so it costs almost no CPU; without the permission it runs as is.
+  sched_param realtime{};
+  realtime.sched_priority = kHeartbeatPriority;
+  (void)pthread_setschedparam(pthread_self(), SCHED_FIFO, &realtime);
   uint8_t record[wire::kControlRecordBytes];
   const int64_t interval_ns =
       std::chrono::duration_cast<std::chrono::nanoseconds>(interval_).count();

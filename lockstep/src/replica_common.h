@@ -67,6 +67,14 @@ class TakeoverTimeline {
   std::string text_;
 };
 
+// Asks the witness for the token after a fault. An error (the witness unreachable, silent,
+// or its answer lost) is asked again, up to `kWitnessAttempts` times in all: the witness's
+// retry rule (witness.h) answers a request it already granted the same way, so asking
+// again is safe. A denial is final.
+constexpr int kWitnessAttempts = 3;
+Result<vip::WitnessDecision> AskWitness(vip::Witness& witness, const ReplicationOptions& opt,
+                                        uint64_t term);
+
 // Runs the optional takeover steps of `opt` that come before going active. On success,
 // `*identity_note` is "" or what went wrong claiming the identity (not fatal).
 Status RunTakeoverSteps(const ReplicationOptions& opt, const std::string& peer_host,
@@ -74,6 +82,10 @@ Status RunTakeoverSteps(const ReplicationOptions& opt, const std::string& peer_h
 
 // Whether `s` means a fault was handled or protection ended.
 bool IsSettled(ReplicaState s);
+
+// SCHED_FIFO priority of the heartbeat threads (low: above every normal thread, below the
+// kernel's own real-time work).
+constexpr int kHeartbeatPriority = 10;
 
 // Sends a HEARTBEAT whenever nothing else went to the peer for one interval. Send errors
 // are reported once through `on_error`. Thread-safe.

@@ -238,7 +238,7 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
   }
   role.MoveTo(ReplicaState::kPromoting, reason);
   TakeoverTimeline timeline;
-  auto decision = witness.RequestActive(opt.vm_id, opt.host_id, term);
+  auto decision = AskWitness(witness, opt, term);
   timeline.Mark("witness");
   if (!decision.ok() || !decision->granted) {
     std::string why = decision.ok()

@@ -33,9 +33,15 @@ class WitnessLink final : public vip::Witness {
                                              uint64_t term) override {
     ++requests_;
     if (!reachable_) return Status::TimedOut("witness unreachable from this host");
-    return w_.RequestActive(vm, c, term);
+    auto decision = w_.RequestActive(vm, c, term);
+    if (lose_answers_ > 0) {
+      --lose_answers_;
+      return Status::TimedOut("the witness's answer was lost");  // but it was applied
+    }
+    return decision;
   }
   std::atomic<bool> reachable_{true};
+  std::atomic<int> lose_answers_{0};
   std::atomic<int> requests_{0};
 
  private:
@@ -355,6 +361,7 @@ TEST_CASE("no promotion without the witness token", "[replicator][witness]") {
   INFO(Log(p.secondary->transitions()));
   REQUIRE(p.secondary->state() == S::kFenced);
   REQUIRE(p.secondary->fault_reason().find("could not be asked") != std::string::npos);
+  REQUIRE(p.sw.requests_ == 3);  // asked again, in case only the answer was lost
   REQUIRE_FALSE(p.sg.running());
   REQUIRE(p.sg.emitted().empty());
   REQUIRE(p.sg.announcements() == 0);
@@ -533,4 +540,18 @@ TEST_CASE("the takeover steps run in order, and a failed fence means no takeover
     REQUIRE(p.sg.emitted().empty());
     REQUIRE(std::find(steps.begin(), steps.end(), "vcpus") == steps.end());
   }
+}
+
+TEST_CASE("a witness answer lost on the way is asked again and honoured", "[replicator][witness]") {
+  Pair p;
+  p.StartProtected();
+  std::this_thread::sleep_for(50ms);
+  p.KillPrimarySide();
+  p.sw.lose_answers_ = 1;  // the grant is applied, its answer never arrives
+  p.link->Cut();
+  REQUIRE(p.secondary->WaitForFaultHandled(10s));
+  INFO(Log(p.secondary->transitions()));
+  REQUIRE(p.secondary->state() == S::kActive);  // the retry rule: the same grant again
+  REQUIRE(p.sw.requests_ == 2);
+  REQUIRE(p.sg.running());
 }

@@ -57,9 +57,10 @@ struct Options {
   std::string witness_binary;
   int trials = 30;
   std::vector<WitnessKind> witnesses = {WitnessKind::kEmbedded, WitnessKind::kEtcd};
-  std::string settings = "interval_ms=20;threshold_ms=300";
+  std::string settings = "interval_ms=20;heartbeat_ms=1;threshold_ms=5";
   int client_rto_min_ms = 0;  // 0: the client's kernel default (200 ms on Linux)
   std::string out_dir = "benchmarks/results";
+  std::string name = "failover_bench";  // of the CSV and PNG files
 };
 
 // "name 1.23 ms" inside the takeover timeline of an ACTIVE reason; 0 if absent.
@@ -98,6 +99,16 @@ Result<Trial> RunTrial(const Options& o, WitnessKind kind, int n, std::mt19937_6
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(300 + rng() % 1200));
 
+  // A pair that failed over on its own before the kill (a threshold too short for this
+  // machine) is not a trial: say so.
+  auto before_p = pair.primary().LockstepStatus(), before_s = pair.secondary().LockstepStatus();
+  std::string ps = before_p.ok() ? (*before_p)["state"].get<std::string>() : "?",
+              ss = before_s.ok() ? (*before_s)["state"].get<std::string>() : "?";
+  if (ps != "PROTECTED" || ss != "PROTECTED") {
+    return Status::FailedPrecondition("FALSE FAILOVER: before the kill the primary was " + ps +
+                                      " and the secondary " + ss + " (" +
+                                      (before_p.ok() ? (*before_p).value("reason", "") : "") + ")");
+  }
   int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pair.primary().pid(), 0));
   if (pidfd < 0) return Status::FromErrno("pidfd_open", errno);
   const double killed = pair.client().Mark();
@@ -148,13 +159,14 @@ int Usage() {
                "                      [--settings S] [--client-rto-min-ms N]\n"
                "                      [--qemu PATH] [--guest-dir DIR]\n"
                "                      [--plugin PATH] [--witness-binary PATH] [--out DIR]\n"
+               "                      [--name NAME]\n"
                "  --trials    failovers per witness (default 30; --quick: 5)\n"
                "  --witness   which witness backends to measure (default both)\n"
                "  --settings  the plugin settings of both replicas (default %s)\n"
                "  --client-rto-min-ms  the client's TCP retransmission floor towards the\n"
                "              guest (default: its kernel's, 200 ms)\n"
-               "  --out       where to write failover_bench.csv/.png (default "
-               "benchmarks/results)\n"
+               "  --out       where to write the results (default benchmarks/results)\n"
+               "  --name      their file name, NAME.csv and NAME.png (default failover_bench)\n"
                "Needs root (network namespaces), QEMU and the guest (scripts/test.sh builds\n"
                "both, and this program with their paths as defaults) and etcd-server for\n"
                "--witness etcd.\n",
@@ -213,6 +225,8 @@ int main(int argc, char** argv) {
       ok = value(&o.witness_binary);
     } else if (a == "--out") {
       ok = value(&o.out_dir);
+    } else if (a == "--name") {
+      ok = value(&o.name) && !o.name.empty() && o.name.find('/') == std::string::npos;
     } else {
       ok = false;
     }
@@ -286,7 +300,7 @@ int main(int argc, char** argv) {
   }
 
   std::filesystem::create_directories(o.out_dir);
-  std::string csv = o.out_dir + "/failover_bench.csv";
+  std::string csv = o.out_dir + "/" + o.name + ".csv";
   FILE* f = std::fopen(csv.c_str(), "w");
   if (f == nullptr) {
     std::fprintf(stderr, "failover_bench: cannot write %s: %s\n", csv.c_str(),
@@ -305,7 +319,7 @@ int main(int argc, char** argv) {
   std::fclose(f);
   std::printf("\nwrote %s\n", csv.c_str());
   std::string plot = "/usr/bin/python3 benchmarks/plot_failover_bench.py '" + csv + "' '" +
-                     o.out_dir + "/failover_bench.png'";
+                     o.out_dir + "/" + o.name + ".png'";
   if (std::filesystem::exists("benchmarks/plot_failover_bench.py") &&
       std::system(plot.c_str()) != 0) {
     std::fprintf(stderr, "failover_bench: plotting failed (is python3-matplotlib installed?)\n");

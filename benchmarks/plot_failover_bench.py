@@ -28,6 +28,10 @@ for ax, w in zip(axes[0], witnesses):
     ax.set_title(f"failover, {w} witness, {len(mine)} trials, real guest under TCG")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+rto = rows[0].get("client_rto_min_ms", "0") if rows else "0"
+fig.suptitle(f"plugin settings {rows[0].get('settings', '?') if rows else '?'}; client TCP "
+             f"rto_min {'kernel default (200 ms)' if rto in ('', '0') else rto + ' ms'}",
+             fontsize=9)
 fig.tight_layout()
 fig.savefig(dst, dpi=110)
 print(f"wrote {dst}")

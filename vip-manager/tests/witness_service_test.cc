@@ -3,14 +3,17 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <thread>
 
 using namespace std::chrono_literals;
@@ -124,13 +127,79 @@ TEST_CASE("a corrupt state file is refused with the line, and nothing is overwri
   CHECK(all.find("vm2 seven hostA") != std::string::npos);
 }
 
-TEST_CASE("a decision that cannot be written is not given", "[witness-service]") {
+TEST_CASE("a witness that cannot write its state does not start", "[witness-service]") {
   TempDir dir;
-  auto server = Serve(dir.path + "/no/such/dir/state");
+  auto s = WitnessServer::Start("127.0.0.1:0", dir.path + "/no/such/dir/state");
+  REQUIRE(!s.ok());
+  CHECK(s.status().message().find("cannot keep its decisions") != std::string::npos);
+}
+
+TEST_CASE("a decision that cannot be written on a full disk is not given", "[witness-service]") {
+  // A tiny tmpfs of our own, filled up after the witness started.
+  TempDir dir;
+  const std::string mnt = dir.path + "/small";
+  std::filesystem::create_directories(mnt);
+  if (mount("lockstep-witness-test", mnt.c_str(), "tmpfs", 0, "size=64k") != 0) {
+    FAIL("mounting a tmpfs needs root: " << std::strerror(errno));
+  }
+  struct Unmount {
+    std::string at;
+    ~Unmount() { umount2(at.c_str(), MNT_DETACH); }
+  } unmount{mnt};
+  // tmpfs gives space by the page: a state file that ends 2 bytes short of a page needs a
+  // new page for the next decision's line, and there will be none.
+  {
+    std::string text = "lockstep-witness 2\nvm1 1 hostA\n";
+    for (int i = 0; text.size() < 4070; ++i) text += "p" + std::to_string(i) + " 1 h\n";
+    text += "q 1 " + std::string(4089 - text.size(), 'h') + "\n";
+    REQUIRE(text.size() == 4094);
+    std::ofstream(mnt + "/state") << text;
+  }
+  auto server = Serve(mnt + "/state");
+  REQUIRE(std::filesystem::file_size(mnt + "/state") == 4094);  // compacted, same lines
   WitnessClient c(server->address());
-  auto term = c.Register("vm1", "hostA");
-  REQUIRE(!term.ok());
-  CHECK(term.status().message().find("writing the witness state") != std::string::npos);
+  {
+    std::ofstream fill(mnt + "/fill", std::ios::binary);
+    std::string block(4096, 'x');
+    while (fill.write(block.data(), block.size())) {
+    }
+  }
+  auto lost = c.RequestActive("vm1", "hostB", 1);
+  REQUIRE(!lost.ok());
+  CHECK(lost.status().message().find("disk full") != std::string::npos);
+  // Taken back: with room again, the same request is decided afresh, and granted.
+  std::filesystem::remove(mnt + "/fill");
+  auto again = c.RequestActive("vm1", "hostB", 1);
+  REQUIRE(again.ok());
+  CHECK(again->granted);
+  CHECK(again->term == 2);
+  // And the file holds whole lines only.
+  server.reset();
+  auto reloaded = Serve(mnt + "/state");
+  WitnessClient c2(reloaded->address());
+  auto stale = c2.RequestActive("vm1", "hostA", 1);
+  REQUIRE(stale.ok());
+  CHECK(stale->holder == "hostB");
+}
+
+TEST_CASE("the state file: later lines win, a torn last line is dropped, restart compacts",
+          "[witness-service]") {
+  TempDir dir;
+  std::string state = dir.path + "/state";
+  {
+    std::ofstream f(state);
+    f << "lockstep-witness 2\nvm1 1 hostA\nvm2 4 hostB\nvm1 2 hostB\nvm1 3 hos";
+  }
+  auto server = Serve(state);
+  WitnessClient c(server->address());
+  auto d = c.RequestActive("vm1", "hostA", 1);
+  REQUIRE(d.ok());
+  CHECK(!d->granted);
+  CHECK(d->term == 2);  // the torn "vm1 3 hos" was never answered
+  CHECK(d->holder == "hostB");
+  std::ifstream f(state);
+  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  CHECK(all == "lockstep-witness 2\nvm1 2 hostB\nvm2 4 hostB\n");
 }
 
 TEST_CASE("an unreachable or silent witness is an error within the deadline", "[witness-service]") {

@@ -15,10 +15,14 @@
 //                   1 = refused: see error), u8 granted, u64 term, str holder, str error
 // A witness that does not speak the request's version answers code 1 with its own version.
 //
-// State file: "lockstep-witness 1" on the first line, then one line per VM:
-// "<vm> <term> <holder>". Rewritten whole (temporary file, fsync, rename, fsync of the
-// directory) before a decision that changed it is answered: an answer the witness gave is
-// never forgotten by a crash.
+// State file, version 2: "lockstep-witness 2" on the first line, then one line per
+// decision, "<vm> <term> <holder>"; a VM's last line wins. A decision is appended and
+// fdatasync'd before it is answered (one sync on the failover path), so an answer the
+// witness gave is never forgotten by a crash; a decision that cannot be written is taken
+// back and refused. A last line without its newline is an append a crash cut short —
+// never synced, never answered — and is dropped. At start the file is compacted to one
+// line per VM (temporary file, fsync, rename, fsync of the directory), which also proves
+// it writable before anything is served. Version 1 files (one line per VM) read the same.
 #pragma once
 
 #include <chrono>

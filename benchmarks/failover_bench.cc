@@ -23,19 +23,24 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <boost/program_options.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <future>
+#include <iostream>
 #include <map>
 #include <random>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "testbed/protected_pair.h"
+
+namespace po = boost::program_options;
 
 namespace {
 
@@ -105,9 +110,10 @@ Result<Trial> RunTrial(const Options& o, WitnessKind kind, int n, std::mt19937_6
   std::string ps = before_p.ok() ? (*before_p)["state"].get<std::string>() : "?",
               ss = before_s.ok() ? (*before_s)["state"].get<std::string>() : "?";
   if (ps != "PROTECTED" || ss != "PROTECTED") {
-    return Status::FailedPrecondition("FALSE FAILOVER: before the kill the primary was " + ps +
-                                      " and the secondary " + ss + " (" +
-                                      (before_p.ok() ? (*before_p).value("reason", "") : "") + ")");
+    return Status::FailedPrecondition(
+        "FALSE FAILOVER: before the kill the primary was " + ps + " (" +
+        (before_p.ok() ? (*before_p).value("reason", "") : "") + ") and the secondary " + ss +
+        " (" + (before_s.ok() ? (*before_s).value("reason", "") : "") + ")");
   }
   int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pair.primary().pid(), 0));
   if (pidfd < 0) return Status::FromErrno("pidfd_open", errno);
@@ -153,91 +159,77 @@ double Percentile(std::vector<double> v, double p) {
   return v[std::min(i, v.size() - 1)];
 }
 
-int Usage() {
-  std::fprintf(stderr,
-               "usage: failover_bench [--trials N] [--quick] [--witness embedded|etcd|both]\n"
-               "                      [--settings S] [--client-rto-min-ms N]\n"
-               "                      [--qemu PATH] [--guest-dir DIR]\n"
-               "                      [--plugin PATH] [--witness-binary PATH] [--out DIR]\n"
-               "                      [--name NAME]\n"
-               "  --trials    failovers per witness (default 30; --quick: 5)\n"
-               "  --witness   which witness backends to measure (default both)\n"
-               "  --settings  the plugin settings of both replicas (default %s)\n"
-               "  --client-rto-min-ms  the client's TCP retransmission floor towards the\n"
-               "              guest (default: its kernel's, 200 ms)\n"
-               "  --out       where to write the results (default benchmarks/results)\n"
-               "  --name      their file name, NAME.csv and NAME.png (default failover_bench)\n"
-               "Needs root (network namespaces), QEMU and the guest (scripts/test.sh builds\n"
-               "both, and this program with their paths as defaults) and etcd-server for\n"
-               "--witness etcd.\n",
-               Options().settings.c_str());
-  return 2;
-}
-
-}  // namespace
-
-int main(int argc, char** argv) {
+// Boost.program_options reports errors by exception; they stop here, as a Status. *help
+// is set (and the usage printed) for --help.
+Result<Options> ParseOptions(int argc, char** argv, bool* help) {
   Options o;
 #ifdef LOCKSTEP_QEMU
   o.parts = {LOCKSTEP_QEMU, LOCKSTEP_GUEST_DIR, LOCKSTEP_PLUGIN_PATH};
   o.witness_binary = LOCKSTEP_WITNESS_PATH;
 #endif
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    auto value = [&](std::string* out) {
-      if (i + 1 >= argc) return false;
-      *out = argv[++i];
-      return true;
-    };
-    bool ok = true;
-    std::string v;
-    if (a == "--trials") {
-      ok = value(&v);
-      char* end = nullptr;
-      long n = ok ? std::strtol(v.c_str(), &end, 10) : 0;
-      ok = ok && !v.empty() && *end == '\0' && n >= 1 && n <= 1000;
-      o.trials = static_cast<int>(n);
-    } else if (a == "--quick") {
-      o.trials = 5;
-    } else if (a == "--witness") {
-      ok = value(&v);
-      if (v == "embedded")
-        o.witnesses = {WitnessKind::kEmbedded};
-      else if (v == "etcd")
-        o.witnesses = {WitnessKind::kEtcd};
-      else if (v != "both")
-        ok = false;
-    } else if (a == "--settings") {
-      ok = value(&o.settings);
-    } else if (a == "--client-rto-min-ms") {
-      ok = value(&v);
-      char* end = nullptr;
-      long n = ok ? std::strtol(v.c_str(), &end, 10) : 0;
-      ok = ok && !v.empty() && *end == '\0' && n >= 1 && n <= 1000;
-      o.client_rto_min_ms = static_cast<int>(n);
-    } else if (a == "--qemu") {
-      ok = value(&o.parts.qemu);
-    } else if (a == "--guest-dir") {
-      ok = value(&o.parts.guest_dir);
-    } else if (a == "--plugin") {
-      ok = value(&o.parts.plugin);
-    } else if (a == "--witness-binary") {
-      ok = value(&o.witness_binary);
-    } else if (a == "--out") {
-      ok = value(&o.out_dir);
-    } else if (a == "--name") {
-      ok = value(&o.name) && !o.name.empty() && o.name.find('/') == std::string::npos;
-    } else {
-      ok = false;
+  std::string witness = "both";
+  po::options_description opts(
+      "usage: failover_bench [options]\n"
+      "Needs root (network namespaces), QEMU and the guest (scripts/test.sh builds both, and\n"
+      "this program with their paths as defaults) and etcd-server for the etcd witness");
+  opts.add_options()("help,h", "this help")("trials", po::value(&o.trials)->default_value(o.trials),
+                                            "failovers per witness (1..1000)")(
+      "quick", "5 trials per witness (CI)")("witness", po::value(&witness)->default_value(witness),
+                                            "embedded, etcd or both")(
+      "settings", po::value(&o.settings)->default_value(o.settings),
+      "the plugin settings of both replicas (docs/qemu-plugin.md)")(
+      "client-rto-min-ms", po::value(&o.client_rto_min_ms),
+      "the client's TCP retransmission floor towards the guest (default: its kernel's, 200 ms)")(
+      "qemu", po::value(&o.parts.qemu), "qemu-system-x86_64 built by qemu-patches/build-qemu.sh")(
+      "guest-dir", po::value(&o.parts.guest_dir), "vmlinuz and initrd.gz (guest/build-guest.sh)")(
+      "plugin", po::value(&o.parts.plugin), "liblockstep_plugin.so")(
+      "witness-binary", po::value(&o.witness_binary), "lockstep-witness")(
+      "out", po::value(&o.out_dir)->default_value(o.out_dir), "where to write the results")(
+      "name", po::value(&o.name)->default_value(o.name), "their file names: NAME.csv, NAME.png");
+  try {
+    po::variables_map vm;
+    po::store(po::parse_command_line(argc, argv, opts), vm);
+    if (vm.count("help")) {
+      std::cout << opts << "\n";
+      *help = true;
+      return o;
     }
-    if (!ok) {
-      std::fprintf(stderr, "failover_bench: bad argument '%s'\n", a.c_str());
-      return Usage();
-    }
+    po::notify(vm);
+    if (vm.count("quick")) o.trials = 5;
+  } catch (const po::error& e) {
+    std::ostringstream usage;
+    usage << opts;
+    return Status::InvalidArgument(std::string(e.what()) + "\n" + usage.str());
   }
+  if (o.trials < 1 || o.trials > 1000) return Status::InvalidArgument("--trials must be 1..1000");
+  if (o.client_rto_min_ms < 0 || o.client_rto_min_ms > 1000)
+    return Status::InvalidArgument("--client-rto-min-ms must be 1..1000");
+  if (o.name.empty() || o.name.find('/') != std::string::npos)
+    return Status::InvalidArgument("--name must be a file name, without '/'");
+  if (witness == "embedded") {
+    o.witnesses = {WitnessKind::kEmbedded};
+  } else if (witness == "etcd") {
+    o.witnesses = {WitnessKind::kEtcd};
+  } else if (witness != "both") {
+    return Status::InvalidArgument("--witness must be embedded, etcd or both");
+  }
+  return o;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool help = false;
+  auto parsed = ParseOptions(argc, argv, &help);
+  if (!parsed.ok()) {
+    std::fprintf(stderr, "failover_bench: %s\n", parsed.status().message().c_str());
+    return 2;
+  }
+  if (help) return 0;
+  const Options& o = *parsed;
   if (Status s = o.parts.Check(); !s.ok()) {
     std::fprintf(stderr, "failover_bench: %s\n", s.ToString().c_str());
-    return Usage();
+    return 2;
   }
   if (geteuid() != 0) {
     std::fprintf(stderr, "failover_bench: needs root for the network namespaces; use sudo\n");

@@ -94,6 +94,9 @@ Result<Flags> ParseFlags(int argc, char** argv) {
   return f;
 }
 
+// A host-level virtual IP that moves with the VM (vip-manager's identity takeover).
+constexpr const char* kVip = "10.9.0.50";
+
 // The embedded witness, on a host of its own.
 const std::string kWitnessAt = std::string(Topology::kWitnessIp) + ":7900";
 
@@ -103,6 +106,8 @@ LockstepConfig Config(const std::string& role, const std::string& host) {
   c.address = std::string(Topology::kSecondaryLinkIp) + ":7700";  // the replication link
   c.host = host;
   c.witness = "tcp:" + kWitnessAt;
+  // 30 ms of silence is a lost peer; the host-level VIP follows the active replica.
+  c.settings = "interval_ms=20;heartbeat_ms=1;threshold_ms=30;vip=" + std::string(kVip) + "@br0";
   return c;
 }
 
@@ -249,8 +254,8 @@ Status RunDemo(const Flags& f) {
   std::printf("  %8.1f  primary QEMU killed (kill -9)\n", 0.0);
   std::printf("  %8.1f  secondary: peer loss detected (PROMOTING)\n",
               Ms(Qmp::EventTime(*promoting) - killed_at));
-  std::printf("  %8.1f  secondary: ACTIVE (guest resumed, announced)\n",
-              Ms(Qmp::EventTime(*active) - killed_at));
+  std::printf("  %8.1f  secondary: ACTIVE (guest resumed, VIP %s claimed, announced)\n",
+              Ms(Qmp::EventTime(*active) - killed_at), kVip);
   if (first_reply > 0) {
     std::printf("  %8.1f  client: first reply after the kill\n", Ms(first_reply - killed_at));
   }

@@ -140,6 +140,7 @@ Row RunEngine(uint64_t dirty_bytes, bool delta, int epochs, double raw_bytes_per
   vip::InProcessWitness witness;
   ReplicationOptions o;
   o.vm_id = "bench";
+  o.pairing_key = std::array<uint8_t, 32>{0x6b, 0x65, 0x79};
   o.delta_encoding = delta;
   // Long enough for the guest to finish dirtying D before the next pause.
   o.epoch_interval = std::chrono::microseconds(std::max<uint64_t>(20'000, dirty_bytes / 1000));

@@ -43,6 +43,7 @@ ReplicationOptions Options(const std::string& host) {
   o.vm_id = "demo-vm";
   o.host_id = host;
   o.pairing_id = {0x6c, 0x6f, 0x63, 0x6b, 0x73, 0x74, 0x65, 0x70};
+  o.pairing_key = std::array<uint8_t, 32>{0x6b, 0x65, 0x79};  // both hosts hold it
   o.epoch_interval = 10ms;
   o.peer_loss_threshold = 30ms;
   return o;

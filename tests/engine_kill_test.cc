@@ -50,6 +50,7 @@ ReplicationOptions Options(const std::string& host) {
   o.vm_id = "vm-kill";
   o.host_id = host;
   o.pairing_id[3] = 0x77;
+  o.pairing_key = std::array<uint8_t, 32>{0x6b, 0x65, 0x79};  // both hosts hold it
   o.epoch_interval = 10ms;
   o.peer_loss_threshold = 100ms;
   return o;

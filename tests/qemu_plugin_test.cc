@@ -198,7 +198,7 @@ TEST_CASE("peers of another wire-format version are refused at the handshake", "
   std::vector<uint8_t> buf(1 << 20);
   size_t n = 0;
 
-  SECTION("a primary meeting a version-2 secondary keeps its guest running, unprotected") {
+  SECTION("a primary meeting a secondary of a newer version keeps its guest running, unprotected") {
     auto listener = tcp->Listen("127.0.0.1:0");
     REQUIRE(listener.ok());
     VmOptions po = UserNet("pri-v2", FreePort());
@@ -209,7 +209,7 @@ TEST_CASE("peers of another wire-format version are refused at the handshake", "
     REQUIRE(ch.ok());
     REQUIRE((*ch)->Receive(buf, &n, 60s).ok());  // its HELLO
     wire::HelloReply reply;
-    reply.version = 2;
+    reply.version = wire::kWireVersion + 1;
     reply.accepted = true;
     reply.host_id = "future-host";
     auto rec = wire::EncodeHelloReply(reply);
@@ -220,11 +220,11 @@ TEST_CASE("peers of another wire-format version are refused at the handshake", "
     REQUIRE(failed.ok());
     std::string reason = failed->at("data").value("reason", std::string());
     INFO(reason);
-    CHECK(reason.find("version 2") != std::string::npos);
+    CHECK(reason.find("version " + std::to_string(wire::kWireVersion + 1)) != std::string::npos);
     REQUIRE(primary->WaitForLog("LOCKSTEP-GUEST-READY", 60s));
     CHECK(Running(*primary));
   }
-  SECTION("a secondary meeting a version-2 primary answers why and stays untouched") {
+  SECTION("a secondary meeting a primary of a newer version answers why and stays untouched") {
     std::string addr = "127.0.0.1:" + std::to_string(FreePort());
     VmOptions so = UserNet("sec-v2", FreePort());
     so.start_paused = true;
@@ -234,7 +234,7 @@ TEST_CASE("peers of another wire-format version are refused at the handshake", "
         lockstep::channel::ConnectWithRetry(*tcp, addr, lockstep::channel::Clock::now() + 30s);
     REQUIRE(ch.ok());
     wire::Hello hello;
-    hello.version = 2;
+    hello.version = wire::kWireVersion + 1;
     hello.vm_id = "vm1";
     hello.host_id = "future-host";
     auto rec = wire::EncodeHello(hello);
@@ -249,7 +249,8 @@ TEST_CASE("peers of another wire-format version are refused at the handshake", "
     INFO(reply.reason << "\n" << secondary->Log());
     CHECK(!reply.accepted);
     CHECK(reply.version == wire::kWireVersion);
-    CHECK(reply.reason.find("version 2") != std::string::npos);
+    CHECK(reply.reason.find("version " + std::to_string(wire::kWireVersion + 1)) !=
+          std::string::npos);
     auto failed = secondary->WaitForState("FAILED", 30s);
     REQUIRE(failed.ok());
     CHECK(!Running(*secondary));

@@ -10,6 +10,7 @@
 
 #include "lockstep/plugin_abi.h"
 #include "lockstep/replicator.h"
+#include "pairing_auth.h"
 #include "replica_common.h"
 #include "replication_channel/tcp.h"
 #include "vip_manager/etcd_witness.h"
@@ -188,6 +189,10 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
       r->listen = v;
     } else if (k == "witness") {
       witness = v;
+    } else if (k == "key_file") {
+      auto key = LoadPairingKey(v);
+      if (!key.ok()) return key.status().message();
+      r->options.pairing_key = *key;
     } else if (k == "pairing") {
       if (!ParseHex16(v, &r->options.pairing_id)) return "pairing must be 32 hex digits";
     } else if (k == "interval_ms") {
@@ -272,6 +277,8 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
            "witness=this-process (tests only: sound only when a failed replica cannot ask "
            "again) is required";
   }
+  if (!r->options.pairing_key)
+    return "key_file=PATH (the hosts' pairing key: 64 hex digits, mode 0600) is required";
   return "";
 }
 

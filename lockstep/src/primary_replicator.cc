@@ -8,6 +8,7 @@
 #include "epoch_stager.h"
 #include "lockstep/replicator.h"
 #include "lockstep/wire_format.h"
+#include "pairing_auth.h"
 #include "replica_common.h"
 
 namespace lockstep {
@@ -381,6 +382,12 @@ Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
   }
   LOCKSTEP_RETURN_IF_ERROR(
       m.streamer->Register(*channel, *m.stager).WithContext("registering staging memory"));
+  if (!m.opt.pairing_key) {
+    return Status::FailedPrecondition(
+        "no pairing key: both hosts need the same one (lockstepctl pair makes it)");
+  }
+  auto nonce = FreshNonce();
+  if (!nonce.ok()) return nonce.status();
   Result<uint64_t> term = m.witness.Register(m.opt.vm_id, m.opt.host_id);
   if (!term.ok()) return term.status().WithContext("registering with the witness");
 
@@ -391,6 +398,7 @@ Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
   hello.vm_id = m.opt.vm_id;
   hello.host_id = m.opt.host_id;
   hello.blocks = RamLayout(blocks);
+  hello.nonce = *nonce;
   auto rec = wire::EncodeHello(hello);
   ConstSlice slice{rec.data(), rec.size()};
   LOCKSTEP_RETURN_IF_ERROR(channel->Send({&slice, 1}).WithContext("sending HELLO"));
@@ -404,6 +412,24 @@ Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
     return Status::PeerRejected("secondary " + reply.host_id + " refused protection of " +
                                 m.opt.vm_id + ": " + reply.reason);
   }
+  // The secondary proves it holds the pairing key for this connection; then we do.
+  ProofContext proof{m.opt.pairing_id, m.opt.vm_id, m.opt.host_id,
+                     reply.host_id,    *nonce,      reply.nonce};
+  if (!ProofMatches(reply.proof, ComputeProof(*m.opt.pairing_key, ProofRole::kSecondary, proof))) {
+    std::string why = "secondary " + reply.host_id +
+                      " did not prove it holds this host's pairing key: the hosts have "
+                      "different keys; pair them again (lockstepctl pair)";
+    auto error = wire::EncodeReasonRecord(wire::RecordType::kError,
+                                          "the primary refused the handshake: the secondary's "
+                                          "pairing-key proof is wrong; pair the hosts again");
+    ConstSlice e{error.data(), error.size()};
+    (void)channel->Send({&e, 1});
+    channel->Abort();
+    return Status::PeerRejected(why);
+  }
+  auto auth = wire::EncodeAuth(ComputeProof(*m.opt.pairing_key, ProofRole::kPrimary, proof));
+  ConstSlice auth_slice{auth.data(), auth.size()};
+  LOCKSTEP_RETURN_IF_ERROR(channel->Send({&auth_slice, 1}).WithContext("sending AUTH"));
 
   m.term = *term;
   m.secondary_host = reply.host_id;

@@ -9,6 +9,7 @@
 #include "epoch_stager.h"
 #include "lockstep/replicator.h"
 #include "lockstep/wire_format.h"
+#include "pairing_auth.h"
 #include "replica_common.h"
 
 namespace lockstep {
@@ -327,6 +328,12 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
                 " MiB staging area the guest needs; free memory and try again";
   }
 
+  if (!m.opt.pairing_key) {
+    return Status::FailedPrecondition(
+        "no pairing key: both hosts need the same one (lockstepctl pair makes it)");
+  }
+  auto nonce = FreshNonce();
+  if (!nonce.ok()) return nonce.status();
   std::vector<uint8_t> buf(1 << 20);
   wire::RecordView r;
   Status s = ReceiveRecord(*channel, buf, m.opt.handshake_timeout, &r);
@@ -348,6 +355,10 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
     reply.reason = RefusalReason(hello, m.opt, RamLayout(blocks));
   }
   reply.accepted = reply.reason.empty();
+  reply.nonce = *nonce;
+  ProofContext proof{m.opt.pairing_id, m.opt.vm_id, hello.host_id,
+                     m.opt.host_id,    hello.nonce, *nonce};
+  if (reply.accepted) reply.proof = ComputeProof(*m.opt.pairing_key, ProofRole::kSecondary, proof);
   auto rec = wire::EncodeHelloReply(reply);
   ConstSlice slice{rec.data(), rec.size()};
   Status sent = channel->Send({&slice, 1});
@@ -358,6 +369,31 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
     return Status::InvalidArgument("refused the primary's handshake: " + reply.reason);
   }
   LOCKSTEP_RETURN_IF_ERROR(sent.WithContext("answering HELLO"));
+  // The primary proves it holds the pairing key before anything of the guest is taken.
+  s = ReceiveRecord(*channel, buf, m.opt.handshake_timeout, &r);
+  if (!s.ok()) return s.WithContext("waiting for the primary's AUTH");
+  if (r.header.type == wire::RecordType::kError) {
+    channel->Abort();
+    return Status::PeerRejected("primary " + hello.host_id +
+                                " ended the handshake: " + wire::DecodeReason(r));
+  }
+  wire::Proof primary_proof{};
+  s = wire::DecodeAuth(r, &primary_proof);
+  if (!s.ok() ||
+      !ProofMatches(primary_proof, ComputeProof(*m.opt.pairing_key, ProofRole::kPrimary, proof))) {
+    auto error = wire::EncodeReasonRecord(
+        wire::RecordType::kError,
+        "the secondary refused the handshake: the primary's pairing-key proof is wrong; pair "
+        "the hosts again");
+    ConstSlice e{error.data(), error.size()};
+    (void)channel->Send({&e, 1});
+    channel->Abort();
+    return Status::PeerRejected(
+        "primary " + hello.host_id +
+        (s.ok() ? " did not prove it holds this host's pairing key: the hosts have different "
+                  "keys; pair them again (lockstepctl pair)"
+                : " sent no valid AUTH: " + s.message()));
+  }
 
   m.term = hello.witness_term;
   m.primary_host = hello.host_id;

@@ -12,6 +12,8 @@ std::string RecordTypeName(uint16_t type) {
       return "HELLO";
     case RecordType::kHelloReply:
       return "HELLO_REPLY";
+    case RecordType::kAuth:
+      return "AUTH";
     case RecordType::kEpochBegin:
       return "EPOCH_BEGIN";
     case RecordType::kPageRaw:
@@ -198,6 +200,7 @@ std::vector<uint8_t> EncodeHello(const Hello& hello) {
     w.Str(b.id);
     w.U64(b.length);
   }
+  w.Bytes(hello.nonce.data(), hello.nonce.size());
   return w.Finish(RecordType::kHello);
 }
 
@@ -219,6 +222,9 @@ Status DecodeHello(const RecordView& record, Hello* out) {
       return Status::Corruption("HELLO RAM block list is truncated");
     }
   }
+  if (!in.Bytes(out->nonce.data(), out->nonce.size())) {
+    return Status::Corruption("HELLO has no nonce");
+  }
   if (in.left() != 0) return Status::Corruption("HELLO has trailing bytes");
   return Status::Ok();
 }
@@ -230,6 +236,8 @@ std::vector<uint8_t> EncodeHelloReply(const HelloReply& reply) {
   w.U8(reply.accepted ? 1 : 0);
   w.Str(reply.host_id);
   w.Str(reply.reason);
+  w.Bytes(reply.nonce.data(), reply.nonce.size());
+  w.Bytes(reply.proof.data(), reply.proof.size());
   return w.Finish(RecordType::kHelloReply);
 }
 
@@ -238,10 +246,28 @@ Status DecodeHelloReply(const RecordView& record, HelloReply* out) {
   PayloadReader in(record.payload);
   LOCKSTEP_RETURN_IF_ERROR(ReadMagicAndVersion(in, &out->version, "HELLO_REPLY"));
   uint8_t accepted;
-  if (!in.U8(&accepted) || !in.Str(&out->host_id) || !in.Str(&out->reason) || in.left() != 0) {
+  if (!in.U8(&accepted) || !in.Str(&out->host_id) || !in.Str(&out->reason) ||
+      !in.Bytes(out->nonce.data(), out->nonce.size()) ||
+      !in.Bytes(out->proof.data(), out->proof.size()) || in.left() != 0) {
     return Status::Corruption("HELLO_REPLY payload is malformed");
   }
   out->accepted = accepted == 1;
+  return Status::Ok();
+}
+
+std::vector<uint8_t> EncodeAuth(const Proof& proof) {
+  PayloadWriter w;
+  w.Bytes(proof.data(), proof.size());
+  return w.Finish(RecordType::kAuth);
+}
+
+Status DecodeAuth(const RecordView& record, Proof* out) {
+  LOCKSTEP_RETURN_IF_ERROR(ExpectType(record, RecordType::kAuth));
+  if (record.payload.size() != out->size()) {
+    return Status::Corruption("AUTH payload has " + std::to_string(record.payload.size()) +
+                              " bytes, expected " + std::to_string(out->size()));
+  }
+  std::memcpy(out->data(), record.payload.data(), out->size());
   return Status::Ok();
 }
 

@@ -4,10 +4,13 @@
 #include <dlfcn.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <cerrno>
+#include <cstdio>
+#include <fstream>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -101,6 +104,17 @@ GuestConfig SmallGuest() {
   return g;
 }
 
+// A pairing key file as `lockstepctl pair` writes it (mode 0600), made once per process.
+const std::string& KeyFile() {
+  static const std::string path = [] {
+    std::string p = "/tmp/lockstep-plugin-test-key-" + std::to_string(getpid());
+    std::ofstream(p) << "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n";
+    chmod(p.c_str(), 0600);
+    return p;
+  }();
+  return path;
+}
+
 }  // namespace
 
 TEST_CASE("the plugin refuses bad configuration with a reason", "[plugin]") {
@@ -125,6 +139,9 @@ TEST_CASE("the plugin refuses bad configuration with a reason", "[plugin]") {
       {"role=primary,vm=a,host=b,peer=x,witness=this-process,pairing=xyz", "pairing"},
       {"role=primary,vm=a,host=b,peer=x,witness=this-process,output_spacing_ms=-1",
        "output_spacing_ms"},
+      {"role=primary,vm=a,host=b,peer=x,witness=this-process", "key_file=PATH"},
+      {"role=primary,vm=a,host=b,peer=x,witness=this-process,key_file=/nonexistent/key",
+       "/nonexistent/key"},
   };
   for (const auto& c : cases) {
     INFO(c.config);
@@ -132,6 +149,21 @@ TEST_CASE("the plugin refuses bad configuration with a reason", "[plugin]") {
     REQUIRE(api->create(&ops, c.config, err, sizeof err) == nullptr);
     REQUIRE(std::string(err).find(c.says) != std::string::npos);
   }
+  // A key others can read, or that is not a key, is refused with what to do.
+  const std::string loose = KeyFile() + ".loose", junk = KeyFile() + ".junk";
+  std::ofstream(loose) << "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n";
+  chmod(loose.c_str(), 0644);
+  std::ofstream(junk) << "not a key\n";
+  chmod(junk.c_str(), 0600);
+  for (auto [file, says] :
+       {std::pair<std::string, const char*>{loose, "chmod 600"}, {junk, "64 hex digits"}}) {
+    std::string config = "role=primary,vm=a,host=b,peer=x,witness=this-process,key_file=" + file;
+    INFO(config);
+    REQUIRE(api->create(&ops, config.c_str(), err, sizeof err) == nullptr);
+    REQUIRE(std::string(err).find(says) != std::string::npos);
+  }
+  std::remove(loose.c_str());
+  std::remove(junk.c_str());
   lockstep_host_ops old = ops;
   old.abi_version = 0;
   REQUIRE(api->create(&old, "role=primary", err, sizeof err) == nullptr);
@@ -145,7 +177,8 @@ TEST_CASE("a guest protected through the plugin ABI over TCP", "[plugin]") {
   std::string addr = "127.0.0.1:" + std::to_string(FreePort());
   std::string common =
       ",vm=vm1,witness=this-process,interval_ms=10,output_spacing_ms=0,"
-      "pairing=00112233445566778899aabbccddeeff";
+      "pairing=00112233445566778899aabbccddeeff,key_file=" +
+      KeyFile();
   char err[512];
   void* s = api->create(&sops, ("role=secondary,host=b,listen=" + addr + common).c_str(), err,
                         sizeof err);
@@ -192,8 +225,11 @@ TEST_CASE("a secondary given an address it cannot listen on says so at once", "[
   Host host(SmallGuest());
   lockstep_host_ops ops = host.Ops();
   char err[512];
-  void* s = api->create(&ops, "role=secondary,vm=a,host=b,witness=this-process,listen=nonsense",
-                        err, sizeof err);
+  void* s = api->create(
+      &ops,
+      ("role=secondary,vm=a,host=b,witness=this-process,listen=nonsense,key_file=" + KeyFile())
+          .c_str(),
+      err, sizeof err);
   REQUIRE(s != nullptr);
   REQUIRE(api->start(s, err, sizeof err) == -1);
   REQUIRE(std::string(err).find("cannot listen on nonsense") != std::string::npos);

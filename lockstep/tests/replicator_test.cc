@@ -11,6 +11,7 @@
 #include <random>
 #include <thread>
 
+#include "lockstep/wire_format.h"
 #include "replication_channel/loopback.h"
 #include "simulated_guest.h"
 
@@ -62,6 +63,7 @@ ReplicationOptions Options(const std::string& host) {
   o.vm_id = "vm-test";
   o.host_id = host;
   o.pairing_id[0] = 0x5A;
+  o.pairing_key = std::array<uint8_t, 32>{0x6b, 0x65, 0x79};  // both hosts hold it
   o.epoch_interval = 5ms;
   o.heartbeat_interval = 1ms;
   o.peer_loss_threshold = 50ms;
@@ -426,6 +428,33 @@ TEST_CASE("handshake refusals leave both guests as they were", "[replicator][han
     REQUIRE(ps.message().find("pair the hosts again") != std::string::npos);
     REQUIRE_FALSE(ss.ok());
   }
+  SECTION("another pairing key: refused on both sides, the key named") {
+    ReplicationOptions sopt = Options("hostB");
+    (*sopt.pairing_key)[31] ^= 1;
+    Pair p(TestGuest(), TestGuest(), Options("hostA"), sopt);
+    auto [ps, ss] = p.Start();
+    REQUIRE(ps.code() == Status::Code::kPeerRejected);
+    REQUIRE(ps.message().find("pairing key") != std::string::npos);
+    REQUIRE(ss.code() == Status::Code::kPeerRejected);
+    REQUIRE(ss.message().find("pairing-key proof is wrong") != std::string::npos);
+    REQUIRE(p.primary->state() == S::kIdle);
+    REQUIRE(p.secondary->state() == S::kIdle);
+    REQUIRE(p.pg.running());        // the primary's guest goes on, unprotected
+    REQUIRE_FALSE(p.sg.running());  // nothing of it reached the secondary's
+    REQUIRE(p.witness.requests() == 0);
+  }
+  SECTION("no pairing key: refused before anything is sent") {
+    ReplicationOptions popt = Options("hostA"), sopt = Options("hostB");
+    popt.pairing_key.reset();
+    sopt.pairing_key.reset();
+    Pair p(TestGuest(), TestGuest(), popt, sopt);
+    p.pg.Boot();
+    Status ps = p.primary->Start(p.link->TakeA());
+    Status ss = p.secondary->Start(p.link->TakeB());
+    REQUIRE(ps.code() == Status::Code::kFailedPrecondition);
+    REQUIRE(ps.message().find("no pairing key") != std::string::npos);
+    REQUIRE(ss.code() == Status::Code::kFailedPrecondition);
+  }
   SECTION("another VM") {
     ReplicationOptions sopt = Options("hostB");
     sopt.vm_id = "vm-other";
@@ -554,4 +583,43 @@ TEST_CASE("a witness answer lost on the way is asked again and honoured", "[repl
   REQUIRE(p.secondary->state() == S::kActive);  // the retry rule: the same grant again
   REQUIRE(p.sw.requests_ == 2);
   REQUIRE(p.sg.running());
+}
+
+TEST_CASE("a primary that cannot prove the pairing key gets nothing from the secondary",
+          "[replicator][handshake]") {
+  // A forged primary: a well-formed HELLO, then an AUTH with a proof made without the key.
+  Pair p;
+  auto sec = std::async(std::launch::async, [&] { return p.secondary->Start(p.link->TakeB()); });
+  auto ch = p.link->TakeA();
+  wire::Hello hello;
+  hello.pairing_id = Options("hostA").pairing_id;
+  hello.witness_term = 1;
+  hello.vm_id = "vm-test";
+  hello.host_id = "forger";
+  for (const auto& b : p.pg.RamBlocks()) hello.blocks.push_back({b.id, b.length});
+  hello.nonce[0] = 1;
+  auto rec = wire::EncodeHello(hello);
+  channel::ConstSlice slice{rec.data(), rec.size()};
+  REQUIRE(ch->Send({&slice, 1}).ok());
+  std::vector<uint8_t> buf(1 << 16);
+  size_t n = 0;
+  REQUIRE(ch->Receive(buf, &n, 10s).ok());
+  wire::RecordReader reader({buf.data(), n});
+  wire::RecordView view;
+  REQUIRE(reader.Next(&view).ok());
+  wire::HelloReply reply;
+  REQUIRE(wire::DecodeHelloReply(view, &reply).ok());
+  REQUIRE(reply.accepted);  // the secondary proved itself first; the key never crossed
+  wire::Proof guess{};
+  guess[0] = 0x42;
+  auto auth = wire::EncodeAuth(guess);
+  channel::ConstSlice auth_slice{auth.data(), auth.size()};
+  REQUIRE(ch->Send({&auth_slice, 1}).ok());
+  Status ss = sec.get();
+  INFO(ss.ToString());
+  REQUIRE(ss.code() == Status::Code::kPeerRejected);
+  REQUIRE(ss.message().find("forger did not prove it holds this host's pairing key") !=
+          std::string::npos);
+  REQUIRE(p.secondary->state() == S::kIdle);
+  REQUIRE_FALSE(p.sg.running());
 }

@@ -24,9 +24,12 @@ TEST_CASE("HELLO round-trips with layout and pairing", "[wire]") {
   h.vm_id = "web-1";
   h.host_id = "hostA";
   h.blocks = {{"pc.ram", 256u << 20}, {"pc.bios", 256u << 10}};
+  h.nonce[0] = 7;
+  h.nonce[31] = 9;
   auto rec = EncodeHello(h);
   Hello out;
   REQUIRE(DecodeHello(ReadOne(rec), &out).ok());
+  REQUIRE(out.nonce == h.nonce);
   REQUIRE(out.pairing_id == h.pairing_id);
   REQUIRE(out.witness_term == 42);
   REQUIRE(out.max_device_state_bytes == 1u << 20);
@@ -37,12 +40,26 @@ TEST_CASE("HELLO round-trips with layout and pairing", "[wire]") {
 }
 
 TEST_CASE("HELLO_REPLY round-trips", "[wire]") {
-  HelloReply r{kWireVersion, false, "hostB", "the guest configurations differ"};
+  HelloReply r{kWireVersion, false, "hostB", "the guest configurations differ", {}, {}};
+  r.nonce[3] = 1;
+  r.proof[30] = 2;
   HelloReply out;
   REQUIRE(DecodeHelloReply(ReadOne(EncodeHelloReply(r)), &out).ok());
+  REQUIRE(out.nonce == r.nonce);
+  REQUIRE(out.proof == r.proof);
   REQUIRE_FALSE(out.accepted);
   REQUIRE(out.host_id == "hostB");
   REQUIRE(out.reason == r.reason);
+}
+
+TEST_CASE("AUTH round-trips, and a short one is refused", "[wire]") {
+  Proof p{};
+  p[0] = 0x5A;
+  Proof out{};
+  REQUIRE(DecodeAuth(ReadOne(EncodeAuth(p)), &out).ok());
+  REQUIRE(out == p);
+  auto rec = EncodeReasonRecord(RecordType::kError, "x");
+  REQUIRE(DecodeAuth(ReadOne(rec), &out).code() == Status::Code::kCorruption);
 }
 
 TEST_CASE("a HELLO of another version is refused with both versions named", "[wire]") {

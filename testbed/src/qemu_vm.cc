@@ -6,7 +6,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <fstream>
+#include <random>
 #include <sstream>
 #include <thread>
 
@@ -31,10 +33,40 @@ Status Parts::Check() const {
   return Status::Ok();
 }
 
+const std::string& TestPairingKeyFile() {
+  static const std::string path = [] {
+    std::string p = "/tmp/lockstep-testbed-key-" + std::to_string(getpid());
+    std::random_device rd;
+    std::string hex;
+    for (int i = 0; i < 32; ++i) {
+      char b[3];
+      std::snprintf(b, sizeof b, "%02x", static_cast<unsigned>(rd() & 0xff));
+      hex += b;
+    }
+    int fd = open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd >= 0) {
+      (void)!write(fd, (hex + "\n").data(), hex.size() + 1);
+      close(fd);
+    }
+    return p;
+  }();
+  return path;
+}
+
+namespace {
+// The settings with the key file among them.
+std::string SettingsOf(const LockstepConfig& c) {
+  std::string s = c.settings;
+  if (!c.key_file.empty()) s += (s.empty() ? "" : ";") + std::string("key_file=") + c.key_file;
+  return s;
+}
+}  // namespace
+
 std::string LockstepObjectArg(const Parts& parts, const LockstepConfig& c) {
+  const std::string settings = SettingsOf(c);
   return "lockstep,id=" + c.id + ",plugin=" + parts.plugin + ",role=" + c.role + ",vm=" + c.vm +
          ",host=" + c.host + (c.role == "primary" ? ",peer=" : ",listen=") + c.address +
-         ",witness=" + c.witness + (c.settings.empty() ? "" : ",settings=" + c.settings);
+         ",witness=" + c.witness + (settings.empty() ? "" : ",settings=" + settings);
 }
 
 Json LockstepObjectAdd(const Parts& parts, const LockstepConfig& c) {
@@ -42,7 +74,7 @@ Json LockstepObjectAdd(const Parts& parts, const LockstepConfig& c) {
             {"role", c.role},         {"vm", c.vm}, {"host", c.host},
             {"witness", c.witness}};
   j[c.role == "primary" ? "peer" : "listen"] = c.address;
-  if (!c.settings.empty()) j["settings"] = c.settings;
+  if (const std::string settings = SettingsOf(c); !settings.empty()) j["settings"] = settings;
   return j;
 }
 

@@ -78,11 +78,15 @@ struct lockstep_plugin_api {
   uint32_t abi_version;
   /* Creates a replica from `config`, a comma-separated key=value list:
    *   role=primary|secondary (required), vm=NAME (required), host=NAME (required),
-   *   witness=tcp:HOST:PORT (the embedded witness) or witness=this-process (tests),
+   *   key_file=PATH (required: the hosts' pairing key, 64 hex digits, mode 0600),
+   *   witness=tcp:HOST:PORT (the embedded witness), witness=etcd:HOST:PORT[+HOST:PORT...]
+   *   or witness=this-process (tests),
    *   peer=HOST:PORT (primary: where the secondary listens),
    *   listen=HOST:PORT (secondary: where to accept the primary),
-   *   pairing=32 hex digits, interval_ms=N, heartbeat_ms=N, threshold_ms=N, delta=on|off,
-   *   output_spacing_ms=N (0 = epochs end on the interval only).
+   *   pairing=32 hex digits, interval_ms=N, heartbeat_ms=N, threshold_ms=N,
+   *   sync_threshold_ms=N, delta=on|off, output_spacing_ms=N (0 = epochs end on the
+   *   interval only), vip=ADDRESS@INTERFACE, fence_command=PATH, fence_timeout_ms=N
+   *   (docs/qemu-plugin.md has the table).
    * Validates everything; starts nothing. NULL on error, with the reason in `err`. */
   void* (*create)(const struct lockstep_host_ops* ops, const char* config, char* err,
                   size_t err_len);

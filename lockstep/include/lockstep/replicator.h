@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -34,7 +35,10 @@ struct ReplicationOptions {
   std::string vm_id;                     // the protected VM; the same on both hosts
   std::string host_id;                   // this host, as the witness and the peer know it
   std::array<uint8_t, 16> pairing_id{};  // both sides must agree
-  Micros epoch_interval{20'000};         // time between checkpoint pauses
+  // The hosts' shared secret: each side proves it holds it in the handshake (HMAC-SHA256
+  // challenge-response, wire_format.h). Required: Start() refuses without one.
+  std::optional<std::array<uint8_t, 32>> pairing_key;
+  Micros epoch_interval{20'000};  // time between checkpoint pauses
   // Output the guest sends is held until its epoch is acknowledged, so an epoch with
   // output pending ends early (OutputPending()): a reply waits for a pause and an ACK,
   // not for the rest of the interval. This is the least time from one pause's start to

@@ -1,4 +1,5 @@
-// lockstep's replication wire format, version 1. This header is its one description.
+// lockstep's replication wire format, version 2. This header is its one description.
+// (Version 2 added the pairing-key proof to the handshake: nonces, proofs, AUTH.)
 //
 // Everything on the replication channel is a RECORD. A channel message carries one or
 // more whole records back to back; a record never spans two messages. All integers are
@@ -20,13 +21,25 @@
 //                  u32 page_size, 16 bytes pairing id, u64 witness term,
 //                  u32 largest device state the primary will send,
 //                  str vm_id, str primary host id, u32 block count, then per block:
-//                  str block id, u64 length in bytes.        (str = u16 length + bytes)
+//                  str block id, u64 length in bytes,        (str = u16 length + bytes)
+//                  32 bytes primary nonce (random, fresh for every connection).
 //                A receiver that does not speak `version` answers HELLO_REPLY rejected.
 //                The magic and version sit at the same place in every version, so a
 //                peer of any version can read them and say what it speaks.
 //   HELLO_REPLY  secondary -> primary. Payload: u64 magic, u32 version the secondary
 //                speaks, u8 accepted (1/0), str secondary host id, str reason (empty if
-//                accepted). A rejected handshake ends the connection.
+//                accepted), 32 bytes secondary nonce, 32 bytes secondary proof (zeros if
+//                rejected). A rejected handshake ends the connection.
+//   AUTH         primary -> secondary, once the secondary's proof checked out. Payload:
+//                32 bytes primary proof. Nothing else is sent before it; a secondary
+//                whose check fails sends ERROR and closes.
+//                A proof is HMAC-SHA256 under the hosts' 32-byte pairing key of: the label
+//                "lockstep-v2-secondary" or "lockstep-v2-primary", then, each as str, the
+//                pairing id, the vm id, the primary's and the secondary's host ids, then
+//                the primary's and the secondary's nonces. Each side proves it holds the
+//                key for this very connection (its peer's fresh nonce) without sending it;
+//                a recorded handshake proves nothing later. A peer whose proof fails is
+//                refused, the reason naming the pairing key.
 //
 // An epoch N (N = 1, 2, ... with no gaps; epoch 1 is the initial full synchronization):
 //   EPOCH_BEGIN   flags bit 0 = FULL (every page of every block follows).
@@ -79,7 +92,7 @@
 
 namespace lockstep::wire {
 
-inline constexpr uint32_t kWireVersion = 1;
+inline constexpr uint32_t kWireVersion = 2;
 inline constexpr uint64_t kMagic = 0x50455453'4B434F4CULL;  // "LOCKSTEP" read as LE u64
 inline constexpr size_t kHeaderBytes = 32;
 inline constexpr uint32_t kPageSize = 4096;
@@ -89,6 +102,7 @@ inline constexpr uint32_t kMaxPayloadBytes = 32u << 20;
 enum class RecordType : uint16_t {
   kHello = 1,
   kHelloReply = 2,
+  kAuth = 3,
   kEpochBegin = 10,
   kPageRaw = 11,
   kPageZero = 12,
@@ -161,13 +175,21 @@ struct Hello {
   std::string vm_id;
   std::string host_id;
   std::vector<BlockLayout> blocks;
+  std::array<uint8_t, 32> nonce{};  // a Nonce (below)
 };
+
+inline constexpr size_t kNonceBytes = 32;
+inline constexpr size_t kProofBytes = 32;
+using Nonce = std::array<uint8_t, kNonceBytes>;
+using Proof = std::array<uint8_t, kProofBytes>;
 
 struct HelloReply {
   uint32_t version = kWireVersion;
   bool accepted = false;
   std::string host_id;
   std::string reason;
+  Nonce nonce{};
+  Proof proof{};
 };
 
 // A whole HELLO / HELLO_REPLY record (header included), ready to send.
@@ -177,6 +199,8 @@ std::vector<uint8_t> EncodeHelloReply(const HelloReply& reply);
 // is still stored in out->version so the caller can say which), kCorruption otherwise.
 Status DecodeHello(const RecordView& record, Hello* out);
 Status DecodeHelloReply(const RecordView& record, HelloReply* out);
+std::vector<uint8_t> EncodeAuth(const Proof& proof);
+Status DecodeAuth(const RecordView& record, Proof* out);
 
 struct EpochBeginPayload {
   uint64_t page_count = 0;

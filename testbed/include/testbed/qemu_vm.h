@@ -36,6 +36,10 @@ struct VmOptions {
   std::vector<std::string> extra;  // more QEMU arguments
 };
 
+// A pairing key file (mode 0600, a random key) shared by every replica this process
+// starts, made on first use; as `lockstepctl pair` would give both hosts.
+const std::string& TestPairingKeyFile();
+
 // The -object value of a lockstep object (use with "-object" or object-add's JSON below).
 struct LockstepConfig {
   std::string role;     // primary | secondary
@@ -44,7 +48,8 @@ struct LockstepConfig {
   std::string settings = "interval_ms=20;threshold_ms=300";
   std::string id = "ft0";
   std::string vm = "vm1";
-  std::string witness = "this-process";  // or "tcp:HOST:PORT" (lockstep-witness)
+  std::string witness = "this-process";         // or "tcp:HOST:PORT" (lockstep-witness)
+  std::string key_file = TestPairingKeyFile();  // "" = none (refused by the plugin)
 };
 std::string LockstepObjectArg(const Parts& parts, const LockstepConfig& c);
 Json LockstepObjectAdd(const Parts& parts, const LockstepConfig& c);  // object-add arguments

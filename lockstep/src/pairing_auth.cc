@@ -1,0 +1,92 @@
+#include "pairing_auth.h"
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
+#include <sys/stat.h>
+
+#include <cctype>
+#include <fstream>
+#include <sstream>
+#include <vector>
+
+namespace lockstep {
+namespace {
+
+void PutStr(std::vector<uint8_t>& out, const void* p, size_t n) {
+  out.push_back(static_cast<uint8_t>(n));
+  out.push_back(static_cast<uint8_t>(n >> 8));
+  auto* b = static_cast<const uint8_t*>(p);
+  out.insert(out.end(), b, b + n);
+}
+
+}  // namespace
+
+Result<wire::Nonce> FreshNonce() {
+  wire::Nonce n{};
+  if (RAND_bytes(n.data(), static_cast<int>(n.size())) != 1) {
+    return Status::IoError("the random generator (OpenSSL RAND_bytes) failed");
+  }
+  return n;
+}
+
+wire::Proof ComputeProof(const std::array<uint8_t, 32>& key, ProofRole role,
+                         const ProofContext& c) {
+  std::vector<uint8_t> msg;
+  const std::string label =
+      role == ProofRole::kPrimary ? "lockstep-v2-primary" : "lockstep-v2-secondary";
+  msg.insert(msg.end(), label.begin(), label.end());
+  PutStr(msg, c.pairing_id.data(), c.pairing_id.size());
+  PutStr(msg, c.vm_id.data(), c.vm_id.size());
+  PutStr(msg, c.primary_host.data(), c.primary_host.size());
+  PutStr(msg, c.secondary_host.data(), c.secondary_host.size());
+  msg.insert(msg.end(), c.primary_nonce.begin(), c.primary_nonce.end());
+  msg.insert(msg.end(), c.secondary_nonce.begin(), c.secondary_nonce.end());
+  wire::Proof out{};
+  unsigned int len = 0;
+  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), msg.data(), msg.size(), out.data(),
+       &len);
+  return out;
+}
+
+Result<std::array<uint8_t, 32>> LoadPairingKey(const std::string& path) {
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0) {
+    return Status::FromErrno("the pairing key file " + path, errno);
+  }
+  if ((st.st_mode & 077) != 0) {
+    return Status::FailedPrecondition("the pairing key file " + path +
+                                      " can be read by other users; chmod 600 it");
+  }
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  std::string hex;
+  for (char ch : text.str())
+    if (!std::isspace(static_cast<unsigned char>(ch))) hex += ch;
+  std::array<uint8_t, 32> key{};
+  auto nibble = [](char ch) -> int {
+    if (ch >= '0' && ch <= '9') return ch - '0';
+    if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+    if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
+    return -1;
+  };
+  bool ok = hex.size() == 64;
+  for (size_t i = 0; ok && i < 32; ++i) {
+    int hi = nibble(hex[2 * i]), lo = nibble(hex[2 * i + 1]);
+    ok = hi >= 0 && lo >= 0;
+    key[i] = static_cast<uint8_t>(hi << 4 | lo);
+  }
+  if (!ok) {
+    return Status::InvalidArgument("the pairing key file " + path +
+                                   " does not hold 64 hex digits (a 32-byte key)");
+  }
+  return key;
+}
+
+bool ProofMatches(const wire::Proof& received, const wire::Proof& expected) {
+  return CRYPTO_memcmp(received.data(), expected.data(), received.size()) == 0;
+}
+
+}  // namespace lockstep

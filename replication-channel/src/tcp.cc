@@ -11,6 +11,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -233,6 +234,27 @@ void Signal(int wake_fd) {
   [[maybe_unused]] ssize_t n = ::write(wake_fd, &one, sizeof(one));
 }
 
+// A mutex with priority inheritance (PTHREAD_PRIO_INHERIT), usable with std::lock_guard.
+class PriorityInheritanceMutex {
+ public:
+  PriorityInheritanceMutex() {
+    pthread_mutexattr_t attr;
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_setprotocol(&attr, PTHREAD_PRIO_INHERIT);
+    pthread_mutex_init(&mu_, &attr);
+    pthread_mutexattr_destroy(&attr);
+  }
+  ~PriorityInheritanceMutex() { pthread_mutex_destroy(&mu_); }
+  PriorityInheritanceMutex(const PriorityInheritanceMutex&) = delete;
+  PriorityInheritanceMutex& operator=(const PriorityInheritanceMutex&) = delete;
+  void lock() { pthread_mutex_lock(&mu_); }
+  void unlock() { pthread_mutex_unlock(&mu_); }
+  bool try_lock() { return pthread_mutex_trylock(&mu_) == 0; }
+
+ private:
+  pthread_mutex_t mu_;
+};
+
 class TcpChannel final : public Channel {
  public:
   TcpChannel(UniqueFd socket, UniqueFd wake, std::string peer)
@@ -348,8 +370,12 @@ class TcpChannel final : public Channel {
   std::atomic<uint64_t> messages_received_{0};
   std::atomic<uint64_t> bytes_received_{0};
 
-  // Serializes senders so that messages never interleave on the stream.
-  std::mutex send_mu_;
+  // Serializes senders so that messages never interleave on the stream. Priority
+  // inheritance: a real-time heartbeat thread waiting here lends its priority to whoever
+  // holds the lock (an ACK or an epoch being sent by a normal thread), so a busy host
+  // cannot delay the heartbeat behind a preempted sender (a false failover at short
+  // thresholds).
+  PriorityInheritanceMutex send_mu_;
   uint64_t last_seq_ = 0;      // GUARDED_BY(send_mu_)
   iovec send_iov_[kIovBatch];  // GUARDED_BY(send_mu_); scratch for one sendmsg()
 

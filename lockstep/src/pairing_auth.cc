@@ -31,22 +31,31 @@ Result<wire::Nonce> FreshNonce() {
   return n;
 }
 
-wire::Proof ComputeProof(const std::array<uint8_t, 32>& key, ProofRole role,
-                         const ProofContext& c) {
+Digest HelloDigest(std::span<const uint8_t> payload) {
+  Digest d{};
+  unsigned int len = 0;
+  EVP_Digest(payload.data(), payload.size(), d.data(), &len, EVP_sha256(), nullptr);
+  return d;
+}
+
+Result<wire::Proof> ComputeProof(const std::array<uint8_t, 32>& key, ProofRole role,
+                                 const ProofContext& c) {
   std::vector<uint8_t> msg;
   const std::string label =
       role == ProofRole::kPrimary ? "lockstep-v2-primary" : "lockstep-v2-secondary";
   msg.insert(msg.end(), label.begin(), label.end());
-  PutStr(msg, c.pairing_id.data(), c.pairing_id.size());
-  PutStr(msg, c.vm_id.data(), c.vm_id.size());
-  PutStr(msg, c.primary_host.data(), c.primary_host.size());
+  msg.insert(msg.end(), c.hello_digest.begin(), c.hello_digest.end());
   PutStr(msg, c.secondary_host.data(), c.secondary_host.size());
-  msg.insert(msg.end(), c.primary_nonce.begin(), c.primary_nonce.end());
   msg.insert(msg.end(), c.secondary_nonce.begin(), c.secondary_nonce.end());
+  if (role == ProofRole::kPrimary)
+    msg.insert(msg.end(), c.secondary_proof.begin(), c.secondary_proof.end());
   wire::Proof out{};
   unsigned int len = 0;
-  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), msg.data(), msg.size(), out.data(),
-       &len);
+  if (HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), msg.data(), msg.size(),
+           out.data(), &len) == nullptr ||
+      len != out.size()) {
+    return Status::IoError("computing the pairing-key proof failed (OpenSSL HMAC)");
+  }
   return out;
 }
 
@@ -60,6 +69,12 @@ Result<std::array<uint8_t, 32>> LoadPairingKey(const std::string& path) {
                                       " can be read by other users; chmod 600 it");
   }
   std::ifstream in(path);
+  if (!in) {
+    return Status::FromErrno("the pairing key file " + path +
+                                 " cannot be read by this process (the user it runs as must "
+                                 "be able to read it)",
+                             errno);
+  }
   std::stringstream text;
   text << in.rdbuf();
   std::string hex;
@@ -79,8 +94,10 @@ Result<std::array<uint8_t, 32>> LoadPairingKey(const std::string& path) {
     key[i] = static_cast<uint8_t>(hi << 4 | lo);
   }
   if (!ok) {
-    return Status::InvalidArgument("the pairing key file " + path +
-                                   " does not hold 64 hex digits (a 32-byte key)");
+    return Status::InvalidArgument(
+        "the pairing key file " + path +
+        " does not hold 64 hex digits (a 32-byte key); make one with `openssl rand -hex 32 > " +
+        path + " && chmod 600 " + path + "` and copy it to both hosts");
   }
   return key;
 }

@@ -4,6 +4,7 @@
 
 #include <array>
 #include <cstdint>
+#include <span>
 #include <string>
 
 #include "common/status.h"
@@ -16,19 +17,29 @@ enum class ProofRole { kPrimary, kSecondary };
 // A fresh random nonce (OpenSSL's RAND_bytes); kIoError if the generator fails.
 Result<wire::Nonce> FreshNonce();
 
-// What the handshake binds a proof to.
+using Digest = std::array<uint8_t, 32>;
+
+// SHA-256 of a HELLO record's payload, exactly as sent (primary) or received (secondary).
+Digest HelloDigest(std::span<const uint8_t> hello_payload);
+
+// What the handshake binds a proof to: the whole HELLO (pairing id, witness term, VM,
+// primary host, RAM layout, primary nonce), the secondary's answer, and for the primary's
+// proof the secondary's proof as well. A change to any byte of it on the way (say, the
+// witness term) makes the proofs disagree.
 struct ProofContext {
-  std::array<uint8_t, 16> pairing_id{};
-  std::string vm_id, primary_host, secondary_host;
-  wire::Nonce primary_nonce{}, secondary_nonce{};
+  Digest hello_digest{};
+  std::string secondary_host;
+  wire::Nonce secondary_nonce{};
+  wire::Proof secondary_proof{};  // ProofRole::kPrimary only
 };
 
-// The proof `role` sends for `context` under `key`.
-wire::Proof ComputeProof(const std::array<uint8_t, 32>& key, ProofRole role,
-                         const ProofContext& context);
+// The proof `role` sends for `context` under `key`. kIoError if OpenSSL fails (fail closed).
+Result<wire::Proof> ComputeProof(const std::array<uint8_t, 32>& key, ProofRole role,
+                                 const ProofContext& context);
 
 // Reads a pairing key file: 64 hex digits (surrounding whitespace ignored), mode 0600 or
-// stricter, as `lockstepctl pair` writes it. Errors say what is wrong and what to do.
+// stricter (e.g. `openssl rand -hex 32 > F && chmod 600 F`, the same file on both hosts).
+// Errors say what is wrong and what to do.
 Result<std::array<uint8_t, 32>> LoadPairingKey(const std::string& path);
 
 // Constant-time comparison of a received proof with the expected one.

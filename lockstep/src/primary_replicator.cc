@@ -384,7 +384,7 @@ Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
       m.streamer->Register(*channel, *m.stager).WithContext("registering staging memory"));
   if (!m.opt.pairing_key) {
     return Status::FailedPrecondition(
-        "no pairing key: both hosts need the same one (lockstepctl pair makes it)");
+        "no pairing key: give both hosts the same key file (key_file=; docs/qemu-plugin.md)");
   }
   auto nonce = FreshNonce();
   if (!nonce.ok()) return nonce.status();
@@ -412,22 +412,31 @@ Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
     return Status::PeerRejected("secondary " + reply.host_id + " refused protection of " +
                                 m.opt.vm_id + ": " + reply.reason);
   }
-  // The secondary proves it holds the pairing key for this connection; then we do.
-  ProofContext proof{m.opt.pairing_id, m.opt.vm_id, m.opt.host_id,
-                     reply.host_id,    *nonce,      reply.nonce};
-  if (!ProofMatches(reply.proof, ComputeProof(*m.opt.pairing_key, ProofRole::kSecondary, proof))) {
+  // The secondary proves it holds the pairing key and saw our HELLO unchanged; then we do.
+  ProofContext proof;
+  proof.hello_digest =
+      HelloDigest({rec.data() + wire::kHeaderBytes, rec.size() - wire::kHeaderBytes});
+  proof.secondary_host = reply.host_id;
+  proof.secondary_nonce = reply.nonce;
+  proof.secondary_proof = reply.proof;
+  auto expected = ComputeProof(*m.opt.pairing_key, ProofRole::kSecondary, proof);
+  if (!expected.ok()) return expected.status();
+  if (!ProofMatches(reply.proof, *expected)) {
     std::string why = "secondary " + reply.host_id +
-                      " did not prove it holds this host's pairing key: the hosts have "
-                      "different keys; pair them again (lockstepctl pair)";
+                      " did not prove it holds this host's pairing key (or the handshake was "
+                      "altered on the way): give both hosts the same key file";
     auto error = wire::EncodeReasonRecord(wire::RecordType::kError,
                                           "the primary refused the handshake: the secondary's "
-                                          "pairing-key proof is wrong; pair the hosts again");
+                                          "pairing-key proof is wrong; give both hosts the same "
+                                          "key file");
     ConstSlice e{error.data(), error.size()};
     (void)channel->Send({&e, 1});
     channel->Abort();
     return Status::PeerRejected(why);
   }
-  auto auth = wire::EncodeAuth(ComputeProof(*m.opt.pairing_key, ProofRole::kPrimary, proof));
+  auto mine = ComputeProof(*m.opt.pairing_key, ProofRole::kPrimary, proof);
+  if (!mine.ok()) return mine.status();
+  auto auth = wire::EncodeAuth(*mine);
   ConstSlice auth_slice{auth.data(), auth.size()};
   LOCKSTEP_RETURN_IF_ERROR(channel->Send({&auth_slice, 1}).WithContext("sending AUTH"));
 

@@ -330,7 +330,7 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
 
   if (!m.opt.pairing_key) {
     return Status::FailedPrecondition(
-        "no pairing key: both hosts need the same one (lockstepctl pair makes it)");
+        "no pairing key: give both hosts the same key file (key_file=; docs/qemu-plugin.md)");
   }
   auto nonce = FreshNonce();
   if (!nonce.ok()) return nonce.status();
@@ -341,6 +341,8 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
   wire::Hello hello;
   wire::HelloReply reply;
   reply.host_id = m.opt.host_id;
+  ProofContext proof;
+  proof.hello_digest = HelloDigest(r.payload);  // before `buf` is reused
   s = wire::DecodeHello(r, &hello);
   if (!s.ok()) {
     reply.reason = s.message();
@@ -356,9 +358,13 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
   }
   reply.accepted = reply.reason.empty();
   reply.nonce = *nonce;
-  ProofContext proof{m.opt.pairing_id, m.opt.vm_id, hello.host_id,
-                     m.opt.host_id,    hello.nonce, *nonce};
-  if (reply.accepted) reply.proof = ComputeProof(*m.opt.pairing_key, ProofRole::kSecondary, proof);
+  proof.secondary_host = m.opt.host_id;
+  proof.secondary_nonce = *nonce;
+  if (reply.accepted) {
+    auto mine = ComputeProof(*m.opt.pairing_key, ProofRole::kSecondary, proof);
+    if (!mine.ok()) return mine.status();
+    reply.proof = proof.secondary_proof = *mine;
+  }
   auto rec = wire::EncodeHelloReply(reply);
   ConstSlice slice{rec.data(), rec.size()};
   Status sent = channel->Send({&slice, 1});
@@ -379,19 +385,20 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
   }
   wire::Proof primary_proof{};
   s = wire::DecodeAuth(r, &primary_proof);
-  if (!s.ok() ||
-      !ProofMatches(primary_proof, ComputeProof(*m.opt.pairing_key, ProofRole::kPrimary, proof))) {
+  auto expected = ComputeProof(*m.opt.pairing_key, ProofRole::kPrimary, proof);
+  if (!expected.ok()) return expected.status();
+  if (!s.ok() || !ProofMatches(primary_proof, *expected)) {
     auto error = wire::EncodeReasonRecord(
         wire::RecordType::kError,
-        "the secondary refused the handshake: the primary's pairing-key proof is wrong; pair "
-        "the hosts again");
+        "the secondary refused the handshake: the primary's pairing-key proof is wrong; give "
+        "both hosts the same key file");
     ConstSlice e{error.data(), error.size()};
     (void)channel->Send({&e, 1});
     channel->Abort();
     return Status::PeerRejected(
         "primary " + hello.host_id +
-        (s.ok() ? " did not prove it holds this host's pairing key: the hosts have different "
-                  "keys; pair them again (lockstepctl pair)"
+        (s.ok() ? " did not prove it holds this host's pairing key (or the handshake was "
+                  "altered on the way): give both hosts the same key file"
                 : " sent no valid AUTH: " + s.message()));
   }
 

@@ -1,41 +1,53 @@
-// The handshake's pairing-key proof: bound to the key, the role, the connection's nonces
-// and the pairing's names, so no proof can be reused for anything else.
+// The handshake's pairing-key proof: bound to the key, the role, the whole HELLO, the
+// secondary's answer and (for the primary) the secondary's proof, so no proof can be
+// reused for anything else and no byte of the handshake can be changed on the way.
 #include "pairing_auth.h"
 
 #include <catch2/catch.hpp>
+#include <vector>
 
 using namespace lockstep;
 
-TEST_CASE("a proof is bound to the key, the role, both nonces and the names", "[auth]") {
+TEST_CASE("a proof is bound to the key, the role, the HELLO and the answer", "[auth]") {
   std::array<uint8_t, 32> key{1, 2, 3};
+  wire::Hello hello;
+  hello.witness_term = 7;
+  hello.vm_id = "vm1";
+  hello.host_id = "hostA";
+  hello.nonce[0] = 1;
+  auto rec = wire::EncodeHello(hello);
+  std::vector<uint8_t> payload(rec.begin() + wire::kHeaderBytes, rec.end());
   ProofContext c;
-  c.pairing_id[0] = 9;
-  c.vm_id = "vm1";
-  c.primary_host = "hostA";
+  c.hello_digest = HelloDigest(payload);
   c.secondary_host = "hostB";
-  c.primary_nonce[0] = 1;
   c.secondary_nonce[0] = 2;
-  const wire::Proof base = ComputeProof(key, ProofRole::kPrimary, c);
-  REQUIRE(ProofMatches(base, ComputeProof(key, ProofRole::kPrimary, c)));
-  REQUIRE_FALSE(ProofMatches(base, ComputeProof(key, ProofRole::kSecondary, c)));
-  auto changed = [&](auto mutate) {
-    ProofContext d = c;
-    std::array<uint8_t, 32> k = key;
-    mutate(d, k);
-    return ComputeProof(k, ProofRole::kPrimary, d);
+  auto proof = [&](ProofRole role, const ProofContext& ctx, std::array<uint8_t, 32> k) {
+    auto p = ComputeProof(k, role, ctx);
+    REQUIRE(p.ok());
+    return *p;
   };
-  REQUIRE_FALSE(ProofMatches(base, changed([](ProofContext&, auto& k) { k[31] ^= 1; })));
-  REQUIRE_FALSE(
-      ProofMatches(base, changed([](ProofContext& d, auto&) { d.primary_nonce[5] ^= 1; })));
-  REQUIRE_FALSE(
-      ProofMatches(base, changed([](ProofContext& d, auto&) { d.secondary_nonce[5] ^= 1; })));
-  REQUIRE_FALSE(ProofMatches(base, changed([](ProofContext& d, auto&) { d.vm_id = "vm2"; })));
-  // Length-prefixed names: moving a byte from one name to the next changes the proof.
-  REQUIRE_FALSE(ProofMatches(base, changed([](ProofContext& d, auto&) {
-                               d.primary_host = "host";
-                               d.secondary_host = "AhostB";
-                             })));
-  REQUIRE_FALSE(ProofMatches(base, changed([](ProofContext& d, auto&) { d.pairing_id[15] = 1; })));
+  const wire::Proof base = proof(ProofRole::kPrimary, c, key);
+  REQUIRE(ProofMatches(base, proof(ProofRole::kPrimary, c, key)));
+  REQUIRE_FALSE(ProofMatches(base, proof(ProofRole::kSecondary, c, key)));
+  auto k2 = key;
+  k2[31] ^= 1;
+  REQUIRE_FALSE(ProofMatches(base, proof(ProofRole::kPrimary, c, k2)));
+  // One byte of the HELLO changed on the way (say, the witness term): another digest.
+  payload[20] ^= 1;
+  ProofContext tampered = c;
+  tampered.hello_digest = HelloDigest(payload);
+  REQUIRE_FALSE(ProofMatches(base, proof(ProofRole::kPrimary, tampered, key)));
+  ProofContext d = c;
+  d.secondary_nonce[5] ^= 1;
+  REQUIRE_FALSE(ProofMatches(base, proof(ProofRole::kPrimary, d, key)));
+  d = c;
+  d.secondary_host = "hostC";
+  REQUIRE_FALSE(ProofMatches(base, proof(ProofRole::kPrimary, d, key)));
+  d = c;
+  d.secondary_proof[0] ^= 1;  // the primary's proof covers the secondary's
+  REQUIRE_FALSE(ProofMatches(base, proof(ProofRole::kPrimary, d, key)));
+  REQUIRE(ProofMatches(proof(ProofRole::kSecondary, c, key),
+                       proof(ProofRole::kSecondary, d, key)));  // ... not the other way
 }
 
 TEST_CASE("nonces are fresh", "[auth]") {

@@ -34,12 +34,15 @@
 //                32 bytes primary proof. Nothing else is sent before it; a secondary
 //                whose check fails sends ERROR and closes.
 //                A proof is HMAC-SHA256 under the hosts' 32-byte pairing key of: the label
-//                "lockstep-v2-secondary" or "lockstep-v2-primary", then, each as str, the
-//                pairing id, the vm id, the primary's and the secondary's host ids, then
-//                the primary's and the secondary's nonces. Each side proves it holds the
-//                key for this very connection (its peer's fresh nonce) without sending it;
-//                a recorded handshake proves nothing later. A peer whose proof fails is
-//                refused, the reason naming the pairing key.
+//                "lockstep-v2-secondary" or "lockstep-v2-primary", the SHA-256 of the HELLO
+//                payload as sent (pairing id, witness term, VM, primary host, RAM layout,
+//                primary nonce), str secondary host id, the secondary nonce, and — in the
+//                primary's proof only — the secondary's proof. Each side proves it holds
+//                the key for this very connection without sending it; a recorded
+//                handshake proves nothing later; a byte of HELLO changed on the way makes
+//                the proofs disagree. A peer whose proof fails is refused, the reason
+//                naming the pairing key. The records after AUTH are not authenticated
+//                (CRC only): the link must be trusted (dedicated) — see docs/wire-format.md.
 //
 // An epoch N (N = 1, 2, ... with no gaps; epoch 1 is the initial full synchronization):
 //   EPOCH_BEGIN   flags bit 0 = FULL (every page of every block follows).

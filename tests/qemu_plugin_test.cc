@@ -251,9 +251,19 @@ TEST_CASE("peers of another wire-format version are refused at the handshake", "
     CHECK(reply.version == wire::kWireVersion);
     CHECK(reply.reason.find("version " + std::to_string(wire::kWireVersion + 1)) !=
           std::string::npos);
-    auto failed = secondary->WaitForState("FAILED", 30s);
-    REQUIRE(failed.ok());
+    // Refused and reported, but still listening: a stray peer must not cost the real
+    // primary its secondary.
+    auto refused = secondary->WaitForState("IDLE", 30s);
+    REQUIRE(refused.ok());
+    CHECK(refused->at("data").value("reason", std::string()).find("still waiting") !=
+          std::string::npos);
     CHECK(!Running(*secondary));
+    (*ch)->Abort();
+    VmOptions po = UserNet("pri-ok", FreePort());
+    po.extra = {"-object", LockstepObjectArg(kParts, Config("primary", addr, "hostA"))};
+    auto primary = Launch(po);
+    INFO(Logs(*primary, *secondary));
+    REQUIRE(secondary->WaitForState("PROTECTED", 60s).ok());
   }
 }
 

@@ -346,8 +346,23 @@ int Start(void* handle, char* err, size_t err_len) {
                                           channel::Clock::now() + std::chrono::seconds(30));
       s = ch.ok() ? r->primary_replica->Start(std::move(*ch)) : ch.status();
     } else {
-      auto ch = r->listener->Accept(std::chrono::hours(24 * 365));
-      s = ch.ok() ? r->secondary_replica->Start(std::move(*ch)) : ch.status();
+      // A peer refused at the handshake (another version or VM, a wrong key, a port
+      // scanner) must not cost the real primary its secondary: report it, listen on.
+      for (;;) {
+        auto ch = r->listener->Accept(std::chrono::hours(24 * 365));
+        s = ch.ok() ? r->secondary_replica->Start(std::move(*ch)) : ch.status();
+        if (s.ok() || !ch.ok() || r->secondary_replica->state() != ReplicaState::kIdle ||
+            s.code() == Status::Code::kAborted) {
+          break;
+        }
+        std::lock_guard<std::mutex> lock(r->mu);
+        r->start_error = "refused a connection: " + s.ToString() +
+                         "; still waiting for the "
+                         "primary on " +
+                         r->listen;
+        if (r->ops.state_changed)
+          r->ops.state_changed(r->ops.opaque, "IDLE", r->start_error.c_str());
+      }
     }
     if (!s.ok()) {
       std::lock_guard<std::mutex> lock(r->mu);

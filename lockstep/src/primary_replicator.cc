@@ -232,7 +232,10 @@ void PrimaryReplicator::Impl::ControlLoop() {
       // when bytes are read, not when they arrive.
       Status silence =
           CheckPeerSilence(*ch,
-                           role.get() == ReplicaState::kSyncing
+                           // ACK(1) comes before the secondary applies epoch 1 (its
+                           // first touch of the guest's memory): the longer threshold
+                           // holds until ACK(2).
+                           role.get() == ReplicaState::kSyncing || acked.load() < 2
                                ? std::max(opt.peer_loss_threshold, opt.sync_loss_threshold)
                                : opt.peer_loss_threshold,
                            "secondary");
@@ -331,7 +334,8 @@ void PrimaryReplicator::Impl::Teardown(bool orderly, std::string reason) {
   std::string why;
   if (decision.ok() && decision->granted) {
     std::string identity_note;
-    Status steps = RunTakeoverSteps(opt, secondary_host, &timeline, &identity_note);
+    Status steps =
+        RunTakeoverSteps(opt, /*fence=*/false, secondary_host, &timeline, &identity_note);
     if (steps.ok()) {
       hv.SetOutputMode(OutputMode::kPassThrough);  // no other replica can ever contradict it
       role.MoveTo(ReplicaState::kPrimaryAlone,

@@ -48,15 +48,21 @@ Result<vip::WitnessDecision> AskWitness(vip::Witness& witness, const Replication
                                         uint64_t term) {
   Result<vip::WitnessDecision> decision = witness.RequestActive(opt.vm_id, opt.host_id, term);
   for (int attempt = 1; attempt < kWitnessAttempts && !decision.ok(); ++attempt) {
+    const Status::Code code = decision.status().code();
+    if (code != Status::Code::kTimedOut && code != Status::Code::kIoError &&
+        code != Status::Code::kPeerLost) {
+      break;
+    }
+    std::this_thread::sleep_for(kWitnessRetryGap);
     decision = witness.RequestActive(opt.vm_id, opt.host_id, term);
   }
   return decision;
 }
 
-Status RunTakeoverSteps(const ReplicationOptions& opt, const std::string& peer_host,
+Status RunTakeoverSteps(const ReplicationOptions& opt, bool fence, const std::string& peer_host,
                         TakeoverTimeline* timeline, std::string* identity_note) {
   identity_note->clear();
-  if (opt.fence_peer) {
+  if (fence && opt.fence_peer) {
     Status fenced = opt.fence_peer(peer_host);
     timeline->Mark("fence");
     if (!fenced.ok()) {

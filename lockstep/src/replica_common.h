@@ -67,17 +67,22 @@ class TakeoverTimeline {
   std::string text_;
 };
 
-// Asks the witness for the token after a fault. An error (the witness unreachable, silent,
-// or its answer lost) is asked again, up to `kWitnessAttempts` times in all: the witness's
-// retry rule (witness.h) answers a request it already granted the same way, so asking
-// again is safe. A denial is final.
+// Asks the witness for the token after a fault. A transient error (the witness unreachable,
+// silent, or its answer lost: kTimedOut, kIoError, kPeerLost) is asked again,
+// `kWitnessRetryGap` apart, up to `kWitnessAttempts` times in all: the witness's retry
+// rule (witness.h) answers a request it already granted the same way, so asking again is
+// safe. A denial, or any other error, is final.
 constexpr int kWitnessAttempts = 3;
+constexpr std::chrono::milliseconds kWitnessRetryGap{20};
 Result<vip::WitnessDecision> AskWitness(vip::Witness& witness, const ReplicationOptions& opt,
                                         uint64_t term);
 
-// Runs the optional takeover steps of `opt` that come before going active. On success,
-// `*identity_note` is "" or what went wrong claiming the identity (not fatal).
-Status RunTakeoverSteps(const ReplicationOptions& opt, const std::string& peer_host,
+// Runs the optional takeover steps of `opt` that come before going active: the fence
+// command (only when `fence` — a secondary taking over; a primary that keeps the token
+// has nobody to fence: the secondary never ran the guest and cannot without the token),
+// then the identity claim. On success, `*identity_note` is "" or what went wrong claiming
+// the identity (not fatal).
+Status RunTakeoverSteps(const ReplicationOptions& opt, bool fence, const std::string& peer_host,
                         TakeoverTimeline* timeline, std::string* identity_note);
 
 // Whether `s` means a fault was handled or protection ended.

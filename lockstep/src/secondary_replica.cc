@@ -127,7 +127,7 @@ void SecondaryReplica::Impl::ReceiveLoop() {
     Status s = ch->Receive(room, &n, opt.heartbeat_interval);
     if (s.code() == Status::Code::kTimedOut) {
       fault = CheckPeerSilence(*ch,
-                               role.get() == ReplicaState::kSyncing
+                               role.get() == ReplicaState::kSyncing || applied.load() < 2
                                    ? std::max(opt.peer_loss_threshold, opt.sync_loss_threshold)
                                    : opt.peer_loss_threshold,
                                "primary");
@@ -259,7 +259,7 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
     return;
   }
   std::string identity_note;
-  s = RunTakeoverSteps(opt, primary_host, &timeline, &identity_note);
+  s = RunTakeoverSteps(opt, /*fence=*/true, primary_host, &timeline, &identity_note);
   if (!s.ok()) {
     role.MoveTo(ReplicaState::kFailed, "won the token (term " + std::to_string(decision->term) +
                                            ") but " + s.ToString() + "; the guest stays stopped");
@@ -271,6 +271,8 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
   s = hv.StartVcpus();
   timeline.Mark("vcpus");
   if (!s.ok()) {
+    hv.SetOutputMode(OutputMode::kDropped);
+    if (opt.release_identity) opt.release_identity();  // no guest runs here to answer for it
     role.MoveTo(ReplicaState::kFailed,
                 "won the token but could not start the vCPUs: " + s.ToString());
     return;

@@ -57,19 +57,21 @@ struct ReplicationOptions {
   // Called after every state change, on an engine thread, outside the engine's locks.
   std::function<void(const struct Transition&)> on_transition;
 
-  // Takeover steps the engine does not own. Only the replica that won the token on a fault
-  // runs them, on an engine thread, outside the engine's locks, before it goes active: a
-  // secondary before its vCPUs start, a primary before it releases held output.
+  // Takeover steps the engine does not own, run on an engine thread outside the engine's
+  // locks by the replica that won the token on a fault, before it goes active.
   //
-  // fence_peer: makes sure `peer_host` can no longer run the VM (STONITH, e.g. a
-  // fence-agents command). An error means no takeover: a secondary ends FAILED with the
-  // guest never started, a primary ends FENCED. Unset: no fencing beyond the witness.
+  // fence_peer: a secondary taking over runs it first, to make sure `peer_host` (the old
+  // primary) can no longer run the VM (STONITH, e.g. a fence-agents command). An error
+  // means no takeover: the secondary ends FAILED with the guest never started. A primary
+  // that keeps the token does not fence: its secondary never ran the guest and cannot
+  // without the token. Unset: no fencing beyond the witness.
   std::function<Status(const std::string& peer_host)> fence_peer;
-  // claim_identity: moves the VM's host-level identity (a VIP, announcements) to this host.
-  // An error is told in the transition's reason; the takeover goes on (QEMU's own announce
-  // of the guest's MACs has already run).
+  // claim_identity: moves the VM's host-level identity (a VIP, announcements) to this host;
+  // on a secondary before QEMU's own announce of the guest's MACs and the vCPUs' start. An
+  // error is told in the transition's reason; the takeover goes on.
   std::function<Status()> claim_identity;
-  // release_identity: a replica that ends FENCED gives the identity up (idempotent).
+  // release_identity: a replica that ends FENCED (or fails to start the guest it took
+  // over) gives the identity up (idempotent).
   std::function<void()> release_identity;
 };
 

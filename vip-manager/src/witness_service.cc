@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -170,8 +171,8 @@ Result<std::vector<TokenRecord>> LoadState(const std::string& path) {
   std::string header = all.substr(0, eol);
   if (eol == std::string::npos || (header != kStateHeader && header != kStateHeaderV1)) {
     return Status::Corruption("witness state " + path + ": line 1 is not '" + kStateHeader +
-                              "'; restore it from a backup or move it away to start afresh "
-                              "(which forgets every decision)");
+                              "'; restore it from a backup (starting afresh forgets every decision "
+                              "and restarts the terms: re-protect every VM before relying on it)");
   }
   std::vector<TokenRecord> out;
   std::map<std::string, size_t> index;
@@ -184,6 +185,10 @@ Result<std::vector<TokenRecord>> LoadState(const std::string& path) {
     TokenRecord t;
     std::string extra;
     if (!(fields >> t.vm >> t.term >> t.holder) || (fields >> extra)) {
+      // Only the last line can be an append that was never synced (its newline may have
+      // reached the disk before its bytes): never answered, so dropped. Anywhere else a
+      // bad line is damage.
+      if (at == all.size()) break;
       return Status::Corruption("witness state " + path + ": line " + std::to_string(n) +
                                 " is not '<vm> <term> <holder>'");
     }
@@ -214,9 +219,12 @@ Status SaveState(const std::string& path, const std::vector<TokenRecord>& tokens
   }
   std::string dir = std::filesystem::path(path).parent_path().string();
   int dfd = open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    fsync(dfd);
-    close(dfd);
+  if (dfd < 0) return Status::FromErrno("opening the witness state's directory " + dir, errno);
+  int synced = fsync(dfd);
+  int sync_err = errno;
+  close(dfd);
+  if (synced != 0) {
+    return Status::FromErrno("syncing the witness state's directory " + dir, sync_err);
   }
   return Status::Ok();
 }
@@ -230,7 +238,12 @@ Status AppendDecision(int fd, const std::string& path, const TokenRecord& t) {
   ssize_t n = write(fd, line.data(), line.size());
   if (n == static_cast<ssize_t>(line.size()) && fdatasync(fd) == 0) return Status::Ok();
   int err = n < 0 ? errno : (n == static_cast<ssize_t>(line.size()) ? errno : ENOSPC);
-  if (size >= 0) (void)!ftruncate(fd, size);
+  if (size < 0 || ftruncate(fd, size) != 0) {
+    // The file may now end in half a line that more lines would follow: stop deciding.
+    return Status::Corruption("writing the witness state " + path +
+                              " failed and could not be undone; this witness takes no more "
+                              "decisions: free the disk and restart it");
+  }
   return Status::FromErrno("writing the witness state " + path + " (disk full?)", err);
 }
 
@@ -250,7 +263,9 @@ std::string Reply(uint16_t code, const WitnessDecision& d, std::string_view erro
 
 struct WitnessServer::Impl {
   std::string state_file;
-  int journal_fd = -1;  // the state file, open for appending decisions
+  int lock_fd = -1;       // <state>.lock, flock'ed: one witness per state file
+  int journal_fd = -1;    // the state file, open for appending decisions
+  Status journal_broken;  // set once an append could not be undone; then refuse
   InProcessWitness decisions;
   int listen_fd = -1;
   int wake[2] = {-1, -1};  // a byte on wake[1] stops the loop
@@ -261,14 +276,16 @@ struct WitnessServer::Impl {
   ~Impl() {
     if (wake[1] >= 0) (void)!write(wake[1], "x", 1);
     if (loop.joinable()) loop.join();
-    for (int fd : {listen_fd, wake[0], wake[1], journal_fd}) {
+    for (int fd : {listen_fd, wake[0], wake[1], journal_fd, lock_fd}) {
       if (fd >= 0) close(fd);
     }
   }
 
   // One connection, one request. Decisions are taken one at a time (this thread only).
   void Serve(int fd) {
-    auto deadline = Clock::now() + std::chrono::seconds(2);
+    // Short: decisions are taken one at a time, so a silent client (a probe, a half-open
+    // socket) must not hold up a replica's request during a failover for long.
+    auto deadline = Clock::now() + std::chrono::milliseconds(200);
     auto body = ReceiveMessage(fd, deadline);
     if (!body.ok()) return;
     Reader r(*body);
@@ -301,9 +318,12 @@ struct WitnessServer::Impl {
       }
       if (s.ok() && d.granted) {
         // On disk before anyone hears of it; if that fails, the decision is taken back.
-        Status saved = AppendDecision(journal_fd, state_file, {vm, d.term, d.holder});
+        Status saved = journal_broken.ok()
+                           ? AppendDecision(journal_fd, state_file, {vm, d.term, d.holder})
+                           : journal_broken;
         if (!saved.ok()) {
           decisions.Restore(before);
+          if (saved.code() == Status::Code::kCorruption) journal_broken = saved;
           s = saved;
         }
       }
@@ -337,6 +357,26 @@ Result<std::unique_ptr<WitnessServer>> WitnessServer::Start(const std::string& l
                                                             const std::string& state_file) {
   auto m = std::make_unique<Impl>();
   m->state_file = state_file;
+  // One witness per state file: a second one would rename the file under the first, whose
+  // later decisions would then go to a file nobody reads.
+  const std::string lock_path = state_file + ".lock";
+  m->lock_fd = open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (m->lock_fd < 0) {
+    return Status::FromErrno("the witness cannot keep its decisions: " + lock_path, errno);
+  }
+  if (flock(m->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    return Status::FailedPrecondition("another lockstep-witness is using " + state_file +
+                                      "; stop it first, or give this one its own --state");
+  }
+  auto a = ParseAddress(listen);
+  if (!a.ok()) return a.status();
+  m->listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int one = 1;
+  setsockopt(m->listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (bind(m->listen_fd, reinterpret_cast<const sockaddr*>(&*a), sizeof *a) != 0 ||
+      ::listen(m->listen_fd, 64) != 0) {
+    return Status::FromErrno("the witness cannot listen on " + listen, errno);
+  }
   auto tokens = LoadState(state_file);
   if (!tokens.ok()) return tokens.status();
   m->decisions.Restore(*tokens);
@@ -347,15 +387,6 @@ Result<std::unique_ptr<WitnessServer>> WitnessServer::Start(const std::string& l
   }
   m->journal_fd = open(state_file.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
   if (m->journal_fd < 0) return Status::FromErrno("opening the witness state " + state_file, errno);
-  auto a = ParseAddress(listen);
-  if (!a.ok()) return a.status();
-  m->listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  int one = 1;
-  setsockopt(m->listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (bind(m->listen_fd, reinterpret_cast<const sockaddr*>(&*a), sizeof *a) != 0 ||
-      ::listen(m->listen_fd, 64) != 0) {
-    return Status::FromErrno("the witness cannot listen on " + listen, errno);
-  }
   sockaddr_in bound{};
   socklen_t len = sizeof bound;
   getsockname(m->listen_fd, reinterpret_cast<sockaddr*>(&bound), &len);

@@ -116,7 +116,7 @@ TEST_CASE("a corrupt state file is refused with the line, and nothing is overwri
   std::string state = dir.path + "/state";
   {
     std::ofstream f(state);
-    f << "lockstep-witness 1\nvm1 2 hostB\nvm2 seven hostA\n";
+    f << "lockstep-witness 1\nvm1 2 hostB\nvm2 seven hostA\nvm3 1 hostA\n";
   }
   auto s = WitnessServer::Start("127.0.0.1:0", state);
   REQUIRE(!s.ok());
@@ -186,9 +186,14 @@ TEST_CASE("the state file: later lines win, a torn last line is dropped, restart
           "[witness-service]") {
   TempDir dir;
   std::string state = dir.path + "/state";
-  {
+  SECTION("a torn last line") {
     std::ofstream f(state);
     f << "lockstep-witness 2\nvm1 1 hostA\nvm2 4 hostB\nvm1 2 hostB\nvm1 3 hos";
+  }
+  SECTION("a whole last line that is garbage (its newline reached the disk, not its bytes)") {
+    std::ofstream f(state);
+    const std::string zeros(4, '\0');  // what a crash can leave of a line's bytes
+    f << "lockstep-witness 2\nvm1 1 hostA\nvm2 4 hostB\nvm1 2 hostB\n" << zeros << "\n";
   }
   auto server = Serve(state);
   WitnessClient c(server->address());
@@ -248,4 +253,22 @@ TEST_CASE("a request of another protocol version is refused, naming ours", "[wit
   REQUIRE(n > 12);
   CHECK(reply[11] == 1);  // code: refused
   CHECK(text.find("speaks version 1") != std::string::npos);
+}
+
+TEST_CASE("a second witness on the same state file is refused, the first goes on",
+          "[witness-service]") {
+  TempDir dir;
+  std::string state = dir.path + "/state";
+  auto first = Serve(state);
+  auto second = WitnessServer::Start("127.0.0.1:0", state);
+  REQUIRE(!second.ok());
+  CHECK(second.status().message().find("another lockstep-witness") != std::string::npos);
+  WitnessClient c(first->address());
+  REQUIRE(c.Register("vm1", "hostA").ok());
+  first.reset();
+  auto again = Serve(state);  // the lock went with the first
+  WitnessClient c2(again->address());
+  auto d = c2.RequestActive("vm1", "hostB", 1);
+  REQUIRE(d.ok());
+  CHECK(d->granted);
 }

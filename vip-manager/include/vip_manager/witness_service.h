@@ -19,8 +19,11 @@
 // decision, "<vm> <term> <holder>"; a VM's last line wins. A decision is appended and
 // fdatasync'd before it is answered (one sync on the failover path), so an answer the
 // witness gave is never forgotten by a crash; a decision that cannot be written is taken
-// back and refused. A last line without its newline is an append a crash cut short —
-// never synced, never answered — and is dropped. At start the file is compacted to one
+// back and refused (and if the half-written line cannot be cut off again, the witness
+// takes no more decisions). A last line that does not parse is an append a crash cut
+// short — never synced, never answered — and is dropped; a bad line anywhere else is
+// damage, and the witness does not start. One witness per state file: <state>.lock is
+// flock'ed for as long as it runs. At start the file is compacted to one
 // line per VM (temporary file, fsync, rename, fsync of the directory), which also proves
 // it writable before anything is served. Version 1 files (one line per VM) read the same.
 #pragma once

@@ -9,6 +9,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <fstream>
 #include <thread>
 #include <vector>
 
@@ -27,6 +28,17 @@ Result<FenceCommand> FenceCommand::Open(std::string path, std::chrono::milliseco
                                    " is not an executable file; install it or fix the path");
   }
   if (timeout.count() <= 0) return Status::InvalidArgument("the fence timeout must be positive");
+  // Under a seccomp filter (QEMU's -sandbox, libvirt's default, denies spawning and kills
+  // the process that tries) the command could never run: say so now, not mid-failover.
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("Seccomp:", 0) == 0 && line.find('2') != std::string::npos) {
+      return Status::Unsupported(
+          "a fence command cannot run from this process: it runs under a seccomp filter "
+          "(QEMU's -sandbox), which forbids starting programs; start QEMU without "
+          "-sandbox spawn=deny, or leave fencing to the witness");
+    }
+  }
   return FenceCommand(std::move(path), timeout);
 }
 
@@ -46,8 +58,22 @@ Status FenceCommand::Run(const std::string& vm, const std::string& host,
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  // A clean signal state (the host process may block or ignore signals a fence agent's
+  // own timeouts rely on) and a process group of its own, so a timeout kills the agent's
+  // children too (an ipmitool left behind could still power the peer off later).
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  sigset_t none, all;
+  sigemptyset(&none);
+  sigfillset(&all);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setsigdefault(&attr, &all);
+  posix_spawnattr_setpgroup(&attr, 0);
+  posix_spawnattr_setflags(&attr,
+                           POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
   pid_t pid = -1;
-  int rc = posix_spawn(&pid, path_.c_str(), &actions, nullptr, argv, envp.data());
+  int rc = posix_spawn(&pid, path_.c_str(), &actions, &attr, argv, envp.data());
+  posix_spawnattr_destroy(&attr);
   posix_spawn_file_actions_destroy(&actions);
   if (rc != 0) {
     return Status::IoError("could not start the fence command " + path_ + ": " + std::strerror(rc));
@@ -58,11 +84,12 @@ Status FenceCommand::Run(const std::string& vm, const std::string& host,
     pid_t done = waitpid(pid, &status, WNOHANG);
     if (done == pid) break;
     if (done < 0 && errno != EINTR) {
-      return Status::IoError("waiting for the fence command " + path_ + ": " +
-                             std::strerror(errno));
+      int err = errno;
+      kill(-pid, SIGKILL);
+      return Status::IoError("waiting for the fence command " + path_ + ": " + std::strerror(err));
     }
     if (std::chrono::steady_clock::now() >= deadline) {
-      kill(pid, SIGKILL);
+      kill(-pid, SIGKILL);  // its whole process group
       while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
       }
       return Status::TimedOut("the fence command " + path_ + " did not finish within " +

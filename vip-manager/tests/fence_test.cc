@@ -2,6 +2,7 @@
 // a bad path refused when configured rather than during a failover.
 #include "vip_manager/fence.h"
 
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -10,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 using namespace lockstep;
 using namespace lockstep::vip;
@@ -59,8 +61,8 @@ TEST_CASE("a fence command that fails or hangs did not fence", "[fence]") {
     REQUIRE(f.ok());
     REQUIRE(f->Run("vm1", "hostB", "hostA").message().find("signal 9") != std::string::npos);
   }
-  SECTION("past the deadline: killed") {
-    Script s("exec sleep 30");
+  SECTION("past the deadline: killed, children too") {
+    Script s("sleep 30 & echo $! > \"$(dirname \"$0\")/child\"; wait");
     auto f = FenceCommand::Open(s.path, 200ms);
     REQUIRE(f.ok());
     auto t0 = std::chrono::steady_clock::now();
@@ -69,6 +71,19 @@ TEST_CASE("a fence command that fails or hangs did not fence", "[fence]") {
     REQUIRE(st.code() == Status::Code::kTimedOut);
     REQUIRE(took >= 200ms);
     REQUIRE(took < 5s);  // generous: the sleep was killed, not waited for
+    // The agent's child went with it (its process group was killed).
+    std::ifstream in(s.dir + "/child");
+    pid_t child = 0;
+    REQUIRE(in >> child);
+    bool gone = false;
+    for (int i = 0; i < 200 && !gone; ++i) {
+      // Gone, or dead and waiting for whoever reaps orphans here.
+      std::ifstream stat("/proc/" + std::to_string(child) + "/stat");
+      std::string pid_field, comm, state;
+      gone = kill(child, 0) != 0 || !(stat >> pid_field >> comm >> state) || state == "Z";
+      if (!gone) std::this_thread::sleep_for(10ms);
+    }
+    CHECK(gone);
   }
 }
 

@@ -35,7 +35,9 @@ Status Parts::Check() const {
 
 const std::string& TestPairingKeyFile() {
   static const std::string path = [] {
-    std::string p = "/tmp/lockstep-testbed-key-" + std::to_string(getpid());
+    char tmpl[] = "/tmp/lockstep-testbed-key-XXXXXX";
+    int fd = mkstemp(tmpl);  // 0600, a fresh name: never someone else's file
+    std::string p = fd >= 0 ? tmpl : "";
     std::random_device rd;
     std::string hex;
     for (int i = 0; i < 32; ++i) {
@@ -43,10 +45,13 @@ const std::string& TestPairingKeyFile() {
       std::snprintf(b, sizeof b, "%02x", static_cast<unsigned>(rd() & 0xff));
       hex += b;
     }
-    int fd = open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd >= 0) {
-      (void)!write(fd, (hex + "\n").data(), hex.size() + 1);
+      if (write(fd, (hex + "\n").data(), hex.size() + 1) != static_cast<ssize_t>(hex.size() + 1))
+        p.clear();  // the plugin then says key_file= is required
       close(fd);
+      // Removed when the process ends, whatever the outcome.
+      static std::string to_remove = p;
+      std::atexit([] { unlink(to_remove.c_str()); });
     }
     return p;
   }();

@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -172,7 +173,9 @@ void WorkloadClient::Loop() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (mark_ > 0 && sent >= mark_ && first_after_mark_ == 0) first_after_mark_ = got;
-      if (mark_ > 0 && got >= mark_ && got - sent > longest_gap_) longest_gap_ = got - sent;
+      // Only the part of a wait that came after the mark counts.
+      const double waited = got - std::max(sent, mark_);
+      if (mark_ > 0 && got >= mark_ && waited > longest_gap_) longest_gap_ = waited;
     }
     ++replies_;
   }

@@ -41,8 +41,9 @@ class WorkloadClient {
   // True once `total` replies arrived; false on timeout or if the client failed.
   bool WaitForReplies(uint64_t total, std::chrono::milliseconds timeout) const;
 
-  // Marks a moment (WallSeconds()): FirstReplyAfterMark() then tells when the first reply
-  // sent after it arrived, and LongestGapAfterMark() the longest wait for a reply since.
+  // Marks a moment (WallSeconds()): FirstReplyAfterMark() then tells when the reply to the
+  // first request sent after it arrived, and LongestGapAfterMark() the longest the client
+  // waited for a reply after it (a wait that began before the mark counts from the mark).
   double Mark();                       // returns the moment
   double FirstReplyAfterMark() const;  // 0 until then
   double LongestGapAfterMark() const;  // seconds

@@ -327,7 +327,11 @@ void PrimaryReplicator::Impl::Teardown(bool orderly, std::string reason) {
     role.MoveTo(ReplicaState::kStopped, reason);
     return;
   }
-  // A fault: only the witness may let this replica go on releasing output.
+  // A fault: only the witness may let this replica go on releasing output. Until it has
+  // decided, this host stops answering for the VM's VIP too, so a client that asks for it
+  // meanwhile cannot learn this host just as the other one takes over; it is claimed back
+  // (with a gratuitous ARP) if the token stays here.
+  if (opt.release_identity) opt.release_identity();
   TakeoverTimeline timeline;
   auto decision = AskWitness(witness, opt, term);
   timeline.Mark("witness");
@@ -352,7 +356,6 @@ void PrimaryReplicator::Impl::Teardown(bool orderly, std::string reason) {
   }
   (void)hv.Halt();
   hv.SetOutputMode(OutputMode::kDropped);
-  if (opt.release_identity) opt.release_identity();
   role.MoveTo(ReplicaState::kFenced,
               reason + "; " + why + ": fenced, guest stopped, output dropped");
 }

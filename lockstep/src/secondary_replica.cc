@@ -127,7 +127,7 @@ void SecondaryReplica::Impl::ReceiveLoop() {
     Status s = ch->Receive(room, &n, opt.heartbeat_interval);
     if (s.code() == Status::Code::kTimedOut) {
       fault = CheckPeerSilence(*ch,
-                               role.get() == ReplicaState::kSyncing || applied.load() < 2
+                               role.get() == ReplicaState::kSyncing
                                    ? std::max(opt.peer_loss_threshold, opt.sync_loss_threshold)
                                    : opt.peer_loss_threshold,
                                "primary");

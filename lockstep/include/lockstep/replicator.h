@@ -70,8 +70,9 @@ struct ReplicationOptions {
   // on a secondary before QEMU's own announce of the guest's MACs and the vCPUs' start. An
   // error is told in the transition's reason; the takeover goes on.
   std::function<Status()> claim_identity;
-  // release_identity: a replica that ends FENCED (or fails to start the guest it took
-  // over) gives the identity up (idempotent).
+  // release_identity: a primary gives the identity up as soon as it sees a fault (it claims
+  // it back if the witness keeps it active), and a secondary that fails to start the guest
+  // it took over gives it up (idempotent).
   std::function<void()> release_identity;
 };
 

@@ -204,6 +204,8 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
     } else if (k == "sync_threshold_ms") {
       if (!ParseMillis(v, &r->options.sync_loss_threshold))
         return "sync_threshold_ms must be 1..600000";
+    } else if (k == "ack_timeout_ms") {
+      if (!ParseMillis(v, &r->options.ack_timeout)) return "ack_timeout_ms must be 1..600000";
     } else if (k == "output_spacing_ms") {
       Micros spacing{0};
       if (v != "0" && !ParseMillis(v, &spacing)) return "output_spacing_ms must be 0..600000";

@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdio>
 #include <mutex>
 #include <new>
 #include <thread>
@@ -25,6 +26,7 @@ struct PrimaryReplicator::Impl {
   // Records the first fault; the control thread acts on it.
   void SignalFault(const Status& s);
   void HandleAck(uint64_t epoch);
+  Status CheckAckProgress();
   void Teardown(bool orderly, std::string reason);
   // Ends protection on purpose: GOODBYE, then wait for GOODBYE_ACK. True if acknowledged.
   bool SayGoodbye(const std::string& reason);
@@ -193,6 +195,28 @@ void PrimaryReplicator::Impl::HandleAck(uint64_t epoch) {
   }
 }
 
+// Heartbeats show the secondary's process runs, not that it takes epochs: one that stops
+// acknowledging (stuck applying, out of memory, a bug) would hold the guest's output for
+// ever. Once protected, an epoch unacknowledged for `ack_timeout` after its pause is a
+// fault like a lost peer. Runs on the control thread.
+Status PrimaryReplicator::Impl::CheckAckProgress() {
+  if (role.get() != ReplicaState::kProtected) return Status::Ok();
+  const uint64_t a = acked.load(), c = captured.load();
+  if (c <= a) return Status::Ok();
+  // The oldest unacknowledged epoch's pause end (a later epoch's, if the ring moved on:
+  // later, never a false alarm).
+  const int64_t end = pause_end_ns[(a + 1) % pause_end_ns.size()].load();
+  const int64_t now = SteadyClock::now().time_since_epoch().count();
+  const auto waited = std::chrono::nanoseconds(now - end);
+  if (end == 0 || waited < opt.ack_timeout) return Status::Ok();
+  char ms[32];
+  std::snprintf(ms, sizeof ms, "%.0f", std::chrono::duration<double, std::milli>(waited).count());
+  return Status::PeerLost("the secondary acknowledged nothing for " + std::string(ms) +
+                          " ms (epochs " + std::to_string(a + 1) + ".." + std::to_string(c) +
+                          " outstanding) although its heartbeats arrive: it is alive but not "
+                          "making progress");
+}
+
 void PrimaryReplicator::Impl::ControlLoop() {
   // Room for the largest record the secondary sends (an ERROR with a 64 KiB reason).
   std::vector<uint8_t> buf(128 << 10);
@@ -225,6 +249,10 @@ void PrimaryReplicator::Impl::ControlLoop() {
         }
       }
       if (!s.ok()) SignalFault(s.WithContext("from the secondary"));
+      if (s.ok()) {
+        Status progress = CheckAckProgress();
+        if (!progress.ok()) SignalFault(progress);
+      }
     } else if (s.code() != Status::Code::kTimedOut) {
       if (!stopping.load()) SignalFault(s);
     } else {
@@ -240,6 +268,8 @@ void PrimaryReplicator::Impl::ControlLoop() {
                                : opt.peer_loss_threshold,
                            "secondary");
       if (!silence.ok()) SignalFault(silence);
+      Status progress = CheckAckProgress();
+      if (!progress.ok()) SignalFault(progress);
     }
   }
   // The ERROR may still be unread when another thread's failed send ended the loop.

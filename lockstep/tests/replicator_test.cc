@@ -201,6 +201,42 @@ class CorruptingChannel final : public channel::Channel {
   int nth_;
 };
 
+// The secondary's side of the link, turning every ACK after the first `pass` into a
+// HEARTBEAT: a secondary that is alive but no longer makes progress.
+class AckSwallowingChannel final : public channel::Channel {
+ public:
+  AckSwallowingChannel(std::unique_ptr<channel::Channel> inner, int pass)
+      : inner_(std::move(inner)), pass_(pass) {}
+  std::string_view transport() const override { return inner_->transport(); }
+  std::string peer() const override { return inner_->peer(); }
+  Status RegisterMemory(const void* base, size_t len) override {
+    return inner_->RegisterMemory(base, len);
+  }
+  Status Send(std::span<const channel::ConstSlice> gather, uint64_t* seq) override {
+    const auto* p = static_cast<const uint8_t*>(gather[0].data);
+    const bool ack =
+        gather[0].size >= 2 && (p[0] | p[1] << 8) == static_cast<int>(wire::RecordType::kAck);
+    if (!ack || pass_-- > 0) return inner_->Send(gather, seq);
+    uint8_t beat[wire::kControlRecordBytes];
+    channel::ConstSlice one{beat, wire::EncodeHeartbeat(0, beat)};
+    return inner_->Send({&one, 1}, seq);
+  }
+  uint64_t CompletedThrough() const override { return inner_->CompletedThrough(); }
+  Status WaitForCompletion(uint64_t seq, std::chrono::microseconds t) override {
+    return inner_->WaitForCompletion(seq, t);
+  }
+  Status Receive(std::span<uint8_t> into, size_t* size, std::chrono::microseconds t) override {
+    return inner_->Receive(into, size, t);
+  }
+  channel::Clock::time_point LastHeardFrom() const override { return inner_->LastHeardFrom(); }
+  void Abort() override { inner_->Abort(); }
+  channel::ChannelStats stats() const override { return inner_->stats(); }
+
+ private:
+  std::unique_ptr<channel::Channel> inner_;
+  std::atomic<int> pass_;
+};
+
 }  // namespace
 
 TEST_CASE("epochs flow, output is released on ack, and an orderly stop is not a failover",
@@ -647,4 +683,31 @@ TEST_CASE("a primary gives the VIP up while the witness decides, and takes it ba
   REQUIRE(p.primary->state() == S::kPrimaryAlone);
   std::lock_guard<std::mutex> lock(mu);
   REQUIRE(calls == std::vector<std::string>{"release", "claim"});
+}
+
+TEST_CASE("a secondary alive but no longer acknowledging is a fault, not a hang",
+          "[replicator][detector]") {
+  ReplicationOptions popt = Options("hostA");
+  popt.ack_timeout = 200ms;
+  Pair p(TestGuest(), TestGuest(), popt, Options("hostB"));
+  p.pg.Boot();
+  auto sec = std::async(std::launch::async, [&] {
+    return p.secondary->Start(std::make_unique<AckSwallowingChannel>(p.link->TakeB(), 3));
+  });
+  REQUIRE(p.primary->Start(p.link->TakeA()).ok());
+  REQUIRE(sec.get().ok());
+  REQUIRE(p.primary->WaitForState(S::kProtected, 10s));
+  // Its heartbeats go on, so no silence is ever seen; the missing ACKs are the fault.
+  REQUIRE(p.primary->WaitForFaultHandled(10s));
+  REQUIRE(p.secondary->WaitForFaultHandled(10s));
+  INFO(Log(p.primary->transitions()) << Log(p.secondary->transitions()));
+  REQUIRE(p.primary->fault_reason().find("not making progress") != std::string::npos);
+  // Then the usual rule: the primary closed the link, both asked, exactly one goes on.
+  // (This secondary did apply the epochs it did not acknowledge, so it may win: the
+  // primary released nothing of them, and resuming from the last one contradicts nothing.)
+  const bool primary_on = p.primary->state() == S::kPrimaryAlone;
+  const bool secondary_on = p.secondary->state() == S::kActive;
+  REQUIRE(primary_on != secondary_on);
+  REQUIRE(p.sg.running() == secondary_on);
+  REQUIRE(p.early_releases == 0);
 }

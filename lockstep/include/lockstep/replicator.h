@@ -51,6 +51,9 @@ struct ReplicationOptions {
   // peer_loss_threshold applies: a secondary first-touching the guest's whole memory can
   // be silent for a while, and a fault then has nothing to fail over to anyway.
   Micros sync_loss_threshold{2'000'000};
+  // Once protected, an epoch the secondary has not acknowledged this long after its pause
+  // is a fault, even while its heartbeats arrive (alive, but not making progress).
+  Micros ack_timeout{2'000'000};
   bool delta_encoding = true;  // XOR+RLE deltas against the last copy sent
   size_t max_device_state_bytes = 4u << 20;
   std::chrono::milliseconds handshake_timeout{5'000};

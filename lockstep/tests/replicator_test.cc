@@ -162,16 +162,38 @@ std::string Log(const std::vector<Transition>& log) {
   return s;
 }
 
-// Passes messages through, but flips one bit of the `nth` message of at least 1 KiB.
-class CorruptingChannel final : public channel::Channel {
+// Passes everything to `inner`; subclasses change what Send() does.
+class ForwardingChannel : public channel::Channel {
  public:
-  CorruptingChannel(std::unique_ptr<channel::Channel> inner, int nth)
-      : inner_(std::move(inner)), nth_(nth) {}
+  explicit ForwardingChannel(std::unique_ptr<channel::Channel> inner) : inner_(std::move(inner)) {}
   std::string_view transport() const override { return inner_->transport(); }
   std::string peer() const override { return inner_->peer(); }
   Status RegisterMemory(const void* base, size_t len) override {
     return inner_->RegisterMemory(base, len);
   }
+  Status Send(std::span<const channel::ConstSlice> gather, uint64_t* seq) override {
+    return inner_->Send(gather, seq);
+  }
+  uint64_t CompletedThrough() const override { return inner_->CompletedThrough(); }
+  Status WaitForCompletion(uint64_t seq, std::chrono::microseconds t) override {
+    return inner_->WaitForCompletion(seq, t);
+  }
+  Status Receive(std::span<uint8_t> into, size_t* size, std::chrono::microseconds t) override {
+    return inner_->Receive(into, size, t);
+  }
+  channel::Clock::time_point LastHeardFrom() const override { return inner_->LastHeardFrom(); }
+  void Abort() override { inner_->Abort(); }
+  channel::ChannelStats stats() const override { return inner_->stats(); }
+
+ protected:
+  std::unique_ptr<channel::Channel> inner_;
+};
+
+// Passes messages through, but flips one bit of the `nth` message of at least 1 KiB.
+class CorruptingChannel final : public ForwardingChannel {
+ public:
+  CorruptingChannel(std::unique_ptr<channel::Channel> inner, int nth)
+      : ForwardingChannel(std::move(inner)), nth_(nth) {}
   Status Send(std::span<const channel::ConstSlice> gather, uint64_t* seq) override {
     size_t total = 0;
     for (const auto& g : gather) total += g.size;
@@ -185,33 +207,17 @@ class CorruptingChannel final : public channel::Channel {
     channel::ConstSlice one{copy.data(), copy.size()};
     return inner_->Send({&one, 1}, seq);
   }
-  uint64_t CompletedThrough() const override { return inner_->CompletedThrough(); }
-  Status WaitForCompletion(uint64_t seq, std::chrono::microseconds t) override {
-    return inner_->WaitForCompletion(seq, t);
-  }
-  Status Receive(std::span<uint8_t> into, size_t* size, std::chrono::microseconds t) override {
-    return inner_->Receive(into, size, t);
-  }
-  channel::Clock::time_point LastHeardFrom() const override { return inner_->LastHeardFrom(); }
-  void Abort() override { inner_->Abort(); }
-  channel::ChannelStats stats() const override { return inner_->stats(); }
 
  private:
-  std::unique_ptr<channel::Channel> inner_;
   int nth_;
 };
 
 // The secondary's side of the link, turning every ACK after the first `pass` into a
 // HEARTBEAT: a secondary that is alive but no longer makes progress.
-class AckSwallowingChannel final : public channel::Channel {
+class AckSwallowingChannel final : public ForwardingChannel {
  public:
   AckSwallowingChannel(std::unique_ptr<channel::Channel> inner, int pass)
-      : inner_(std::move(inner)), pass_(pass) {}
-  std::string_view transport() const override { return inner_->transport(); }
-  std::string peer() const override { return inner_->peer(); }
-  Status RegisterMemory(const void* base, size_t len) override {
-    return inner_->RegisterMemory(base, len);
-  }
+      : ForwardingChannel(std::move(inner)), pass_(pass) {}
   Status Send(std::span<const channel::ConstSlice> gather, uint64_t* seq) override {
     const auto* p = static_cast<const uint8_t*>(gather[0].data);
     const bool ack =
@@ -221,19 +227,8 @@ class AckSwallowingChannel final : public channel::Channel {
     channel::ConstSlice one{beat, wire::EncodeHeartbeat(0, beat)};
     return inner_->Send({&one, 1}, seq);
   }
-  uint64_t CompletedThrough() const override { return inner_->CompletedThrough(); }
-  Status WaitForCompletion(uint64_t seq, std::chrono::microseconds t) override {
-    return inner_->WaitForCompletion(seq, t);
-  }
-  Status Receive(std::span<uint8_t> into, size_t* size, std::chrono::microseconds t) override {
-    return inner_->Receive(into, size, t);
-  }
-  channel::Clock::time_point LastHeardFrom() const override { return inner_->LastHeardFrom(); }
-  void Abort() override { inner_->Abort(); }
-  channel::ChannelStats stats() const override { return inner_->stats(); }
 
  private:
-  std::unique_ptr<channel::Channel> inner_;
   std::atomic<int> pass_;
 };
 

@@ -81,18 +81,10 @@ Result<std::array<uint8_t, 32>> LoadPairingKey(const std::string& path) {
   for (char ch : text.str())
     if (!std::isspace(static_cast<unsigned char>(ch))) hex += ch;
   std::array<uint8_t, 32> key{};
-  auto nibble = [](char ch) -> int {
-    if (ch >= '0' && ch <= '9') return ch - '0';
-    if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
-    if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
-    return -1;
-  };
-  bool ok = hex.size() == 64;
-  for (size_t i = 0; ok && i < 32; ++i) {
-    int hi = nibble(hex[2 * i]), lo = nibble(hex[2 * i + 1]);
-    ok = hi >= 0 && lo >= 0;
-    key[i] = static_cast<uint8_t>(hi << 4 | lo);
-  }
+  size_t len = 0;
+  const bool ok = hex.size() == 64 &&
+                  OPENSSL_hexstr2buf_ex(key.data(), key.size(), &len, hex.c_str(), '\0') == 1 &&
+                  len == key.size();
   if (!ok) {
     return Status::InvalidArgument(
         "the pairing key file " + path +

@@ -462,12 +462,10 @@ Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
     std::string why = "secondary " + reply.host_id +
                       " did not prove it holds this host's pairing key (or the handshake was "
                       "altered on the way): give both hosts the same key file";
-    auto error = wire::EncodeReasonRecord(wire::RecordType::kError,
-                                          "the primary refused the handshake: the secondary's "
-                                          "pairing-key proof is wrong; give both hosts the same "
-                                          "key file");
-    ConstSlice e{error.data(), error.size()};
-    (void)channel->Send({&e, 1});
+    SendError(*channel,
+              "the primary refused the handshake: the secondary's "
+              "pairing-key proof is wrong; give both hosts the same "
+              "key file");
     channel->Abort();
     return Status::PeerRejected(why);
   }

@@ -44,6 +44,12 @@ void TakeoverTimeline::Mark(const char* step) {
   last_ = now;
 }
 
+void SendError(channel::Channel& channel, std::string_view reason) {
+  auto error = wire::EncodeReasonRecord(wire::RecordType::kError, reason);
+  channel::ConstSlice slice{error.data(), error.size()};
+  (void)channel.Send({&slice, 1});
+}
+
 Result<vip::WitnessDecision> AskWitness(vip::Witness& witness, const ReplicationOptions& opt,
                                         uint64_t term) {
   Result<vip::WitnessDecision> decision = witness.RequestActive(opt.vm_id, opt.host_id, term);

@@ -67,6 +67,10 @@ class TakeoverTimeline {
   std::string text_;
 };
 
+// Tells the peer why this side is closing (an ERROR record), best effort: the connection
+// may already be gone.
+void SendError(channel::Channel& channel, std::string_view reason);
+
 // Asks the witness for the token after a fault. A transient error (the witness unreachable,
 // silent, or its answer lost: kTimedOut, kIoError, kPeerLost) is asked again,
 // `kWitnessRetryGap` apart, up to `kWitnessAttempts` times in all: the witness's retry

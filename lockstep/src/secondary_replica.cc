@@ -173,9 +173,7 @@ void SecondaryReplica::Impl::ReceiveLoop() {
     auto progress = assembler->Feed(msg);
     if (!progress.ok()) {
       fault = progress.status();
-      auto err = wire::EncodeReasonRecord(wire::RecordType::kError, fault.ToString());
-      ConstSlice slice{err.data(), err.size()};
-      (void)ch->Send({&slice, 1});
+      SendError(*ch, fault.ToString());
       ending = Ending::kRejected;
       break;
     }
@@ -390,12 +388,9 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
   auto expected = ComputeProof(*m.opt.pairing_key, ProofRole::kPrimary, proof);
   if (!expected.ok()) return expected.status();
   if (!s.ok() || !ProofMatches(primary_proof, *expected)) {
-    auto error = wire::EncodeReasonRecord(
-        wire::RecordType::kError,
-        "the secondary refused the handshake: the primary's pairing-key proof is wrong; give "
-        "both hosts the same key file");
-    ConstSlice e{error.data(), error.size()};
-    (void)channel->Send({&e, 1});
+    SendError(*channel,
+              "the secondary refused the handshake: the primary's pairing-key proof is wrong; give "
+              "both hosts the same key file");
     channel->Abort();
     return Status::PeerRejected(
         "primary " + hello.host_id +

@@ -105,27 +105,20 @@ size_t PortCapture::CountFrom(int port, double since) const {
 
 bool PortCapture::Interleaved(double since, std::string* why) const {
   std::lock_guard<std::mutex> lock(mu_);
+  // One pass: a port that handed over (another port spoke after it) must stay silent.
+  std::vector<double> retired_at;  // per port: when another took over; 0 = not retired
   int current = -1;
-  double current_since = 0;
   for (const auto& f : frames_) {
     if (f.at < since) continue;
-    if (current == -1) {
-      current = f.port;
-      current_since = f.at;
-    } else if (f.port != current) {
-      // A port change is a handover; a change back would be two speakers.
-      for (const auto& g : frames_) {
-        if (g.at > f.at && g.port == current) {
-          *why = "port " + std::to_string(current) + " spoke for the guest at " +
-                 std::to_string(g.at) + " after port " + std::to_string(f.port) + " did at " +
-                 std::to_string(f.at) + " (first from port " + std::to_string(current) + " at " +
-                 std::to_string(current_since) + ")";
-          return true;
-        }
-      }
-      current = f.port;
-      current_since = f.at;
+    if (static_cast<size_t>(f.port) >= retired_at.size()) retired_at.resize(f.port + 1, 0);
+    if (retired_at[f.port] != 0) {
+      *why = "port " + std::to_string(f.port) + " spoke for the guest at " + std::to_string(f.at) +
+             " after port " + std::to_string(current) + " took over at " +
+             std::to_string(retired_at[f.port]);
+      return true;
     }
+    if (current != -1 && f.port != current) retired_at[current] = f.at;
+    current = f.port;
   }
   return false;
 }

@@ -104,21 +104,28 @@ class HostHypervisor final : public Hypervisor {
 // what the kill -9 tests exercise; the embedded and etcd witnesses replace it.
 class ThisProcessWitness final : public vip::Witness {
  public:
+  using vip::Witness::RequestActive;
   Result<uint64_t> Register(std::string_view, std::string_view) override { return uint64_t{1}; }
+  // Confirmed at once: nobody else can ever ask, so there is nothing to wait for.
   Result<vip::WitnessDecision> RequestActive(std::string_view, std::string_view candidate,
-                                             uint64_t term) override {
+                                             uint64_t term, std::chrono::milliseconds) override {
     std::lock_guard<std::mutex> lock(mu_);
-    vip::WitnessDecision d;
     if (holder_.empty()) holder_ = candidate;
-    d.granted = holder_ == candidate;
-    d.holder = holder_;
-    d.term = term + 1;
-    return d;
+    return vip::WitnessDecision{holder_ == candidate, term + 1, holder_, true};
+  }
+  Result<vip::WitnessDecision> Confirm(std::string_view, std::string_view holder,
+                                       uint64_t term) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return vip::WitnessDecision{holder_ == holder, term, holder_, true};
+  }
+  Result<vip::WitnessDecision> Reclaim(std::string_view, std::string_view, uint64_t term) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return vip::WitnessDecision{false, term, holder_, true};
   }
 
  private:
   std::mutex mu_;
-  std::string holder_;
+  std::string holder_;  // GUARDED_BY(mu_)
 };
 
 struct PluginReplica {
@@ -167,6 +174,7 @@ bool ParseHex16(const std::string& v, std::array<uint8_t, 16>* out) {
 std::string ParseConfig(const char* config, PluginReplica* r) {
   std::string role, witness, fence_command, vip;
   std::chrono::milliseconds fence_timeout{30'000};
+  std::optional<std::chrono::milliseconds> grant_window;
   std::string s = config ? config : "";
   size_t at = 0;
   while (at <= s.size()) {
@@ -216,6 +224,10 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
       Micros t{0};
       if (!ParseMillis(v, &t)) return "fence_timeout_ms must be 1..600000";
       fence_timeout = std::chrono::duration_cast<std::chrono::milliseconds>(t);
+    } else if (k == "grant_window_ms") {
+      Micros t{0};
+      if (!ParseMillis(v, &t)) return "grant_window_ms must be 1..600000";
+      grant_window = std::chrono::duration_cast<std::chrono::milliseconds>(t);
     } else if (k == "vip") {
       vip = v;
     } else if (k == "delta") {
@@ -231,6 +243,16 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
   if (r->options.host_id.empty()) return "host=NAME is required";
   if (r->primary && r->peer.empty()) return "a primary needs peer=HOST:PORT (the secondary)";
   if (!r->primary && r->listen.empty()) return "a secondary needs listen=HOST:PORT";
+  // The window must cover the secondary's takeover steps, the fence command included
+  // (ReplicationOptions::grant_window).
+  const std::chrono::milliseconds fence_budget =
+      fence_command.empty() ? std::chrono::milliseconds(0) : fence_timeout;
+  if (grant_window && *grant_window <= fence_budget) {
+    return "grant_window_ms (" + std::to_string(grant_window->count()) +
+           ") must be longer than fence_timeout_ms (" + std::to_string(fence_budget.count()) +
+           "): a winner still fencing when its window ends would lose the token";
+  }
+  r->options.grant_window = grant_window.value_or(std::chrono::milliseconds(2'000) + fence_budget);
   if (!fence_command.empty()) {
     auto f = vip::FenceCommand::Open(fence_command, fence_timeout);
     if (!f.ok()) return f.status().message();

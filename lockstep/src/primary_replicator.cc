@@ -363,27 +363,34 @@ void PrimaryReplicator::Impl::Teardown(bool orderly, std::string reason) {
   // (with a gratuitous ARP) if the token stays here.
   if (opt.release_identity) opt.release_identity();
   TakeoverTimeline timeline;
-  auto decision = AskWitness(witness, opt, term);
+  // Nothing stands between a primary's grant and its release of output: confirmed at once.
+  auto decision = AskWitness(witness, opt, term, std::chrono::milliseconds(0));
   timeline.Mark("witness");
-  std::string why;
-  if (decision.ok() && decision->granted) {
-    std::string identity_note;
-    Status steps =
-        RunTakeoverSteps(opt, /*fence=*/false, secondary_host, &timeline, &identity_note);
-    if (steps.ok()) {
-      hv.SetOutputMode(OutputMode::kPassThrough);  // no other replica can ever contradict it
-      role.MoveTo(ReplicaState::kPrimaryAlone,
-                  reason + "; the witness kept this host active (term " +
-                      std::to_string(decision->term) + "): running UNPROTECTED" +
-                      (identity_note.empty() ? "" : "; " + identity_note) + " (" +
-                      timeline.ToString() + ")");
-      return;
+  std::string lapsed;  // set when this side took back a grant the secondary let lapse
+  if (decision.ok() && LostToProvisionalGrant(*decision, term)) {
+    // The secondary won, but has yet to confirm. Output stays held (the guest runs on)
+    // until it does, or its window lapses and the token comes back here.
+    const std::string winner = decision->holder;
+    decision = AwaitGrantWindow(witness, opt, *decision, [this] { return stopping.load(); });
+    timeline.Mark("grant window");
+    if (decision.ok() && decision->granted) {
+      lapsed = "; " + winner + " won the token but never confirmed it: taken back";
     }
-    why = "the witness kept this host active but " + steps.ToString();
-  } else {
-    why = decision.ok() ? "the witness gave the token to " + decision->holder
-                        : "the witness could not be asked (" + decision.status().ToString() + ")";
   }
+  if (decision.ok() && decision->granted) {
+    std::string identity_note = ClaimIdentity(opt, &timeline);
+    hv.SetOutputMode(OutputMode::kPassThrough);  // no other replica can ever contradict it
+    role.MoveTo(ReplicaState::kPrimaryAlone,
+                reason + lapsed + "; the witness kept this host active (term " +
+                    std::to_string(decision->term) + "): running UNPROTECTED" +
+                    (identity_note.empty() ? "" : "; " + identity_note) + " (" +
+                    timeline.ToString() + ")");
+    return;
+  }
+  const std::string why =
+      decision.ok() ? "the witness gave the token to " + decision->holder +
+                          (decision->confirmed ? "" : " (not confirmed in time)")
+                    : "the witness could not be asked (" + decision.status().ToString() + ")";
   (void)hv.Halt();
   hv.SetOutputMode(OutputMode::kDropped);
   role.MoveTo(ReplicaState::kFenced,

@@ -50,9 +50,13 @@ void SendError(channel::Channel& channel, std::string_view reason) {
   (void)channel.Send({&slice, 1});
 }
 
-Result<vip::WitnessDecision> AskWitness(vip::Witness& witness, const ReplicationOptions& opt,
-                                        uint64_t term) {
-  Result<vip::WitnessDecision> decision = witness.RequestActive(opt.vm_id, opt.host_id, term);
+namespace {
+
+// Calls `ask` until it answers or fails with an error that is not transient, at most
+// kWitnessAttempts times, kWitnessRetryGap apart.
+template <typename Ask>
+Result<vip::WitnessDecision> WithRetries(const Ask& ask) {
+  Result<vip::WitnessDecision> decision = ask();
   for (int attempt = 1; attempt < kWitnessAttempts && !decision.ok(); ++attempt) {
     const Status::Code code = decision.status().code();
     if (code != Status::Code::kTimedOut && code != Status::Code::kIoError &&
@@ -60,29 +64,60 @@ Result<vip::WitnessDecision> AskWitness(vip::Witness& witness, const Replication
       break;
     }
     std::this_thread::sleep_for(kWitnessRetryGap);
-    decision = witness.RequestActive(opt.vm_id, opt.host_id, term);
+    decision = ask();
   }
   return decision;
 }
 
-Status RunTakeoverSteps(const ReplicationOptions& opt, bool fence, const std::string& peer_host,
-                        TakeoverTimeline* timeline, std::string* identity_note) {
-  identity_note->clear();
-  if (fence && opt.fence_peer) {
-    Status fenced = opt.fence_peer(peer_host);
-    timeline->Mark("fence");
-    if (!fenced.ok()) {
-      return Status::FailedPrecondition("fencing " + (peer_host.empty() ? "the peer" : peer_host) +
-                                        " failed (" + fenced.ToString() +
-                                        "); a configured fence must succeed before a takeover");
+}  // namespace
+
+Result<vip::WitnessDecision> AskWitness(vip::Witness& witness, const ReplicationOptions& opt,
+                                        uint64_t term, std::chrono::milliseconds confirm_within) {
+  return WithRetries(
+      [&] { return witness.RequestActive(opt.vm_id, opt.host_id, term, confirm_within); });
+}
+
+Result<vip::WitnessDecision> ConfirmToken(vip::Witness& witness, const ReplicationOptions& opt,
+                                          uint64_t term) {
+  return WithRetries([&] { return witness.Confirm(opt.vm_id, opt.host_id, term); });
+}
+
+bool LostToProvisionalGrant(const vip::WitnessDecision& denied, uint64_t term) {
+  return !denied.granted && !denied.confirmed && denied.term == term + 1;
+}
+
+Result<vip::WitnessDecision> AwaitGrantWindow(vip::Witness& witness, const ReplicationOptions& opt,
+                                              const vip::WitnessDecision& denied,
+                                              const std::function<bool()>& stop) {
+  const auto give_up = SteadyClock::now() + opt.grant_window + kReclaimSlack;
+  Result<vip::WitnessDecision> last = denied;
+  for (;;) {
+    std::this_thread::sleep_for(kReclaimPoll);
+    if (stop()) return last;
+    last = WithRetries([&] { return witness.Reclaim(opt.vm_id, opt.host_id, denied.term); });
+    if (!last.ok() || last->granted || last->confirmed || last->term != denied.term ||
+        SteadyClock::now() >= give_up) {
+      return last;
     }
   }
-  if (opt.claim_identity) {
-    Status claimed = opt.claim_identity();
-    timeline->Mark("identity");
-    if (!claimed.ok()) *identity_note = "claiming the identity failed: " + claimed.ToString();
-  }
-  return Status::Ok();
+}
+
+Status FencePeer(const ReplicationOptions& opt, const std::string& peer_host,
+                 TakeoverTimeline* timeline) {
+  if (!opt.fence_peer) return Status::Ok();
+  Status fenced = opt.fence_peer(peer_host);
+  timeline->Mark("fence");
+  if (fenced.ok()) return fenced;
+  return Status::FailedPrecondition("fencing " + (peer_host.empty() ? "the peer" : peer_host) +
+                                    " failed (" + fenced.ToString() +
+                                    "); a configured fence must succeed before a takeover");
+}
+
+std::string ClaimIdentity(const ReplicationOptions& opt, TakeoverTimeline* timeline) {
+  if (!opt.claim_identity) return "";
+  Status claimed = opt.claim_identity();
+  timeline->Mark("identity");
+  return claimed.ok() ? "" : "claiming the identity failed: " + claimed.ToString();
 }
 
 bool IsSettled(ReplicaState s) {

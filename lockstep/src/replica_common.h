@@ -71,23 +71,41 @@ class TakeoverTimeline {
 // may already be gone.
 void SendError(channel::Channel& channel, std::string_view reason);
 
-// Asks the witness for the token after a fault. A transient error (the witness unreachable,
-// silent, or its answer lost: kTimedOut, kIoError, kPeerLost) is asked again,
+// Asks the witness for the token after a fault; `confirm_within` as for
+// Witness::RequestActive (zero: a grant confirmed at once). A transient error (the witness
+// unreachable, silent, or its answer lost: kTimedOut, kIoError, kPeerLost) is asked again,
 // `kWitnessRetryGap` apart, up to `kWitnessAttempts` times in all: the witness's retry
 // rule (witness.h) answers a request it already granted the same way, so asking again is
-// safe. A denial, or any other error, is final.
+// safe. A denial, or any other error, is final. Confirm() below retries alike.
 constexpr int kWitnessAttempts = 3;
 constexpr std::chrono::milliseconds kWitnessRetryGap{20};
 Result<vip::WitnessDecision> AskWitness(vip::Witness& witness, const ReplicationOptions& opt,
-                                        uint64_t term);
+                                        uint64_t term, std::chrono::milliseconds confirm_within);
+Result<vip::WitnessDecision> ConfirmToken(vip::Witness& witness, const ReplicationOptions& opt,
+                                          uint64_t term);
 
-// Runs the optional takeover steps of `opt` that come before going active: the fence
-// command (only when `fence` — a secondary taking over; a primary that keeps the token
-// has nobody to fence: the secondary never ran the guest and cannot without the token),
-// then the identity claim. On success, `*identity_note` is "" or what went wrong claiming
-// the identity (not fatal).
-Status RunTakeoverSteps(const ReplicationOptions& opt, bool fence, const std::string& peer_host,
-                        TakeoverTimeline* timeline, std::string* identity_note);
+// Whether `denied` (the answer to a request with `term`) gave the token to the other side
+// provisionally: it may lapse, and this side may then reclaim it.
+bool LostToProvisionalGrant(const vip::WitnessDecision& denied, uint64_t term);
+
+// A loser of a provisional grant waits out the winner's window (witness.h): it asks to
+// Reclaim() the token every kReclaimPoll until that is granted, the winner confirms, the
+// token moves on, `stop()` says so, or `opt.grant_window` + kReclaimSlack has passed (the
+// witness measures the window; this bound only ends a wait whose answer never comes).
+// Returns the last answer: granted means this side now holds a confirmed token.
+constexpr std::chrono::milliseconds kReclaimPoll{50};
+constexpr std::chrono::milliseconds kReclaimSlack{3'000};
+Result<vip::WitnessDecision> AwaitGrantWindow(vip::Witness& witness, const ReplicationOptions& opt,
+                                              const vip::WitnessDecision& denied,
+                                              const std::function<bool()>& stop);
+
+// The fence step of a secondary's takeover (ReplicationOptions::fence_peer), if configured:
+// an error means no takeover.
+Status FencePeer(const ReplicationOptions& opt, const std::string& peer_host,
+                 TakeoverTimeline* timeline);
+// The identity step of a takeover (ReplicationOptions::claim_identity), if configured. Not
+// fatal: returns "" or what went wrong, for the transition's reason.
+std::string ClaimIdentity(const ReplicationOptions& opt, TakeoverTimeline* timeline);
 
 // Whether `s` means a fault was handled or protection ended.
 bool IsSettled(ReplicaState s);

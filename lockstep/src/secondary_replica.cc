@@ -237,8 +237,19 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
   }
   role.MoveTo(ReplicaState::kPromoting, reason);
   TakeoverTimeline timeline;
-  auto decision = AskWitness(witness, opt, term);
+  // The grant is provisional (witness.h): if this side cannot finish the takeover, the
+  // primary — should it be alive — takes the token back once the window lapses.
+  auto decision = AskWitness(witness, opt, term, opt.grant_window);
   timeline.Mark("witness");
+  std::string lapsed;  // set when this side took back a grant the primary let lapse
+  if (decision.ok() && LostToProvisionalGrant(*decision, term)) {
+    const std::string winner = decision->holder;
+    decision = AwaitGrantWindow(witness, opt, *decision, [this] { return stopping.load(); });
+    timeline.Mark("grant window");
+    if (decision.ok() && decision->granted) {
+      lapsed = "; " + winner + " won the token but never confirmed it: taken back";
+    }
+  }
   if (!decision.ok() || !decision->granted) {
     std::string why = decision.ok()
                           ? "the witness gave the token to " + decision->holder
@@ -247,22 +258,46 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
     return;
   }
   const uint64_t epoch = applied.load();
+  const std::string unconfirmed =
+      decision->confirmed ? "" : "; the token was never confirmed, so the primary may take it back";
   Status s = hv.LoadDeviceState(device);
   timeline.Mark("device state");
   if (!s.ok()) {
     role.MoveTo(ReplicaState::kFailed,
                 "won the token but could not load the device state of "
                 "epoch " +
-                    std::to_string(epoch) + ": " + s.ToString());
+                    std::to_string(epoch) + ": " + s.ToString() + unconfirmed);
     return;
   }
-  std::string identity_note;
-  s = RunTakeoverSteps(opt, /*fence=*/true, primary_host, &timeline, &identity_note);
+  s = FencePeer(opt, primary_host, &timeline);
   if (!s.ok()) {
     role.MoveTo(ReplicaState::kFailed, "won the token (term " + std::to_string(decision->term) +
-                                           ") but " + s.ToString() + "; the guest stays stopped");
+                                           ") but " + s.ToString() + "; the guest stays stopped" +
+                                           unconfirmed);
     return;
   }
+  if (!decision->confirmed) {
+    // The last moment to find out whether the primary took the token back: nothing of the
+    // guest has left this host yet.
+    auto confirmed = ConfirmToken(witness, opt, decision->term);
+    timeline.Mark("confirm");
+    if (!confirmed.ok()) {
+      role.MoveTo(ReplicaState::kFailed, "won the token (term " + std::to_string(decision->term) +
+                                             ") but could not confirm it (" +
+                                             confirmed.status().ToString() +
+                                             "); the guest stays stopped" + unconfirmed);
+      return;
+    }
+    if (!confirmed->granted) {
+      role.MoveTo(ReplicaState::kFenced, "won the token (term " + std::to_string(decision->term) +
+                                             ") but did not confirm it within its window, and " +
+                                             confirmed->holder + " took it back (term " +
+                                             std::to_string(confirmed->term) +
+                                             "): not taking over");
+      return;
+    }
+  }
+  std::string identity_note = ClaimIdentity(opt, &timeline);
   hv.SetOutputMode(OutputMode::kPassThrough);
   Status announced = hv.Announce();
   timeline.Mark("announce");
@@ -277,7 +312,7 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
   }
   role.MoveTo(ReplicaState::kActive,
               "took over from " + primary_host + " at epoch " + std::to_string(epoch) + " (term " +
-                  std::to_string(decision->term) + ") after: " + reason +
+                  std::to_string(decision->term) + ") after: " + reason + lapsed +
                   (announced.ok() ? "" : "; announcing failed: " + announced.ToString()) +
                   (identity_note.empty() ? "" : "; " + identity_note) + " (" + timeline.ToString() +
                   ")");

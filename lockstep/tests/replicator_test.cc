@@ -22,28 +22,45 @@ using S = ReplicaState;
 
 namespace {
 
-// One side's connection to a shared witness that can be cut off.
+// One side's connection to a shared witness that can be cut off, lose answers, or ask late.
 class WitnessLink final : public vip::Witness {
  public:
+  using vip::Witness::RequestActive;
   explicit WitnessLink(vip::InProcessWitness& w) : w_(w) {}
   Result<uint64_t> Register(std::string_view vm, std::string_view holder) override {
     if (!reachable_) return Status::TimedOut("witness unreachable from this host");
     return w_.Register(vm, holder);
   }
-  Result<vip::WitnessDecision> RequestActive(std::string_view vm, std::string_view c,
-                                             uint64_t term) override {
+  Result<vip::WitnessDecision> RequestActive(std::string_view vm, std::string_view c, uint64_t term,
+                                             std::chrono::milliseconds window) override {
     ++requests_;
+    std::this_thread::sleep_for(std::chrono::milliseconds(ask_late_ms_.load()));
     if (!reachable_) return Status::TimedOut("witness unreachable from this host");
-    auto decision = w_.RequestActive(vm, c, term);
+    auto decision = w_.RequestActive(vm, c, term, window);
     if (lose_answers_ > 0) {
       --lose_answers_;
       return Status::TimedOut("the witness's answer was lost");  // but it was applied
     }
     return decision;
   }
+  Result<vip::WitnessDecision> Confirm(std::string_view vm, std::string_view holder,
+                                       uint64_t term) override {
+    ++confirms_;
+    if (!reachable_) return Status::TimedOut("witness unreachable from this host");
+    return w_.Confirm(vm, holder, term);
+  }
+  Result<vip::WitnessDecision> Reclaim(std::string_view vm, std::string_view c,
+                                       uint64_t term) override {
+    ++reclaims_;
+    if (!reachable_) return Status::TimedOut("witness unreachable from this host");
+    return w_.Reclaim(vm, c, term);
+  }
   std::atomic<bool> reachable_{true};
   std::atomic<int> lose_answers_{0};
+  std::atomic<int> ask_late_ms_{0};  // this side asks for the token this much later
   std::atomic<int> requests_{0};
+  std::atomic<int> confirms_{0};
+  std::atomic<int> reclaims_{0};
 
  private:
   vip::InProcessWitness& w_;
@@ -380,7 +397,7 @@ TEST_CASE("silence is detected within the threshold plus one interval", "[replic
   REQUIRE(actives == 1);
   int fenced = (p.primary->state() == S::kFenced) + (p.secondary->state() == S::kFenced);
   REQUIRE(fenced == 1);
-  REQUIRE(p.witness.requests() == 2);
+  REQUIRE(p.pw.requests_ + p.sw.requests_ == 2);  // one question each (and one confirmation)
 }
 
 TEST_CASE("no promotion without the witness token", "[replicator][witness]") {
@@ -678,6 +695,90 @@ TEST_CASE("a primary gives the VIP up while the witness decides, and takes it ba
   REQUIRE(p.primary->state() == S::kPrimaryAlone);
   std::lock_guard<std::mutex> lock(mu);
   REQUIRE(calls == std::vector<std::string>{"release", "claim"});
+}
+
+// The grant window (witness.h): a partition of the replication link only, both hosts
+// alive; the primary asks the witness late, so the secondary wins provisionally.
+struct PartitionedPair {
+  explicit PartitionedPair(std::function<Status(const std::string&)> fence,
+                           std::chrono::milliseconds window) {
+    ReplicationOptions popt = Options("hostA"), sopt = Options("hostB");
+    popt.grant_window = sopt.grant_window = window;
+    sopt.fence_peer = std::move(fence);
+    pair = std::make_unique<Pair>(TestGuest(), TestGuest(), popt, sopt);
+    pair->StartProtected();
+    registered_term = pair->witness.Snapshot().at(0).term;
+    std::this_thread::sleep_for(50ms);
+    pair->pw.ask_late_ms_ = 200;  // after the secondary noticed the silence (50 ms)
+    pair->link->Cut();
+    REQUIRE(pair->secondary->WaitForFaultHandled(20s));
+    REQUIRE(pair->primary->WaitForFaultHandled(20s));
+  }
+  vip::TokenRecord Token() const { return pair->witness.Snapshot().at(0); }
+  std::unique_ptr<Pair> pair;
+  uint64_t registered_term = 0;
+};
+
+TEST_CASE("a secondary that wins but cannot fence: the live primary takes the token back",
+          "[replicator][witness][grant-window]") {
+  PartitionedPair pp([](const std::string&) { return Status::FailedPrecondition("exit 1"); },
+                     300ms);
+  Pair& p = *pp.pair;
+  INFO(Log(p.primary->transitions()) << Log(p.secondary->transitions()));
+  REQUIRE(p.secondary->state() == S::kFailed);
+  REQUIRE(p.secondary->fault_reason().find("the primary may take it back") != std::string::npos);
+  REQUIRE_FALSE(p.sg.running());
+  REQUIRE(p.sg.emitted().empty());
+  REQUIRE(p.primary->state() == S::kPrimaryAlone);
+  REQUIRE(p.primary->fault_reason().find("hostB won the token but never confirmed it") !=
+          std::string::npos);
+  REQUIRE(p.pg.output_mode() == OutputMode::kPassThrough);
+  vip::TokenRecord t = pp.Token();
+  REQUIRE(t.holder == "hostA");
+  REQUIRE(t.term == pp.registered_term + 2);  // granted to hostB, then taken back
+  REQUIRE(t.confirmed);
+  REQUIRE(p.sw.confirms_ == 0);
+  REQUIRE(p.pw.reclaims_ >= 1);
+}
+
+TEST_CASE("a winner that confirms keeps the token, and the loser stops waiting at once",
+          "[replicator][witness][grant-window]") {
+  // A long window: the primary learns of the confirmation by asking, not by the window.
+  PartitionedPair pp([](const std::string&) { return Status::Ok(); }, 30s);
+  Pair& p = *pp.pair;
+  INFO(Log(p.primary->transitions()) << Log(p.secondary->transitions()));
+  REQUIRE(p.secondary->state() == S::kActive);
+  REQUIRE(p.secondary->fault_reason().find("confirm ") != std::string::npos);  // timeline step
+  REQUIRE(p.primary->state() == S::kFenced);
+  REQUIRE(p.primary->fault_reason().find("the witness gave the token to hostB") !=
+          std::string::npos);
+  REQUIRE(p.pg.output_mode() == OutputMode::kDropped);
+  vip::TokenRecord t = pp.Token();
+  REQUIRE(t.holder == "hostB");
+  REQUIRE(t.term == pp.registered_term + 1);
+  REQUIRE(t.confirmed);
+  REQUIRE(p.sw.confirms_ == 1);
+}
+
+TEST_CASE("a winner still fencing when its window lapsed does not go active",
+          "[replicator][witness][grant-window]") {
+  // The fence outlasts the window: the primary takes the token back meanwhile, and the
+  // secondary's confirmation is refused. Exactly one replica goes on.
+  PartitionedPair pp(
+      [](const std::string&) {
+        std::this_thread::sleep_for(1500ms);
+        return Status::Ok();
+      },
+      200ms);
+  Pair& p = *pp.pair;
+  INFO(Log(p.primary->transitions()) << Log(p.secondary->transitions()));
+  REQUIRE(p.primary->state() == S::kPrimaryAlone);
+  REQUIRE(p.secondary->state() == S::kFenced);
+  REQUIRE(p.secondary->fault_reason().find("did not confirm it within its window, and hostA "
+                                           "took it back") != std::string::npos);
+  REQUIRE_FALSE(p.sg.running());
+  REQUIRE(p.sg.emitted().empty());
+  REQUIRE(pp.Token().holder == "hostA");
 }
 
 TEST_CASE("a secondary alive but no longer acknowledging is a fault, not a hang",

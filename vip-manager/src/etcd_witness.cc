@@ -297,11 +297,80 @@ auto Ask(const std::vector<std::string>& endpoints, std::chrono::milliseconds ti
                                  "]; check that etcd runs and serves clients there");
 }
 
-json PutRequest(const std::string& key, std::string_view value) {
-  return {{"request_put", {{"key", ToBase64(key)}, {"value", ToBase64(value)}}}};
+json PutRequest(const std::string& key, std::string_view value, int64_t lease = 0) {
+  json put = {{"key", ToBase64(key)}, {"value", ToBase64(value)}};
+  if (lease != 0) put["lease"] = std::to_string(lease);
+  return {{"request_put", put}};
+}
+
+// A compare of a key's value (`result`: "EQUAL", "NOT_EQUAL") with `value`.
+json CompareValue(const std::string& key, const char* result, std::string_view value) {
+  return {
+      {"key", ToBase64(key)}, {"target", "VALUE"}, {"result", result}, {"value", ToBase64(value)}};
 }
 
 json RangeRequest(const std::string& key) { return {{"request_range", {{"key", ToBase64(key)}}}}; }
+
+// The keys of one VM's token (etcd_witness.h).
+struct TokenKeys {
+  TokenKeys(const std::string& prefix, std::string_view vm)
+      : term(prefix + std::string(vm) + "/term"),
+        holder(prefix + std::string(vm) + "/holder"),
+        confirmed(prefix + std::string(vm) + "/confirmed"),
+        window(prefix + std::string(vm) + "/window") {}
+  std::string term, holder, confirmed, window;
+};
+
+// What a failed compare reads back: the token.
+json TokenRanges(const TokenKeys& keys) {
+  return json::array(
+      {RangeRequest(keys.term), RangeRequest(keys.holder), RangeRequest(keys.confirmed)});
+}
+
+// Runs `txn` (its failure branch: TokenRanges) and tells the decision: granted to
+// `candidate` under `granted_term` (confirmed as `confirmed_if_granted`) if its compare
+// held, else the token as it is, granted only by the retry rule (witness.h).
+Result<WitnessDecision> Decide(const std::vector<std::string>& endpoints,
+                               std::chrono::milliseconds timeout, const TokenKeys& keys,
+                               std::string_view vm, std::string_view candidate, const json& txn,
+                               uint64_t granted_term, bool confirmed_if_granted,
+                               const std::string& context) {
+  auto reply = Ask(endpoints, timeout, "/v3/kv/txn", txn, ParseTxn);
+  if (!reply.ok()) return reply.status().WithContext(context);
+  if (reply->succeeded) {
+    return WitnessDecision{true, granted_term, std::string(candidate), confirmed_if_granted};
+  }
+  if (reply->ranges.size() != 3) {
+    return Status::Corruption("etcd answered a failed compare with " +
+                              std::to_string(reply->ranges.size()) +
+                              " ranges instead of the 3 asked for");
+  }
+  const std::optional<KeyValue>& term_kv = reply->ranges[0];
+  const std::optional<KeyValue>& holder_kv = reply->ranges[1];
+  const std::optional<KeyValue>& confirmed_kv = reply->ranges[2];
+  if (!term_kv) {
+    return Status::FailedPrecondition("the witness knows no VM named '" + std::string(vm) +
+                                      "': protection was never registered");
+  }
+  std::optional<uint64_t> term = ParseTerm(term_kv->value);
+  if (!term) {
+    return Status::Corruption("etcd key " + keys.term + " holds " + Excerpt(term_kv->value) +
+                              ", not a decimal term: something other than lockstep wrote it; "
+                              "put back the last term (or a larger one)");
+  }
+  if (!holder_kv) {
+    return Status::Corruption("etcd has a term but no " + keys.holder +
+                              ": something other than lockstep deleted it; register the VM "
+                              "again");
+  }
+  WitnessDecision d;
+  d.term = *term;
+  d.holder = holder_kv->value;
+  // No confirmation key: a token written before grant windows existed, always confirmed.
+  d.confirmed = !confirmed_kv || ParseTerm(confirmed_kv->value) == d.term;
+  d.granted = d.term == granted_term && d.holder == candidate;
+  return d;
+}
 
 }  // namespace
 
@@ -309,17 +378,10 @@ EtcdWitness::EtcdWitness(std::vector<std::string> endpoints, std::string key_pre
                          std::chrono::milliseconds timeout)
     : endpoints_(std::move(endpoints)), key_prefix_(std::move(key_prefix)), timeout_(timeout) {}
 
-std::string EtcdWitness::TermKey(std::string_view vm) const {
-  return key_prefix_ + std::string(vm) + "/term";
-}
-
-std::string EtcdWitness::HolderKey(std::string_view vm) const {
-  return key_prefix_ + std::string(vm) + "/holder";
-}
-
 Result<uint64_t> EtcdWitness::Register(std::string_view vm, std::string_view holder) {
   LOCKSTEP_RETURN_IF_ERROR(CheckNames(vm, holder));
-  const std::string term_key = TermKey(vm);
+  const TokenKeys keys(key_prefix_, vm);
+  const std::string& term_key = keys.term;
   const std::string context = "registering VM '" + std::string(vm) + "' with the etcd witness";
   for (int attempt = 0; attempt < kRegisterAttempts; ++attempt) {
     auto current = Ask(endpoints_, timeout_, "/v3/kv/range", json{{"key", ToBase64(term_key)}},
@@ -342,7 +404,8 @@ Result<uint64_t> EtcdWitness::Register(std::string_view vm, std::string_view hol
                                           {"result", "EQUAL"},
                                           {"mod_revision", std::to_string(revision)}}})},
                 {"success", json::array({PutRequest(term_key, std::to_string(term + 1)),
-                                         PutRequest(HolderKey(vm), holder)})},
+                                         PutRequest(keys.holder, holder),
+                                         PutRequest(keys.confirmed, std::to_string(term + 1))})},
                 {"failure", json::array()}};
     auto reply = Ask(endpoints_, timeout_, "/v3/kv/txn", txn, ParseTxn);
     if (!reply.ok()) return reply.status().WithContext(context);
@@ -356,49 +419,66 @@ Result<uint64_t> EtcdWitness::Register(std::string_view vm, std::string_view hol
 }
 
 Result<WitnessDecision> EtcdWitness::RequestActive(std::string_view vm, std::string_view candidate,
-                                                   uint64_t expected_term) {
+                                                   uint64_t expected_term,
+                                                   std::chrono::milliseconds confirm_within) {
   LOCKSTEP_RETURN_IF_ERROR(CheckNames(vm, candidate));
-  const std::string term_key = TermKey(vm), holder_key = HolderKey(vm);
+  const TokenKeys keys(key_prefix_, vm);
+  const std::string context = "asking the etcd witness for VM '" + std::string(vm) + "'";
   const uint64_t next = expected_term + 1;
-  json txn = {{"compare", json::array({{{"key", ToBase64(term_key)},
-                                        {"target", "VALUE"},
-                                        {"result", "EQUAL"},
-                                        {"value", ToBase64(std::to_string(expected_term))}}})},
-              {"success", json::array({PutRequest(term_key, std::to_string(next)),
-                                       PutRequest(holder_key, candidate)})},
-              {"failure", json::array({RangeRequest(term_key), RangeRequest(holder_key)})}};
-  auto reply = Ask(endpoints_, timeout_, "/v3/kv/txn", txn, ParseTxn);
-  if (!reply.ok()) {
-    return reply.status().WithContext("asking the etcd witness for VM '" + std::string(vm) + "'");
+  const bool confirmed = confirm_within.count() <= 0;
+  json success = json::array(
+      {PutRequest(keys.term, std::to_string(next)), PutRequest(keys.holder, candidate)});
+  if (confirmed) {
+    success.push_back(PutRequest(keys.confirmed, std::to_string(next)));
+  } else {
+    // The window is a lease: etcd deletes the window key when it expires. TTLs are whole
+    // seconds (etcd raises one below its minimum, about 2 s by default): rounded up.
+    const int64_t ttl = (confirm_within.count() + 999) / 1000;
+    auto lease = Ask(endpoints_, timeout_, "/v3/lease/grant", json{{"TTL", ttl}},
+                     [](const json& reply) { return Int64Field(reply, "ID"); });
+    if (!lease.ok()) return lease.status().WithContext(context + ": granting a lease");
+    success.push_back(PutRequest(keys.window, std::to_string(next), *lease));
   }
-  if (reply->succeeded) return WitnessDecision{true, next, std::string(candidate)};
-  if (reply->ranges.size() != 2) {
-    return Status::Corruption("etcd answered a failed compare with " +
-                              std::to_string(reply->ranges.size()) +
-                              " ranges instead of the 2 asked for");
-  }
-  const std::optional<KeyValue>& term_kv = reply->ranges[0];
-  const std::optional<KeyValue>& holder_kv = reply->ranges[1];
-  if (!term_kv) {
-    return Status::FailedPrecondition("the witness knows no VM named '" + std::string(vm) +
-                                      "': protection was never registered");
-  }
-  std::optional<uint64_t> term = ParseTerm(term_kv->value);
-  if (!term) {
-    return Status::Corruption("etcd key " + term_key + " holds " + Excerpt(term_kv->value) +
-                              ", not a decimal term: something other than lockstep wrote it; "
-                              "put back the last term (or a larger one)");
-  }
-  if (!holder_kv) {
-    return Status::Corruption("etcd has a term but no " + holder_key +
-                              ": something other than lockstep deleted it; register the VM "
-                              "again");
-  }
-  WitnessDecision d;
-  d.term = *term;
-  d.holder = holder_kv->value;
-  d.granted = d.term == next && d.holder == candidate;  // the retry rule (witness.h)
-  return d;
+  json txn = {
+      {"compare", json::array({CompareValue(keys.term, "EQUAL", std::to_string(expected_term))})},
+      {"success", success},
+      {"failure", TokenRanges(keys)}};
+  return Decide(endpoints_, timeout_, keys, vm, candidate, txn, next, confirmed, context);
+}
+
+Result<WitnessDecision> EtcdWitness::Confirm(std::string_view vm, std::string_view holder,
+                                             uint64_t term) {
+  LOCKSTEP_RETURN_IF_ERROR(CheckNames(vm, holder));
+  const TokenKeys keys(key_prefix_, vm);
+  json txn = {{"compare", json::array({CompareValue(keys.term, "EQUAL", std::to_string(term)),
+                                       CompareValue(keys.holder, "EQUAL", holder)})},
+              {"success", json::array({PutRequest(keys.confirmed, std::to_string(term))})},
+              {"failure", TokenRanges(keys)}};
+  return Decide(endpoints_, timeout_, keys, vm, holder, txn, term, true,
+                "confirming VM '" + std::string(vm) + "' with the etcd witness");
+}
+
+Result<WitnessDecision> EtcdWitness::Reclaim(std::string_view vm, std::string_view candidate,
+                                             uint64_t term) {
+  LOCKSTEP_RETURN_IF_ERROR(CheckNames(vm, candidate));
+  const TokenKeys keys(key_prefix_, vm);
+  const uint64_t next = term + 1;
+  // The window has lapsed when etcd has deleted the window key with its lease (an absent
+  // key's version compares as 0).
+  json txn = {
+      {"compare", json::array({CompareValue(keys.term, "EQUAL", std::to_string(term)),
+                               CompareValue(keys.holder, "NOT_EQUAL", candidate),
+                               CompareValue(keys.confirmed, "NOT_EQUAL", std::to_string(term)),
+                               {{"key", ToBase64(keys.window)},
+                                {"target", "VERSION"},
+                                {"result", "EQUAL"},
+                                {"version", "0"}}})},
+      {"success",
+       json::array({PutRequest(keys.term, std::to_string(next)), PutRequest(keys.holder, candidate),
+                    PutRequest(keys.confirmed, std::to_string(next))})},
+      {"failure", TokenRanges(keys)}};
+  return Decide(endpoints_, timeout_, keys, vm, candidate, txn, next, true,
+                "reclaiming VM '" + std::string(vm) + "' from the etcd witness");
 }
 
 }  // namespace lockstep::vip

@@ -2,39 +2,78 @@
 
 namespace lockstep::vip {
 
+using SteadyClock = std::chrono::steady_clock;
+
+InProcessWitness::Token* InProcessWitness::Find(std::string_view vm) {
+  auto it = tokens_.find(vm);
+  return it == tokens_.end() ? nullptr : &it->second;
+}
+
+Status InProcessWitness::Unknown(std::string_view vm) {
+  return Status::FailedPrecondition("the witness knows no VM named '" + std::string(vm) +
+                                    "': protection was never registered");
+}
+
+WitnessDecision InProcessWitness::Answer(bool granted, const Token& t) {
+  return {granted, t.term, t.holder, t.confirmed};
+}
+
 Result<uint64_t> InProcessWitness::Register(std::string_view vm, std::string_view holder) {
   std::lock_guard<std::mutex> lock(mu_);
   if (!reachable_) return Status::TimedOut("witness unreachable");
   auto it = tokens_.find(vm);
   if (it == tokens_.end()) it = tokens_.emplace(std::string(vm), Token{}).first;
-  it->second.term += 1;
-  it->second.holder = holder;
-  return it->second.term;
+  Token& t = it->second;
+  t = Token{t.term + 1, std::string(holder), true, {}, {}};
+  return t.term;
 }
 
 Result<WitnessDecision> InProcessWitness::RequestActive(std::string_view vm,
                                                         std::string_view candidate,
-                                                        uint64_t expected_term) {
+                                                        uint64_t expected_term,
+                                                        std::chrono::milliseconds confirm_within) {
   std::lock_guard<std::mutex> lock(mu_);
   ++requests_;
   if (!reachable_) return Status::TimedOut("witness unreachable");
-  auto it = tokens_.find(vm);
-  if (it == tokens_.end()) {
-    return Status::FailedPrecondition("the witness knows no VM named '" + std::string(vm) +
-                                      "': protection was never registered");
+  Token* t = Find(vm);
+  if (t == nullptr) return Unknown(vm);
+  if (t->term == expected_term) {
+    const bool confirmed = confirm_within.count() <= 0;
+    *t = Token{t->term + 1, std::string(candidate), confirmed,
+               confirmed ? std::chrono::milliseconds(0) : confirm_within,
+               SteadyClock::now() + confirm_within};
+    return Answer(true, *t);
   }
-  Token& t = it->second;
-  WitnessDecision d;
-  if (t.term == expected_term) {
-    t.term += 1;
-    t.holder = candidate;
-    d.granted = true;
-  } else if (t.term == expected_term + 1 && t.holder == candidate) {
-    d.granted = true;  // the retry rule (witness.h): this request was granted already
+  // The retry rule (witness.h): this request was granted already.
+  return Answer(t->term == expected_term + 1 && t->holder == candidate, *t);
+}
+
+Result<WitnessDecision> InProcessWitness::Confirm(std::string_view vm, std::string_view holder,
+                                                  uint64_t term) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++requests_;
+  if (!reachable_) return Status::TimedOut("witness unreachable");
+  Token* t = Find(vm);
+  if (t == nullptr) return Unknown(vm);
+  if (t->term != term || t->holder != holder) return Answer(false, *t);
+  t->confirmed = true;
+  t->window = {};
+  return Answer(true, *t);
+}
+
+Result<WitnessDecision> InProcessWitness::Reclaim(std::string_view vm, std::string_view candidate,
+                                                  uint64_t term) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++requests_;
+  if (!reachable_) return Status::TimedOut("witness unreachable");
+  Token* t = Find(vm);
+  if (t == nullptr) return Unknown(vm);
+  if (t->term == term && t->holder != candidate && !t->confirmed &&
+      SteadyClock::now() >= t->window_end) {
+    *t = Token{term + 1, std::string(candidate), true, {}, {}};
+    return Answer(true, *t);
   }
-  d.term = t.term;
-  d.holder = t.holder;
-  return d;
+  return Answer(t->term == term + 1 && t->holder == candidate, *t);  // the retry rule
 }
 
 void InProcessWitness::SetReachable(bool reachable) {
@@ -45,14 +84,18 @@ void InProcessWitness::SetReachable(bool reachable) {
 std::vector<TokenRecord> InProcessWitness::Snapshot() const {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<TokenRecord> out;
-  for (const auto& [vm, t] : tokens_) out.push_back({vm, t.term, t.holder});
+  for (const auto& [vm, t] : tokens_) out.push_back({vm, t.term, t.holder, t.confirmed, t.window});
   return out;
 }
 
 void InProcessWitness::Restore(const std::vector<TokenRecord>& tokens) {
   std::lock_guard<std::mutex> lock(mu_);
   tokens_.clear();
-  for (const auto& t : tokens) tokens_[t.vm] = Token{t.term, t.holder};
+  const auto now = SteadyClock::now();
+  for (const auto& t : tokens) {
+    tokens_[t.vm] = Token{t.term, t.holder, t.confirmed,
+                          t.confirmed ? std::chrono::milliseconds(0) : t.window, now + t.window};
+  }
 }
 
 uint64_t InProcessWitness::requests() const {

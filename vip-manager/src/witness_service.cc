@@ -25,13 +25,18 @@ namespace lockstep::vip {
 namespace {
 
 constexpr uint32_t kMagic = 0x4C535754;  // "LSWT"
-constexpr uint16_t kVersion = 1;
+constexpr uint16_t kVersion = 2;
 constexpr uint16_t kOpRegister = 1;
 constexpr uint16_t kOpRequestActive = 2;
+constexpr uint16_t kOpConfirm = 3;
+constexpr uint16_t kOpReclaim = 4;
+constexpr uint32_t kMaxWindowMs = 3'600'000;  // an hour: anything longer is a mistake
 constexpr uint32_t kMaxMessage = 4096;
 constexpr size_t kMaxName = 255;
-constexpr const char* kStateHeader = "lockstep-witness 2";
-constexpr const char* kStateHeaderV1 = "lockstep-witness 1";  // one line per VM, read alike
+constexpr const char* kStateHeader = "lockstep-witness 3";
+// Older files read alike: their lines have no confirmation field (every token confirmed).
+constexpr const char* kStateHeaderV2 = "lockstep-witness 2";
+constexpr const char* kStateHeaderV1 = "lockstep-witness 1";
 
 using Clock = std::chrono::steady_clock;
 
@@ -161,6 +166,31 @@ Result<sockaddr_in> ParseAddress(const std::string& address) {
 }
 
 // ---- the state file ----
+// One token: "<vm> <term> <holder> confirmed" or "<vm> <term> <holder> pending <window ms>".
+std::string Line(const TokenRecord& t) {
+  return t.vm + " " + std::to_string(t.term) + " " + t.holder +
+         (t.confirmed ? " confirmed\n" : " pending " + std::to_string(t.window.count()) + "\n");
+}
+
+// Reads one line's fields; `current` is the format of today (older lines have three fields,
+// every token confirmed). False if they do not parse.
+bool ParseLine(std::istringstream& fields, bool current, TokenRecord* t) {
+  std::string state, extra;
+  if (!(fields >> t->vm >> t->term >> t->holder)) return false;
+  if (current) {
+    int64_t window_ms = 0;
+    if (!(fields >> state)) return false;
+    if (state == "pending") {
+      if (!(fields >> window_ms) || window_ms <= 0 || window_ms > kMaxWindowMs) return false;
+      t->confirmed = false;
+      t->window = std::chrono::milliseconds(window_ms);
+    } else if (state != "confirmed") {
+      return false;
+    }
+  }
+  return !(fields >> extra);
+}
+
 // Loads the tokens: the last line of a VM wins. A last line without its newline is an
 // append that a crash cut short: never synced, so never answered; it is dropped.
 Result<std::vector<TokenRecord>> LoadState(const std::string& path) {
@@ -169,7 +199,8 @@ Result<std::vector<TokenRecord>> LoadState(const std::string& path) {
   std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   size_t eol = all.find('\n');
   std::string header = all.substr(0, eol);
-  if (eol == std::string::npos || (header != kStateHeader && header != kStateHeaderV1)) {
+  if (eol == std::string::npos ||
+      (header != kStateHeader && header != kStateHeaderV2 && header != kStateHeaderV1)) {
     return Status::Corruption("witness state " + path + ": line 1 is not '" + kStateHeader +
                               "'; restore it from a backup (starting afresh forgets every decision "
                               "and restarts the terms: re-protect every VM before relying on it)");
@@ -183,14 +214,13 @@ Result<std::vector<TokenRecord>> LoadState(const std::string& path) {
     std::istringstream fields(all.substr(at, end - at));
     at = end + 1;
     TokenRecord t;
-    std::string extra;
-    if (!(fields >> t.vm >> t.term >> t.holder) || (fields >> extra)) {
+    if (!ParseLine(fields, header == kStateHeader, &t)) {
       // Only the last line can be an append that was never synced (its newline may have
       // reached the disk before its bytes): never answered, so dropped. Anywhere else a
       // bad line is damage.
       if (at == all.size()) break;
       return Status::Corruption("witness state " + path + ": line " + std::to_string(n) +
-                                " is not '<vm> <term> <holder>'");
+                                " is not '<vm> <term> <holder> confirmed|pending <ms>'");
     }
     auto [it, inserted] = index.emplace(t.vm, out.size());
     if (inserted) {
@@ -205,7 +235,7 @@ Result<std::vector<TokenRecord>> LoadState(const std::string& path) {
 // Writes the whole state anew (temporary file, fsync, rename, fsync of the directory).
 Status SaveState(const std::string& path, const std::vector<TokenRecord>& tokens) {
   std::string text = std::string(kStateHeader) + "\n";
-  for (const auto& t : tokens) text += t.vm + " " + std::to_string(t.term) + " " + t.holder + "\n";
+  for (const auto& t : tokens) text += Line(t);
   std::string tmp = path + ".tmp";
   int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) return Status::FromErrno("writing the witness state " + tmp, errno);
@@ -233,7 +263,7 @@ Status SaveState(const std::string& path, const std::vector<TokenRecord>& tokens
 // rewrite, a rename and two fsyncs. A failed append is cut off again, so the file never
 // holds half a line followed by more.
 Status AppendDecision(int fd, const std::string& path, const TokenRecord& t) {
-  std::string line = t.vm + " " + std::to_string(t.term) + " " + t.holder + "\n";
+  const std::string line = Line(t);
   off_t size = lseek(fd, 0, SEEK_END);
   ssize_t n = write(fd, line.data(), line.size());
   if (n == static_cast<ssize_t>(line.size()) && fdatasync(fd) == 0) return Status::Ok();
@@ -256,6 +286,9 @@ std::string Reply(uint16_t code, const WitnessDecision& d, std::string_view erro
   Put64(b, d.term);
   PutStr(b, d.holder);
   PutStr(b, error.substr(0, kMaxName));
+  // Last, and only in an answer: a refusal keeps version 1's layout, so a client of any
+  // version can read why it was refused.
+  if (code == 0) b.push_back(d.confirmed ? 1 : 0);
   return b;
 }
 
@@ -292,7 +325,8 @@ struct WitnessServer::Impl {
     uint32_t magic = static_cast<uint32_t>(r.N(4));
     uint16_t version = static_cast<uint16_t>(r.N(2));
     uint16_t op = static_cast<uint16_t>(r.N(2));
-    uint64_t expected = r.N(8);
+    uint64_t term = r.N(8);
+    uint32_t window_ms = static_cast<uint32_t>(r.N(4));
     std::string vm = r.Str(), candidate = r.Str();
     WitnessDecision none;
     std::string reply;
@@ -300,38 +334,57 @@ struct WitnessServer::Impl {
       return;  // not one of ours: say nothing
     } else if (version != kVersion) {
       reply = Reply(1, none, "this witness speaks version " + std::to_string(kVersion));
-    } else if (!r.ok() || !ValidName(vm) || !ValidName(candidate)) {
-      reply = Reply(1, none, "malformed request (names: 1..255 bytes, no whitespace)");
-    } else if (op == kOpRegister || op == kOpRequestActive) {
-      requests.fetch_add(1);
-      auto before = decisions.Snapshot();
-      WitnessDecision d;
-      Status s;
-      if (op == kOpRegister) {
-        auto term = decisions.Register(vm, candidate);
-        s = term.status();
-        if (term.ok()) d = {true, *term, candidate};
-      } else {
-        auto got = decisions.RequestActive(vm, candidate, expected);
-        s = got.status();
-        if (got.ok()) d = *got;
-      }
-      if (s.ok() && d.granted) {
-        // On disk before anyone hears of it; if that fails, the decision is taken back.
-        Status saved = journal_broken.ok()
-                           ? AppendDecision(journal_fd, state_file, {vm, d.term, d.holder})
-                           : journal_broken;
-        if (!saved.ok()) {
-          decisions.Restore(before);
-          if (saved.code() == Status::Code::kCorruption) journal_broken = saved;
-          s = saved;
-        }
-      }
-      reply = s.ok() ? Reply(0, d, "") : Reply(1, none, s.ToString());
-    } else {
+    } else if (!r.ok() || !ValidName(vm) || !ValidName(candidate) || window_ms > kMaxWindowMs) {
+      reply = Reply(1, none,
+                    "malformed request (names: 1..255 bytes, no whitespace; window at most an "
+                    "hour)");
+    } else if (op < kOpRegister || op > kOpReclaim) {
       reply = Reply(1, none, "unknown operation " + std::to_string(op));
+    } else {
+      requests.fetch_add(1);
+      auto decided = Decide(op, vm, candidate, term, std::chrono::milliseconds(window_ms));
+      reply = decided.ok() ? Reply(0, *decided, "") : Reply(1, none, decided.status().ToString());
     }
     (void)SendMessage(fd, reply, deadline);
+  }
+
+  // Takes one decision and, if it changed the token, puts it on disk before anyone hears of
+  // it; a change that cannot be written is taken back and refused.
+  Result<WitnessDecision> Decide(uint16_t op, const std::string& vm, const std::string& candidate,
+                                 uint64_t term, std::chrono::milliseconds window) {
+    auto before = decisions.Snapshot();
+    Result<WitnessDecision> d = Status::Aborted("no decision");
+    if (op == kOpRegister) {
+      auto registered = decisions.Register(vm, candidate);
+      if (!registered.ok()) return registered.status();
+      d = WitnessDecision{true, *registered, candidate, true};
+    } else if (op == kOpRequestActive) {
+      d = decisions.RequestActive(vm, candidate, term, window);
+    } else if (op == kOpConfirm) {
+      d = decisions.Confirm(vm, candidate, term);
+    } else {
+      d = decisions.Reclaim(vm, candidate, term);
+    }
+    if (!d.ok()) return d;
+    TokenRecord now{vm, d->term, d->holder, d->confirmed, {}};
+    for (const auto& t : decisions.Snapshot()) {
+      if (t.vm == vm) now = t;
+    }
+    bool changed = true;
+    for (const auto& t : before) {
+      if (t.vm == vm) {
+        changed = t.term != now.term || t.holder != now.holder || t.confirmed != now.confirmed;
+      }
+    }
+    if (!changed) return d;
+    Status saved =
+        journal_broken.ok() ? AppendDecision(journal_fd, state_file, now) : journal_broken;
+    if (!saved.ok()) {
+      decisions.Restore(before);
+      if (saved.code() == Status::Code::kCorruption) journal_broken = saved;
+      return saved;
+    }
+    return d;
   }
 
   void Loop() {
@@ -405,19 +458,35 @@ WitnessClient::WitnessClient(std::string address, std::chrono::milliseconds time
     : address_(std::move(address)), timeout_(timeout) {}
 
 Result<uint64_t> WitnessClient::Register(std::string_view vm, std::string_view holder) {
-  auto d = Ask(kOpRegister, vm, holder, 0);
+  auto d = Ask(kOpRegister, vm, holder, 0, 0);
   if (!d.ok()) return d.status();
   return d->term;
 }
 
 Result<WitnessDecision> WitnessClient::RequestActive(std::string_view vm,
                                                      std::string_view candidate,
-                                                     uint64_t expected_term) {
-  return Ask(kOpRequestActive, vm, candidate, expected_term);
+                                                     uint64_t expected_term,
+                                                     std::chrono::milliseconds confirm_within) {
+  if (confirm_within.count() < 0 || confirm_within.count() > kMaxWindowMs) {
+    return Status::InvalidArgument("a grant window is 0 ms to an hour");
+  }
+  return Ask(kOpRequestActive, vm, candidate, expected_term,
+             static_cast<uint32_t>(confirm_within.count()));
+}
+
+Result<WitnessDecision> WitnessClient::Confirm(std::string_view vm, std::string_view holder,
+                                               uint64_t term) {
+  return Ask(kOpConfirm, vm, holder, term, 0);
+}
+
+Result<WitnessDecision> WitnessClient::Reclaim(std::string_view vm, std::string_view candidate,
+                                               uint64_t term) {
+  return Ask(kOpReclaim, vm, candidate, term, 0);
 }
 
 Result<WitnessDecision> WitnessClient::Ask(uint16_t op, std::string_view vm,
-                                           std::string_view candidate, uint64_t expected_term) {
+                                           std::string_view candidate, uint64_t term,
+                                           uint32_t window_ms) {
   if (!ValidName(vm) || !ValidName(candidate)) {
     return Status::InvalidArgument(
         "VM and host names for the witness: 1..255 bytes, no whitespace");
@@ -444,7 +513,8 @@ Result<WitnessDecision> WitnessClient::Ask(uint16_t op, std::string_view vm,
   Put32(body, kMagic);
   Put16(body, kVersion);
   Put16(body, op);
-  Put64(body, expected_term);
+  Put64(body, term);
+  Put32(body, window_ms);
   PutStr(body, vm);
   PutStr(body, candidate);
   if (s.ok()) s = SendMessage(fd, body, deadline);
@@ -460,6 +530,7 @@ Result<WitnessDecision> WitnessClient::Ask(uint16_t op, std::string_view vm,
   d.term = r.N(8);
   d.holder = r.Str();
   std::string error = r.Str();
+  if (code == 0) d.confirmed = r.N(1) != 0;
   if (magic != kMagic || !r.ok()) {
     return Status::Corruption("the witness at " + address_ + " sent a malformed reply");
   }

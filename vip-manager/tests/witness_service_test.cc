@@ -149,9 +149,9 @@ TEST_CASE("a decision that cannot be written on a full disk is not given", "[wit
   // tmpfs gives space by the page: a state file that ends 2 bytes short of a page needs a
   // new page for the next decision's line, and there will be none.
   {
-    std::string text = "lockstep-witness 2\nvm1 1 hostA\n";
-    for (int i = 0; text.size() < 4070; ++i) text += "p" + std::to_string(i) + " 1 h\n";
-    text += "q 1 " + std::string(4089 - text.size(), 'h') + "\n";
+    std::string text = "lockstep-witness 3\nvm1 1 hostA confirmed\n";
+    for (int i = 0; text.size() < 3900; ++i) text += "p" + std::to_string(i) + " 1 h confirmed\n";
+    text += "q 1 " + std::string(4079 - text.size(), 'h') + " confirmed\n";
     REQUIRE(text.size() == 4094);
     std::ofstream(mnt + "/state") << text;
   }
@@ -204,7 +204,67 @@ TEST_CASE("the state file: later lines win, a torn last line is dropped, restart
   CHECK(d->holder == "hostB");
   std::ifstream f(state);
   std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  CHECK(all == "lockstep-witness 2\nvm1 2 hostB\nvm2 4 hostB\n");
+  // In today's format: the version 2 lines had every token confirmed.
+  CHECK(all == "lockstep-witness 3\nvm1 2 hostB confirmed\nvm2 4 hostB confirmed\n");
+}
+
+TEST_CASE("a provisional grant survives a restart, its window opened anew", "[witness-service]") {
+  TempDir dir;
+  const std::string state = dir.path + "/state";
+  auto server = Serve(state);
+  WitnessClient a(server->address()), b(server->address());
+  uint64_t term = *a.Register("vm1", "hostA");
+  auto won = b.RequestActive("vm1", "hostB", term, 300ms);
+  REQUIRE(won.ok());
+  REQUIRE(won->granted);
+  REQUIRE(!won->confirmed);
+  std::this_thread::sleep_for(400ms);  // lapsed here, but the witness restarts now
+  server.reset();
+  {
+    std::ifstream f(state);
+    std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    CHECK(all.ends_with("vm1 2 hostB pending 300\n"));
+  }
+  server = Serve(state);
+  WitnessClient a2(server->address()), b2(server->address());
+  auto early = a2.Reclaim("vm1", "hostA", term + 1);  // the window starts again
+  REQUIRE(early.ok());
+  CHECK(!early->granted);
+  CHECK(!early->confirmed);
+  CHECK(early->holder == "hostB");
+  std::this_thread::sleep_for(400ms);
+  auto taken = a2.Reclaim("vm1", "hostA", term + 1);
+  REQUIRE(taken.ok());
+  CHECK(taken->granted);
+  CHECK(taken->confirmed);
+  CHECK(taken->term == term + 2);
+  auto refused = b2.Confirm("vm1", "hostB", term + 1);
+  REQUIRE(refused.ok());
+  CHECK(!refused->granted);
+  CHECK(refused->holder == "hostA");
+  // Asked again, a confirmation writes nothing new: one line per change of the token.
+  REQUIRE(a2.Confirm("vm1", "hostA", term + 2)->granted);
+  server.reset();
+  std::ifstream f(state);
+  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  CHECK(all == "lockstep-witness 3\nvm1 2 hostB pending 300\nvm1 3 hostA confirmed\n");
+}
+
+TEST_CASE("a state line with a bad confirmation field is damage", "[witness-service]") {
+  TempDir dir;
+  const std::string state = dir.path + "/state";
+  const std::string bad =
+      GENERATE(as<std::string>{}, "vm1 2 hostB pending", "vm1 2 hostB pending 0",
+               "vm1 2 hostB maybe", "vm1 2 hostB", "vm1 2 hostB confirmed 5");
+  INFO(bad);
+  {
+    std::ofstream f(state);
+    f << "lockstep-witness 3\n" << bad << "\nvm2 1 hostA confirmed\n";
+  }
+  auto s = WitnessServer::Start("127.0.0.1:0", state);
+  REQUIRE(!s.ok());
+  CHECK(s.status().code() == Status::Code::kCorruption);
+  CHECK(s.status().message().find("line 2") != std::string::npos);
 }
 
 TEST_CASE("an unreachable or silent witness is an error within the deadline", "[witness-service]") {
@@ -241,8 +301,8 @@ TEST_CASE("a request of another protocol version is refused, naming ours", "[wit
   inet_pton(AF_INET, addr.substr(0, addr.rfind(':')).c_str(), &a.sin_addr);
   a.sin_port = htons(static_cast<uint16_t>(std::stoi(addr.substr(addr.rfind(':') + 1))));
   REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  // length 20: magic, version 2, op 2, term 1, two empty strings
-  const unsigned char req[] = {0, 0, 0, 20, 'L', 'S', 'W', 'T', 0, 2, 0, 2,
+  // length 20: magic, version 3, op 2, term 1, two empty strings
+  const unsigned char req[] = {0, 0, 0, 20, 'L', 'S', 'W', 'T', 0, 3, 0, 2,
                                0, 0, 0, 0,  0,   0,   0,   1,   0, 0, 0, 0};
   REQUIRE(write(fd, req, sizeof req) == static_cast<ssize_t>(sizeof req));
   char reply[512];
@@ -252,7 +312,7 @@ TEST_CASE("a request of another protocol version is refused, naming ours", "[wit
   std::string text(reply, static_cast<size_t>(n));
   REQUIRE(n > 12);
   CHECK(reply[11] == 1);  // code: refused
-  CHECK(text.find("speaks version 1") != std::string::npos);
+  CHECK(text.find("speaks version 2") != std::string::npos);
 }
 
 TEST_CASE("a second witness on the same state file is refused, the first goes on",

@@ -54,6 +54,12 @@ struct ReplicationOptions {
   // Once protected, an epoch the secondary has not acknowledged this long after its pause
   // is a fault, even while its heartbeats arrive (alive, but not making progress).
   Micros ack_timeout{2'000'000};
+  // A secondary that wins the token on a fault holds it provisionally for this long
+  // (witness.h's grant window): it must load the device state, fence the old primary and
+  // confirm the token within it, or the primary — if it is alive and lost the race — may
+  // take the token back and go on alone. Longer than the fence command may take. The
+  // loser waits at most this long (plus some slack) before it gives up for good.
+  std::chrono::milliseconds grant_window{2'000};
   bool delta_encoding = true;  // XOR+RLE deltas against the last copy sent
   size_t max_device_state_bytes = 4u << 20;
   std::chrono::milliseconds handshake_timeout{5'000};

@@ -6,28 +6,43 @@
 // backend and the others against the same expectations.
 //
 // Keys, for VM `vm` under `key_prefix`:
-//   <prefix><vm>/term     the term, in decimal ("7")
-//   <prefix><vm>/holder   the host that holds the token under that term
-// Both are written by the same transaction, so they always agree.
+//   <prefix><vm>/term       the term, in decimal ("7")
+//   <prefix><vm>/holder     the host that holds the token under that term
+//   <prefix><vm>/confirmed  the last term whose holder confirmed it (witness.h)
+//   <prefix><vm>/window     a provisional grant's window: the term, under an etcd lease of
+//                           the window's length; etcd deletes it when the lease expires
+// The term and holder are written by the same transaction, so they always agree.
 //
-// RequestActive is ONE transaction, so one round trip, applied atomically:
-//   compare  value(<prefix><vm>/term) == expected_term
-//   success  put term = expected_term + 1, put holder = candidate        -> granted
-//   failure  range term, range holder                                    -> current token
+// Each decision is ONE transaction, so one round trip, applied atomically (a provisional
+// grant first asks etcd for its lease: one more):
+//   RequestActive  compare term == expected; success: term = expected + 1, holder =
+//                  candidate, and confirmed = term (zero window) or window = term under
+//                  the lease
+//   Confirm        compare term == T, holder == holder; success: confirmed = T
+//   Reclaim        compare term == T, holder != candidate, confirmed != T, version(window)
+//                  == 0 (lapsed: etcd deleted it); success: term = T + 1, holder =
+//                  candidate, confirmed = T + 1
+// and every failure branch reads term, holder and confirmed back, which is the answer.
 // etcd orders every transaction in its log, so of two replicas asking with the same term
-// exactly one compare succeeds. One round trip keeps the failover path short and needs no
-// lock: the compare is the whole decision. When the compare fails but the token already is
-// (expected_term + 1, candidate), the answer is granted (witness.h's retry rule: the same
-// request, applied once, whose answer was lost). A term key that does not exist is a VM
-// never registered: kFailedPrecondition, as for the other witnesses.
+// exactly one compare succeeds, and of a Confirm and a Reclaim of the same grant exactly
+// one does. One round trip keeps the failover path short and needs no lock: the compare
+// is the whole decision. When a compare fails but the token already is what the request
+// would have made it (term + 1, candidate), the answer is granted (witness.h's retry rule:
+// the same request, applied once, whose answer was lost). A term key that does not exist
+// is a VM never registered: kFailedPrecondition, as for the other witnesses.
 //
-// Register reads the term key (value and mod_revision), then writes term + 1 and the holder
-// in a transaction whose compare is mod_revision(term key) == what it read (0 when the key
-// is absent, which etcd compares as 0); a lost race is read and tried again, up to 5 times.
+// Register reads the term key (value and mod_revision), then writes term + 1, the holder
+// and confirmed in a transaction whose compare is mod_revision(term key) == what it read
+// (0 when the key is absent, which etcd compares as 0); a lost race is read and tried
+// again, up to 5 times.
 //
-// No etcd lease is attached to these keys, deliberately: terms must never go backwards. A
-// lease that expired would delete the term, the next Register would count from 1 again,
-// and a replica still holding an old term could then win the token with it.
+// The lease is on the window key only, never on the term: terms must never go backwards.
+// A lease on the term would delete it when it expired, the next Register would count from
+// 1 again, and a replica still holding an old term could then win the token with it. A
+// lease's TTL is whole seconds, and etcd raises one below its minimum (about 2 s with the
+// default election timeout) and notices an expiry within about half a second: an etcd
+// grant window is at least that long. It only delays a Reclaim (witness.h: the window
+// decides liveness, never safety).
 //
 // Transport: HTTP/1.1 to etcd's JSON gateway (POST /v3/kv/range and /v3/kv/txn, keys and
 // values base64), one connection per request. Endpoints ("HOST:PORT" of the members'
@@ -69,13 +84,16 @@ class EtcdWitness final : public Witness {
                        std::chrono::milliseconds timeout = std::chrono::milliseconds(500));
 
   Result<uint64_t> Register(std::string_view vm, std::string_view holder) override;
+  using Witness::RequestActive;
   Result<WitnessDecision> RequestActive(std::string_view vm, std::string_view candidate,
-                                        uint64_t expected_term) override;
+                                        uint64_t expected_term,
+                                        std::chrono::milliseconds confirm_within) override;
+  Result<WitnessDecision> Confirm(std::string_view vm, std::string_view holder,
+                                  uint64_t term) override;
+  Result<WitnessDecision> Reclaim(std::string_view vm, std::string_view candidate,
+                                  uint64_t term) override;
 
  private:
-  std::string TermKey(std::string_view vm) const;
-  std::string HolderKey(std::string_view vm) const;
-
   const std::vector<std::string> endpoints_;
   const std::string key_prefix_;
   const std::chrono::milliseconds timeout_;

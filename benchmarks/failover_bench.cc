@@ -5,6 +5,7 @@
 //   detect     kill -9 -> the secondary's PROMOTING event (it noticed the loss)
 //   witness    the witness's answer (from the takeover timeline in the ACTIVE event)
 //   restore    loading the last acknowledged epoch's device state
+//   confirm    confirming the provisional grant at the witness (the grant window)
 //   identity   claiming the VIP and the first gratuitous ARP round
 //   active     kill -9 -> ACTIVE: vCPUs running, identity announced
 //   first      kill -9 -> the reply to the first request the client sent after the kill
@@ -57,8 +58,8 @@ using namespace lockstep::testbed;
 struct Trial {
   std::string witness;
   int n = 0;
-  double exit_ms = 0, detect_ms = 0, witness_ms = 0, restore_ms = 0, identity_ms = 0, active_ms = 0,
-         first_ms = 0, gap_ms = 0, boot_ms = 0;
+  double exit_ms = 0, detect_ms = 0, witness_ms = 0, restore_ms = 0, confirm_ms = 0,
+         identity_ms = 0, active_ms = 0, first_ms = 0, gap_ms = 0, boot_ms = 0;
   bool consistent = true;
 };
 
@@ -146,6 +147,7 @@ Result<Trial> RunTrial(const Options& o, WitnessKind kind, int n, std::mt19937_6
   t.detect_ms = 1000 * (Qmp::EventTime(*promoting) - killed);
   t.witness_ms = Step(reason, "witness");
   t.restore_ms = Step(reason, "device state");
+  t.confirm_ms = Step(reason, "confirm");
   t.identity_ms = Step(reason, "identity");
   t.active_ms = 1000 * (Qmp::EventTime(*active) - killed);
   t.first_ms = 1000 * (pair.client().FirstReplyAfterMark() - killed);
@@ -267,10 +269,10 @@ int main(int argc, char** argv) {
       }
       failures += !t->consistent;
       std::printf(
-          "%-8s trial %2d: exit %6.1f  detect %6.1f  witness %5.1f  restore %5.1f  identity "
-          "%4.2f  active %6.1f  first reply %6.1f  gap %6.1f ms\n",
+          "%-8s trial %2d: exit %6.1f  detect %6.1f  witness %5.1f  restore %5.1f  confirm "
+          "%5.1f  identity %4.2f  active %6.1f  first reply %6.1f  gap %6.1f ms\n",
           t->witness.c_str(), n, t->exit_ms, t->detect_ms, t->witness_ms, t->restore_ms,
-          t->identity_ms, t->active_ms, t->first_ms, t->gap_ms);
+          t->confirm_ms, t->identity_ms, t->active_ms, t->first_ms, t->gap_ms);
       std::fflush(stdout);
       trials.push_back(*t);
     }
@@ -280,11 +282,12 @@ int main(int argc, char** argv) {
     const char* name;
     double Trial::*field;
   };
-  const Metric metrics[] = {{"exit (baseline)", &Trial::exit_ms}, {"detect", &Trial::detect_ms},
-                            {"witness", &Trial::witness_ms},      {"restore", &Trial::restore_ms},
-                            {"identity", &Trial::identity_ms},    {"active", &Trial::active_ms},
-                            {"first reply", &Trial::first_ms},    {"client gap", &Trial::gap_ms},
-                            {"boot (baseline)", &Trial::boot_ms}};
+  const Metric metrics[] = {
+      {"exit (baseline)", &Trial::exit_ms}, {"detect", &Trial::detect_ms},
+      {"witness", &Trial::witness_ms},      {"restore", &Trial::restore_ms},
+      {"confirm", &Trial::confirm_ms},      {"identity", &Trial::identity_ms},
+      {"active", &Trial::active_ms},        {"first reply", &Trial::first_ms},
+      {"client gap", &Trial::gap_ms},       {"boot (baseline)", &Trial::boot_ms}};
   for (WitnessKind k : o.witnesses) {
     std::vector<const Trial*> mine;
     for (const Trial& t : trials)
@@ -309,13 +312,14 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::fprintf(f,
-               "witness,trial,exit_ms,detect_ms,witness_ms,restore_ms,identity_ms,active_ms,"
-               "first_reply_ms,client_gap_ms,boot_ms,consistent,settings,client_rto_min_ms\n");
+               "witness,trial,exit_ms,detect_ms,witness_ms,restore_ms,confirm_ms,identity_ms,"
+               "active_ms,first_reply_ms,client_gap_ms,boot_ms,consistent,settings,"
+               "client_rto_min_ms\n");
   for (const Trial& t : trials) {
-    std::fprintf(f, "%s,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.1f,%d,%s,%d\n",
+    std::fprintf(f, "%s,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.1f,%d,%s,%d\n",
                  t.witness.c_str(), t.n, t.exit_ms, t.detect_ms, t.witness_ms, t.restore_ms,
-                 t.identity_ms, t.active_ms, t.first_ms, t.gap_ms, t.boot_ms, t.consistent ? 1 : 0,
-                 o.settings.c_str(), o.client_rto_min_ms);
+                 t.confirm_ms, t.identity_ms, t.active_ms, t.first_ms, t.gap_ms, t.boot_ms,
+                 t.consistent ? 1 : 0, o.settings.c_str(), o.client_rto_min_ms);
   }
   std::fclose(f);
   std::printf("\nwrote %s\n", csv.c_str());

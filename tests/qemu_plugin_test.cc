@@ -198,8 +198,7 @@ TEST_CASE("a secondary with another guest configuration refuses, the primary run
   REQUIRE(primary->WaitForLog("FAILED: rejected by peer", 60s));
   auto st = primary->LockstepStatus();
   REQUIRE(st.ok());
-  CHECK((*st)["reason"].get<std::string>().find("refused protection of vm1") !=
-        std::string::npos);
+  CHECK((*st)["reason"].get<std::string>().find("refused protection of vm1") != std::string::npos);
   REQUIRE(primary->WaitForLog("LOCKSTEP-GUEST-READY", 60s));
   CHECK(Running(*primary));
   CHECK(!Running(*secondary));
@@ -442,6 +441,44 @@ TEST_CASE("a cut replication link: the witness lets exactly one replica go on",
   CHECK(pair->capture().CountFrom(primary_on ? 0 : 1, cut_at) > 0);  // the survivor spoke
   WARN("cut replication link: " << (primary_on ? "the primary" : "the secondary")
                                 << " went on; the other is " << (primary_on ? s : p));
+}
+
+TEST_CASE("a cut replication link and a secondary whose fence fails: the primary goes on",
+          "[qemu][partition][grant-window]") {
+  // Whoever wins the race at the witness, the primary ends alone: if the secondary won,
+  // its fence fails, it never confirms its grant, and the primary takes the token back
+  // when the window lapses (docs/vip-manager.md, "The grant window").
+  const std::string dir = "/tmp/lockstep-fence-fails-" + std::to_string(getpid());
+  std::filesystem::create_directories(dir);
+  const std::string fence = dir + "/fence", ran = dir + "/ran";
+  std::ofstream(fence) << "#!/bin/sh\necho \"$1 $2\" >> " << ran << "\nexit 1\n";
+  std::filesystem::permissions(fence, std::filesystem::perms::owner_all);
+  PairOptions o = Pair();
+  o.settings += ";grant_window_ms=1500";
+  o.secondary_settings = "fence_command=" + fence + ";fence_timeout_ms=1000";
+  auto pair = StartPair(o);
+  const double cut_at = lockstep::testbed::WallSeconds();
+  REQUIRE(pair->net().SetReplicationLinkUp(false).ok());
+  auto [p, s] = SettledStates(*pair);
+  INFO("primary " << p << ", secondary " << s << "\n" << pair->Logs());
+  REQUIRE(p == "PRIMARY_ALONE");
+  CHECK(!Running(pair->secondary()));
+  const bool secondary_won = std::filesystem::exists(ran);
+  if (secondary_won) {
+    CHECK(s == "FAILED");  // won, could not fence: never confirmed, never started
+    auto st = pair->primary().LockstepStatus();
+    REQUIRE(st.ok());
+    CHECK(st->dump().find("never confirmed it: taken back") != std::string::npos);
+  } else {
+    CHECK(s == "FENCED");
+  }
+  RequireClientGoesOn(*pair, 20);
+  RequireOneSpeakerAtATime(*pair, 0);
+  CHECK(pair->capture().CountFrom(0, cut_at) > 0);   // the primary spoke after the cut
+  CHECK(pair->capture().CountFrom(1, cut_at) == 0);  // the secondary never did
+  WARN("fence fails: the " << (secondary_won ? "secondary" : "primary")
+                           << " won the witness; the primary went on");
+  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("the primary cut off the switch: no failover, the pair waits for the port",

@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 src = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/engine_bench.csv"
 dst = sys.argv[2] if len(sys.argv) > 2 else src.rsplit(".", 1)[0] + ".png"
 rows = list(csv.DictReader(open(src)))
-labels = [f"{r['dirty_mib']} MiB{'' if r['delta'] == '1' else ' (no delta)'}" for r in rows]
+labels = [f"{r['dirty_mib']} MiB{'' if r['delta'] == '1' else ' raw'}\n{r.get('link_protection', '')}"
+          for r in rows]
 x = range(len(rows))
 fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
 w = 0.27

@@ -230,6 +230,17 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
       grant_window = std::chrono::duration_cast<std::chrono::milliseconds>(t);
     } else if (k == "vip") {
       vip = v;
+    } else if (k == "link_protection") {
+      if (v == "mac") {
+        r->options.link_protection = wire::LinkProtection::kMac;
+      } else if (v == "aes-gcm") {
+        r->options.link_protection = wire::LinkProtection::kEncrypt;
+      } else if (v == "none") {
+        r->options.link_protection = wire::LinkProtection::kNone;
+      } else {
+        return "link_protection must be mac (authenticated, the default), aes-gcm (also "
+               "encrypted) or none (a CRC only: a dedicated, trusted link)";
+      }
     } else if (k == "delta") {
       if (v != "on" && v != "off") return "delta must be on or off";
       r->options.delta_encoding = v == "on";

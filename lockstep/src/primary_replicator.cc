@@ -11,6 +11,7 @@
 #include "lockstep/wire_format.h"
 #include "pairing_auth.h"
 #include "replica_common.h"
+#include "sealed_channel.h"
 
 namespace lockstep {
 
@@ -405,7 +406,7 @@ PrimaryReplicator::PrimaryReplicator(Hypervisor& hv, vip::Witness& witness,
 
 PrimaryReplicator::~PrimaryReplicator() { Stop(); }
 
-Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
+Status PrimaryReplicator::Start(std::unique_ptr<Channel> link) {
   Impl& m = *impl_;
   std::lock_guard<std::mutex> lifecycle(m.lifecycle_mu);
   if (m.stopping.load()) return Status::Aborted("Stop() was called; make a new replicator");
@@ -424,6 +425,10 @@ Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
         "cannot allocate the staging memory for this guest (about twice its RAM with deltas "
         "on); free memory or turn delta encoding off");
   }
+  auto sealed = SealedChannel::Create(std::move(link), m.opt.link_protection,
+                                      LargestEpochMessage(m.opt.max_device_state_bytes));
+  if (!sealed.ok()) return sealed.status();
+  std::unique_ptr<SealedChannel> channel = std::move(*sealed);
   LOCKSTEP_RETURN_IF_ERROR(
       m.streamer->Register(*channel, *m.stager).WithContext("registering staging memory"));
   if (!m.opt.pairing_key) {
@@ -443,6 +448,7 @@ Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
   hello.host_id = m.opt.host_id;
   hello.blocks = RamLayout(blocks);
   hello.nonce = *nonce;
+  hello.link_protection = static_cast<uint8_t>(m.opt.link_protection);
   auto rec = wire::EncodeHello(hello);
   ConstSlice slice{rec.data(), rec.size()};
   LOCKSTEP_RETURN_IF_ERROR(channel->Send({&slice, 1}).WithContext("sending HELLO"));
@@ -481,6 +487,9 @@ Status PrimaryReplicator::Start(std::unique_ptr<Channel> channel) {
   auto auth = wire::EncodeAuth(*mine);
   ConstSlice auth_slice{auth.data(), auth.size()};
   LOCKSTEP_RETURN_IF_ERROR(channel->Send({&auth_slice, 1}).WithContext("sending AUTH"));
+  auto keys = DeriveLinkKeys(*m.opt.pairing_key, *nonce, reply.nonce);
+  if (!keys.ok()) return keys.status();
+  LOCKSTEP_RETURN_IF_ERROR(channel->Seal(*keys, /*primary=*/true));
 
   m.term = *term;
   m.secondary_host = reply.host_id;

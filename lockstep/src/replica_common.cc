@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "epoch_stager.h"
 #include "lockstep/wire_format.h"
 
 namespace lockstep {
@@ -313,6 +314,12 @@ Status ReceiveRecord(channel::Channel& ch, std::vector<uint8_t>& buf,
   LOCKSTEP_RETURN_IF_ERROR(ch.Receive(buf, &n, timeout));
   wire::RecordReader reader({buf.data(), n});
   return reader.Next(out);
+}
+
+size_t LargestEpochMessage(size_t max_device_state_bytes) {
+  return std::max<size_t>(
+      max_device_state_bytes + 2 * wire::kHeaderBytes,
+      (EpochStreamer::kBatchPages + 4) * (wire::kHeaderBytes + wire::kPageSize));
 }
 
 std::string Millis(Micros d) {

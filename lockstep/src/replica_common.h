@@ -173,6 +173,10 @@ std::vector<wire::BlockLayout> RamLayout(const std::vector<RamBlock>& blocks);
 Status ReceiveRecord(channel::Channel& ch, std::vector<uint8_t>& buf,
                      std::chrono::milliseconds timeout, wire::RecordView* out);
 
+// The largest message the primary sends (a batch of pages, or the device state with its
+// framing), for buffers on both sides.
+size_t LargestEpochMessage(size_t max_device_state_bytes);
+
 // A human-readable duration in milliseconds ("12.3 ms").
 std::string Millis(Micros d);
 

@@ -11,6 +11,7 @@
 #include "lockstep/wire_format.h"
 #include "pairing_auth.h"
 #include "replica_common.h"
+#include "sealed_channel.h"
 
 namespace lockstep {
 
@@ -140,6 +141,10 @@ void SecondaryReplica::Impl::ReceiveLoop() {
     if (!s.ok()) {
       fault = s;
       ending = Ending::kPeerLost;
+      if (s.code() == Status::Code::kCorruption) {  // the link protection refused a message
+        SendError(*ch, fault.ToString());
+        ending = Ending::kRejected;
+      }
       break;
     }
     bytes.fetch_add(n, std::memory_order_relaxed);
@@ -326,7 +331,7 @@ SecondaryReplica::SecondaryReplica(Hypervisor& hv, vip::Witness& witness,
 
 SecondaryReplica::~SecondaryReplica() { Stop(); }
 
-Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
+Status SecondaryReplica::Start(std::unique_ptr<Channel> link) {
   Impl& m = *impl_;
   std::lock_guard<std::mutex> lifecycle(m.lifecycle_mu);
   if (m.stopping.load()) return Status::Aborted("Stop() was called; make a new replica");
@@ -349,8 +354,7 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
   const size_t largest_epoch = pages * (wire::kHeaderBytes + wire::kPageSize) +
                                m.opt.max_device_state_bytes + 8 * wire::kHeaderBytes + 64;
   const size_t largest_message =
-      std::max<size_t>(m.opt.max_device_state_bytes + 2 * wire::kHeaderBytes,
-                       (EpochStreamer::kBatchPages + 4) * (wire::kHeaderBytes + wire::kPageSize));
+      LargestEpochMessage(m.opt.max_device_state_bytes) + wire::kLinkTagBytes;
   std::string no_memory;
   try {
     m.arena = PageArena(largest_epoch + largest_message);
@@ -369,6 +373,10 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
   }
   auto nonce = FreshNonce();
   if (!nonce.ok()) return nonce.status();
+  // The secondary sends control records only (ACK, HEARTBEAT, ERROR, GOODBYE_ACK).
+  auto sealed = SealedChannel::Create(std::move(link), m.opt.link_protection, 64 << 10);
+  if (!sealed.ok()) return sealed.status();
+  std::unique_ptr<SealedChannel> channel = std::move(*sealed);
   std::vector<uint8_t> buf(1 << 20);
   wire::RecordView r;
   Status s = ReceiveRecord(*channel, buf, m.opt.handshake_timeout, &r);
@@ -388,6 +396,12 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
                    " bytes of device state; this secondary takes at most " +
                    std::to_string(m.opt.max_device_state_bytes) +
                    "; configure the same limit on both hosts";
+  } else if (hello.link_protection != static_cast<uint8_t>(m.opt.link_protection)) {
+    reply.reason =
+        std::string("the primary protects the stream with '") +
+        wire::LinkProtectionName(static_cast<wire::LinkProtection>(hello.link_protection)) +
+        "', this secondary is set for '" + wire::LinkProtectionName(m.opt.link_protection) +
+        "'; set the same link_protection on both hosts";
   } else {
     reply.reason = RefusalReason(hello, m.opt, RamLayout(blocks));
   }
@@ -433,6 +447,10 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> channel) {
                   "altered on the way): give both hosts the same key file"
                 : " sent no valid AUTH: " + s.message()));
   }
+
+  auto keys = DeriveLinkKeys(*m.opt.pairing_key, hello.nonce, *nonce);
+  if (!keys.ok()) return keys.status();
+  LOCKSTEP_RETURN_IF_ERROR(channel->Seal(*keys, /*primary=*/false));
 
   m.term = hello.witness_term;
   m.primary_host = hello.host_id;

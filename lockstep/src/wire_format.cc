@@ -185,6 +185,18 @@ Status RecordReader::Next(RecordView* out) {
   return Status::Ok();
 }
 
+const char* LinkProtectionName(LinkProtection p) {
+  switch (p) {
+    case LinkProtection::kNone:
+      return "none";
+    case LinkProtection::kMac:
+      return "mac";
+    case LinkProtection::kEncrypt:
+      return "aes-gcm";
+  }
+  return "?";
+}
+
 std::vector<uint8_t> EncodeHello(const Hello& hello) {
   PayloadWriter w;
   w.U64(kMagic);
@@ -201,6 +213,7 @@ std::vector<uint8_t> EncodeHello(const Hello& hello) {
     w.U64(b.length);
   }
   w.Bytes(hello.nonce.data(), hello.nonce.size());
+  w.U8(hello.link_protection);
   return w.Finish(RecordType::kHello);
 }
 
@@ -224,6 +237,11 @@ Status DecodeHello(const RecordView& record, Hello* out) {
   }
   if (!in.Bytes(out->nonce.data(), out->nonce.size())) {
     return Status::Corruption("HELLO has no nonce");
+  }
+  if (!in.U8(&out->link_protection)) return Status::Corruption("HELLO has no link protection");
+  if (out->link_protection > static_cast<uint8_t>(LinkProtection::kEncrypt)) {
+    return Status::Corruption("HELLO asks for an unknown link protection " +
+                              std::to_string(out->link_protection));
   }
   if (in.left() != 0) return Status::Corruption("HELLO has trailing bytes");
   return Status::Ok();

@@ -1,9 +1,12 @@
 // The hot path allocates nothing: the checkpoint pause (EpochStager::Capture) and the
-// streaming of an epoch over real TCP (EpochStreamer::Send) are run with every heap
-// allocation of this thread counted.
+// streaming of an epoch over real TCP (EpochStreamer::Send), sealed in each link
+// protection, are run with every heap allocation of this thread counted — C++'s and
+// OpenSSL's.
 // GCC pairs the replaced operator delete with malloc'd memory and warns; the pairing is
 // intended here (both replaced together).
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+
+#include <openssl/crypto.h>
 
 #include <atomic>
 #include <catch2/catch.hpp>
@@ -12,7 +15,9 @@
 #include <thread>
 
 #include "epoch_stager.h"
+#include "replica_common.h"
 #include "replication_channel/tcp.h"
+#include "sealed_channel.h"
 #include "simulated_guest.h"
 
 namespace {
@@ -28,11 +33,31 @@ void* operator new(std::size_t n) {
 void operator delete(void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
+// OpenSSL allocates with its own functions; they are counted too. They can only be
+// replaced before OpenSSL's first allocation, hence at static initialization.
+namespace {
+void* CountingMalloc(size_t n, const char*, int) {
+  if (g_counting) ++g_allocations;
+  return std::malloc(n);
+}
+void* CountingRealloc(void* p, size_t n, const char*, int) {
+  if (g_counting) ++g_allocations;
+  return std::realloc(p, n);
+}
+void PlainFree(void* p, const char*, int) { std::free(p); }
+const bool g_openssl_counted =
+    CRYPTO_set_mem_functions(CountingMalloc, CountingRealloc, PlainFree) == 1;
+}  // namespace
+
 using namespace lockstep;
 using namespace lockstep::testing;
 using namespace std::chrono_literals;
 
 TEST_CASE("neither the pause nor the stream allocates", "[hot-path]") {
+  const auto protection = GENERATE(wire::LinkProtection::kNone, wire::LinkProtection::kMac,
+                                   wire::LinkProtection::kEncrypt);
+  INFO("link protection " << wire::LinkProtectionName(protection));
+  REQUIRE(g_openssl_counted);
   GuestConfig cfg;
   cfg.blocks = {{"pc.ram", 4u << 20}, {"pc.bios", 64u << 10}};
   cfg.pages_per_step = 8;
@@ -53,9 +78,14 @@ TEST_CASE("neither the pause nor the stream allocates", "[hot-path]") {
     size_t n;
     while (!done.load()) (void)(*ch)->Receive(buf, &n, 10ms);
   });
-  auto ch = tcp->Connect((*listener)->address(), 5000ms);
+  auto tcp_ch = tcp->Connect((*listener)->address(), 5000ms);
+  REQUIRE(tcp_ch.ok());
+  auto ch = SealedChannel::Create(std::move(*tcp_ch), protection, LargestEpochMessage(1 << 20));
   REQUIRE(ch.ok());
   REQUIRE(streamer.Register(**ch, stager).ok());
+  LinkKeys keys;
+  keys.primary_to_secondary[0] = 1;
+  REQUIRE((*ch)->Seal(keys, /*primary=*/true).ok());
 
   guest.Boot();
   REQUIRE(guest.StartDirtyLog().ok());

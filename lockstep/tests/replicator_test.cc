@@ -276,6 +276,28 @@ TEST_CASE("epochs flow, output is released on ack, and an orderly stop is not a 
   REQUIRE(p.released.size() > 10);
 }
 
+TEST_CASE("every link protection carries the same epochs to the same replica",
+          "[replicator][sealed]") {
+  const auto protection = GENERATE(wire::LinkProtection::kNone, wire::LinkProtection::kMac,
+                                   wire::LinkProtection::kEncrypt);
+  INFO(wire::LinkProtectionName(protection));
+  ReplicationOptions popt = Options("hostA"), sopt = Options("hostB");
+  popt.link_protection = sopt.link_protection = protection;
+  Pair p(TestGuest(), TestGuest(), popt, sopt);
+  p.StartProtected();
+  while (p.secondary->acked_epoch() < 20) std::this_thread::sleep_for(5ms);
+  // The primary's image at the pause of the epoch the secondary holds is what it holds.
+  REQUIRE(p.primary->WaitForState(S::kProtected, 1s));
+  p.KillPrimarySide();
+  p.link->Cut();
+  REQUIRE(p.secondary->WaitForState(S::kActive, 10s));
+  std::lock_guard<std::mutex> lock(p.mu);
+  REQUIRE(p.resume_invariant_ok);
+  REQUIRE(p.hashes.count(p.secondary->applied_epoch()) == 1);
+  REQUIRE(p.resume_hash == p.hashes[p.secondary->applied_epoch()]);
+  REQUIRE(p.early_releases == 0);
+}
+
 TEST_CASE("a packet is never released before the secondary acknowledged its epoch",
           "[replicator][output-commit]") {
   GuestConfig g = TestGuest();
@@ -503,6 +525,17 @@ TEST_CASE("handshake refusals leave both guests as they were", "[replicator][han
     REQUIRE(ps.message().find("no pairing key") != std::string::npos);
     REQUIRE(ss.code() == Status::Code::kFailedPrecondition);
   }
+  SECTION("another link protection: the secondary says what each side is set for") {
+    ReplicationOptions sopt = Options("hostB");
+    sopt.link_protection = wire::LinkProtection::kEncrypt;
+    Pair p(TestGuest(), TestGuest(), Options("hostA"), sopt);
+    auto [ps, ss] = p.Start();
+    REQUIRE(ps.code() == Status::Code::kPeerRejected);
+    REQUIRE(ps.message().find("protects the stream with 'mac'") != std::string::npos);
+    REQUIRE(ps.message().find("set for 'aes-gcm'") != std::string::npos);
+    REQUIRE_FALSE(ss.ok());
+    REQUIRE(p.pg.running());
+  }
   SECTION("another VM") {
     ReplicationOptions sopt = Options("hostB");
     sopt.vm_id = "vm-other";
@@ -560,6 +593,8 @@ TEST_CASE("a secondary that rejects the stream does not take over from a live pr
   INFO(Log(p.secondary->transitions()) << Log(p.primary->transitions()));
   REQUIRE(p.secondary->state() == S::kFailed);
   REQUIRE(p.secondary->fault_reason().find("rejected the primary's stream") != std::string::npos);
+  // Caught by the link's MAC (the default), before any CRC is looked at.
+  REQUIRE(p.secondary->fault_reason().find("failed authentication") != std::string::npos);
   REQUIRE(p.sw.requests_ == 0);
   REQUIRE_FALSE(p.sg.running());
   REQUIRE(p.primary->state() == S::kPrimaryAlone);
@@ -783,9 +818,12 @@ TEST_CASE("a winner still fencing when its window lapsed does not go active",
 
 TEST_CASE("a secondary alive but no longer acknowledging is a fault, not a hang",
           "[replicator][detector]") {
-  ReplicationOptions popt = Options("hostA");
+  ReplicationOptions popt = Options("hostA"), sopt = Options("hostB");
   popt.ack_timeout = 200ms;
-  Pair p(TestGuest(), TestGuest(), popt, Options("hostB"));
+  // The channel below stands for the secondary's own software going wrong, so it must sit
+  // inside the link protection (which would otherwise refuse its made-up heartbeats).
+  popt.link_protection = sopt.link_protection = wire::LinkProtection::kNone;
+  Pair p(TestGuest(), TestGuest(), popt, sopt);
   p.pg.Boot();
   auto sec = std::async(std::launch::async, [&] {
     return p.secondary->Start(std::make_unique<AckSwallowingChannel>(p.link->TakeB(), 3));

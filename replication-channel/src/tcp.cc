@@ -28,6 +28,7 @@
 #include <string>
 #include <utility>
 
+#include "common/pi_mutex.h"
 #include "gather.h"
 
 namespace lockstep::channel {
@@ -233,27 +234,6 @@ void Signal(int wake_fd) {
   // Can only fail if the counter would overflow, which a handful of writes cannot do.
   [[maybe_unused]] ssize_t n = ::write(wake_fd, &one, sizeof(one));
 }
-
-// A mutex with priority inheritance (PTHREAD_PRIO_INHERIT), usable with std::lock_guard.
-class PriorityInheritanceMutex {
- public:
-  PriorityInheritanceMutex() {
-    pthread_mutexattr_t attr;
-    pthread_mutexattr_init(&attr);
-    pthread_mutexattr_setprotocol(&attr, PTHREAD_PRIO_INHERIT);
-    pthread_mutex_init(&mu_, &attr);
-    pthread_mutexattr_destroy(&attr);
-  }
-  ~PriorityInheritanceMutex() { pthread_mutex_destroy(&mu_); }
-  PriorityInheritanceMutex(const PriorityInheritanceMutex&) = delete;
-  PriorityInheritanceMutex& operator=(const PriorityInheritanceMutex&) = delete;
-  void lock() { pthread_mutex_lock(&mu_); }
-  void unlock() { pthread_mutex_unlock(&mu_); }
-  bool try_lock() { return pthread_mutex_trylock(&mu_) == 0; }
-
- private:
-  pthread_mutex_t mu_;
-};
 
 class TcpChannel final : public Channel {
  public:

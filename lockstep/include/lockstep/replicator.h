@@ -24,6 +24,7 @@
 
 #include "common/status.h"
 #include "lockstep/hypervisor.h"
+#include "lockstep/wire_format.h"
 #include "replication_channel/channel.h"
 #include "vip_manager/witness.h"
 
@@ -38,6 +39,11 @@ struct ReplicationOptions {
   // The hosts' shared secret: each side proves it holds it in the handshake (HMAC-SHA256
   // challenge-response, wire_format.h). Required: Start() refuses without one.
   std::optional<std::array<uint8_t, 32>> pairing_key;
+  // How the stream is protected after the handshake (wire_format.h, "Link protection"):
+  // kMac authenticates every message, kEncrypt also encrypts it (for links that are not
+  // physically dedicated), kNone leaves records with their CRC only. Both hosts must agree:
+  // a secondary refuses a primary that asks for another.
+  wire::LinkProtection link_protection = wire::LinkProtection::kMac;
   Micros epoch_interval{20'000};  // time between checkpoint pauses
   // Output the guest sends is held until its epoch is acknowledged, so an epoch with
   // output pending ends early (OutputPending()): a reply waits for a pause and an ACK,

@@ -1,5 +1,6 @@
-// lockstep's replication wire format, version 2. This header is its one description.
-// (Version 2 added the pairing-key proof to the handshake: nonces, proofs, AUTH.)
+// lockstep's replication wire format, version 3. This header is its one description.
+// (Version 2 added the pairing-key proof to the handshake: nonces, proofs, AUTH. Version 3
+// added link protection after it: HELLO's protection byte, sealed messages.)
 //
 // Everything on the replication channel is a RECORD. A channel message carries one or
 // more whole records back to back; a record never spans two messages. All integers are
@@ -22,7 +23,9 @@
 //                  u32 largest device state the primary will send,
 //                  str vm_id, str primary host id, u32 block count, then per block:
 //                  str block id, u64 length in bytes,        (str = u16 length + bytes)
-//                  32 bytes primary nonce (random, fresh for every connection).
+//                  32 bytes primary nonce (random, fresh for every connection),
+//                  u8 link protection (LinkProtection: 0 none, 1 MAC, 2 encrypted).
+//                A secondary configured for another protection refuses the HELLO.
 //                A receiver that does not speak `version` answers HELLO_REPLY rejected.
 //                The magic and version sit at the same place in every version, so a
 //                peer of any version can read them and say what it speaks.
@@ -41,8 +44,20 @@
 //                the key for this very connection without sending it; a recorded
 //                handshake proves nothing later; a byte of HELLO changed on the way makes
 //                the proofs disagree. A peer whose proof fails is refused, the reason
-//                naming the pairing key. The records after AUTH are not authenticated
-//                (CRC only): the link must be trusted (dedicated) — see docs/wire-format.md.
+//                naming the pairing key. The HELLO's protection byte is covered too, so a
+//                man in the middle cannot lower it.
+//
+// Link protection: every message after AUTH, both ways, is sealed (lockstep/src/
+// sealed_channel.h) as HELLO said:
+//   none      the message as is: records carry a CRC only; for a trusted, dedicated link.
+//   MAC       the message, then a 16-byte AES-256-GCM tag over it (GMAC: the message is
+//             the associated data, nothing is encrypted).
+//   encrypted the message encrypted with AES-256-GCM, then its 16-byte tag.
+// Keys: HKDF-SHA256 of the pairing key, salt = primary nonce || secondary nonce, info =
+// "lockstep-v3 link primary->secondary" or "lockstep-v3 link secondary->primary"; 32 bytes
+// each. GCM nonce (12 bytes): 4 zero bytes, then the message's number in its direction
+// (u64 LE, from 0; the first message after AUTH is 0). A message whose tag does not check
+// out is refused with the connection, like a bad CRC.
 //
 // An epoch N (N = 1, 2, ... with no gaps; epoch 1 is the initial full synchronization):
 //   EPOCH_BEGIN   flags bit 0 = FULL (every page of every block follows).
@@ -95,7 +110,7 @@
 
 namespace lockstep::wire {
 
-inline constexpr uint32_t kWireVersion = 2;
+inline constexpr uint32_t kWireVersion = 3;
 inline constexpr uint64_t kMagic = 0x50455453'4B434F4CULL;  // "LOCKSTEP" read as LE u64
 inline constexpr size_t kHeaderBytes = 32;
 inline constexpr uint32_t kPageSize = 4096;
@@ -179,7 +194,13 @@ struct Hello {
   std::string host_id;
   std::vector<BlockLayout> blocks;
   std::array<uint8_t, 32> nonce{};  // a Nonce (below)
+  uint8_t link_protection = 1;      // a LinkProtection (below)
 };
+
+// How the messages after AUTH are protected (see "Link protection" above).
+enum class LinkProtection : uint8_t { kNone = 0, kMac = 1, kEncrypt = 2 };
+const char* LinkProtectionName(LinkProtection p);  // "none", "mac", "aes-gcm"
+inline constexpr size_t kLinkTagBytes = 16;        // what MAC and encrypted add per message
 
 inline constexpr size_t kNonceBytes = 32;
 inline constexpr size_t kProofBytes = 32;

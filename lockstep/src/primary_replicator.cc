@@ -374,11 +374,11 @@ void PrimaryReplicator::Impl::Teardown(bool orderly, std::string reason) {
     const std::string winner = decision->holder;
     decision = AwaitGrantWindow(witness, opt, *decision, [this] { return stopping.load(); });
     timeline.Mark("grant window");
-    if (decision.ok() && decision->granted) {
+    if (decision.ok() && decision->granted && decision->confirmed) {
       lapsed = "; " + winner + " won the token but never confirmed it: taken back";
     }
   }
-  if (decision.ok() && decision->granted) {
+  if (decision.ok() && decision->granted && decision->confirmed) {
     std::string identity_note = ClaimIdentity(opt, &timeline);
     hv.SetOutputMode(OutputMode::kPassThrough);  // no other replica can ever contradict it
     role.MoveTo(ReplicaState::kPrimaryAlone,
@@ -390,7 +390,9 @@ void PrimaryReplicator::Impl::Teardown(bool orderly, std::string reason) {
   }
   const std::string why =
       decision.ok() ? "the witness gave the token to " + decision->holder +
-                          (decision->confirmed ? "" : " (not confirmed in time)")
+                          (decision->confirmed ? ""
+                                               : " (not confirmed yet when this host stopped "
+                                                 "waiting for its window to lapse)")
                     : "the witness could not be asked (" + decision.status().ToString() + ")";
   (void)hv.Halt();
   hv.SetOutputMode(OutputMode::kDropped);

@@ -90,16 +90,22 @@ bool LostToProvisionalGrant(const vip::WitnessDecision& denied, uint64_t term) {
 Result<vip::WitnessDecision> AwaitGrantWindow(vip::Witness& witness, const ReplicationOptions& opt,
                                               const vip::WitnessDecision& denied,
                                               const std::function<bool()>& stop) {
-  const auto give_up = SteadyClock::now() + opt.grant_window + kReclaimSlack;
+  const auto give_up =
+      SteadyClock::now() + std::max(opt.grant_window, kReclaimPatience) + kReclaimSlack;
   Result<vip::WitnessDecision> last = denied;
   for (;;) {
     std::this_thread::sleep_for(kReclaimPoll);
-    if (stop()) return last;
-    last = WithRetries([&] { return witness.Reclaim(opt.vm_id, opt.host_id, denied.term); });
-    if (!last.ok() || last->granted || last->confirmed || last->term != denied.term ||
-        SteadyClock::now() >= give_up) {
+    if (stop() || SteadyClock::now() >= give_up) return last;
+    last = witness.Reclaim(opt.vm_id, opt.host_id, denied.term);
+    if (!last.ok()) {
+      const Status::Code code = last.status().code();
+      if (code == Status::Code::kTimedOut || code == Status::Code::kIoError ||
+          code == Status::Code::kPeerLost) {
+        continue;  // transient; a reclaim is safe to ask again (the retry rule)
+      }
       return last;
     }
+    if (last->confirmed || last->term != denied.term) return last;
   }
 }
 
@@ -317,9 +323,10 @@ Status ReceiveRecord(channel::Channel& ch, std::vector<uint8_t>& buf,
 }
 
 size_t LargestEpochMessage(size_t max_device_state_bytes) {
-  return std::max<size_t>(
-      max_device_state_bytes + 2 * wire::kHeaderBytes,
-      (EpochStreamer::kBatchPages + 4) * (wire::kHeaderBytes + wire::kPageSize));
+  // The last message of an epoch carries a whole batch of pages, the device state and the
+  // commit (EpochStreamer::Send): the sum, with room for the framing records.
+  return EpochStreamer::kBatchPages * (wire::kHeaderBytes + wire::kPageSize) +
+         max_device_state_bytes + 8 * wire::kHeaderBytes + 256;
 }
 
 std::string Millis(Micros d) {

@@ -89,11 +89,15 @@ Result<vip::WitnessDecision> ConfirmToken(vip::Witness& witness, const Replicati
 bool LostToProvisionalGrant(const vip::WitnessDecision& denied, uint64_t term);
 
 // A loser of a provisional grant waits out the winner's window (witness.h): it asks to
-// Reclaim() the token every kReclaimPoll until that is granted, the winner confirms, the
-// token moves on, `stop()` says so, or `opt.grant_window` + kReclaimSlack has passed (the
-// witness measures the window; this bound only ends a wait whose answer never comes).
-// Returns the last answer: granted means this side now holds a confirmed token.
+// Reclaim() the token every kReclaimPoll — through transient errors, a reclaim being safe
+// to ask again — until the witness grants it (confirmed), says the winner confirmed, or
+// the token moved on, or `stop()` says so. The witness measures the window, and the
+// winner's may be longer than this host's (a fence command set on the other host only), so
+// the wait is bounded only by kReclaimPatience, or this host's window if longer, plus
+// kReclaimSlack: they end a wait whose answer never comes. Returns the last answer:
+// granted and confirmed means this side now holds the token.
 constexpr std::chrono::milliseconds kReclaimPoll{50};
+constexpr std::chrono::milliseconds kReclaimPatience{120'000};
 constexpr std::chrono::milliseconds kReclaimSlack{3'000};
 Result<vip::WitnessDecision> AwaitGrantWindow(vip::Witness& witness, const ReplicationOptions& opt,
                                               const vip::WitnessDecision& denied,

@@ -4,8 +4,10 @@
 #include <openssl/evp.h>
 #include <openssl/kdf.h>
 
+#include <algorithm>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <string_view>
 
 namespace lockstep {
@@ -212,7 +214,23 @@ Status SealedChannel::Receive(std::span<uint8_t> into, size_t* size,
     broken_ = Status::Corruption("a message from " + inner_->peer() + " " + why);
     return broken_;
   };
-  if (n < wire::kLinkTagBytes) return refuse("is shorter than its authentication tag");
+  // The first message after the handshake may be the peer's refusal of it, sent before the
+  // peer sealed anything (an ERROR: it did not accept our AUTH). Kept to be told as such.
+  std::vector<uint8_t> first;
+  if (receive_->next == 0) first.assign(into.data(), into.data() + std::min<size_t>(n, 1 << 17));
+  auto refused_handshake = [&]() -> std::optional<std::string> {
+    if (first.empty()) return std::nullopt;
+    wire::RecordReader reader(first);
+    wire::RecordView r;
+    if (!reader.Next(&r).ok() || r.header.type != wire::RecordType::kError) return std::nullopt;
+    return wire::DecodeReason(r);
+  };
+  if (n < wire::kLinkTagBytes) {
+    if (auto reason = refused_handshake()) {
+      return broken_ = Status::PeerRejected(inner_->peer() + " ended the handshake: " + *reason);
+    }
+    return refuse("is shorter than its authentication tag");
+  }
   const size_t body = n - wire::kLinkTagBytes;
   EVP_CIPHER_CTX* ctx = receive_->ctx;
   int out = 0;
@@ -225,6 +243,9 @@ Status SealedChannel::Receive(std::span<uint8_t> into, size_t* size,
     return refuse("could not be checked (OpenSSL failed)");
   }
   if (EVP_DecryptFinal_ex(ctx, decrypt ? into.data() + out : nullptr, &out) != 1) {
+    if (auto reason = refused_handshake()) {
+      return broken_ = Status::PeerRejected(inner_->peer() + " ended the handshake: " + *reason);
+    }
     return refuse(
         "failed authentication (AES-GCM tag): changed, replayed or dropped on the way, or not "
         "sealed with this pairing key");

@@ -10,6 +10,9 @@
 // reordered, reflected back to its sender or changed in any byte fails the next check;
 // a check that fails is kCorruption, and so is every later Receive() (nothing past it can
 // be trusted). Sending still works, so the receiver can say why (ERROR) before it closes.
+// One exception, to keep the peer's words: a first message that fails and is a plain
+// ERROR record is the peer refusing the handshake before it sealed anything — kPeerRejected
+// with its reason.
 // Before Seal() messages pass through unchanged (the handshake, which protects itself:
 // the proofs).
 //
@@ -73,6 +76,9 @@ class SealedChannel final : public channel::Channel {
   channel::Clock::time_point LastHeardFrom() const override { return inner_->LastHeardFrom(); }
   void Abort() override { inner_->Abort(); }
   channel::ChannelStats stats() const override { return inner_->stats(); }
+
+  // Whether a received message failed its check (the receiving thread's question).
+  bool refused() const { return broken_.code() == Status::Code::kCorruption; }
 
  private:
   struct Cipher;  // one direction's OpenSSL context and message counter

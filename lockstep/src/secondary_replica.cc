@@ -88,6 +88,7 @@ struct SecondaryReplica::Impl {
   std::vector<uint8_t> device;  // device state of the applied epoch (capacity fixed)
   std::unique_ptr<EpochAssembler> assembler;
   std::unique_ptr<Channel> ch;
+  SealedChannel* sealed = nullptr;  // ch, as the link protection that may refuse a message
   std::unique_ptr<Heartbeater> heartbeat;
   std::mutex lifecycle_mu;  // serializes Start() and Stop()
   uint64_t term = 0;
@@ -141,7 +142,7 @@ void SecondaryReplica::Impl::ReceiveLoop() {
     if (!s.ok()) {
       fault = s;
       ending = Ending::kPeerLost;
-      if (s.code() == Status::Code::kCorruption) {  // the link protection refused a message
+      if (sealed->refused()) {  // the link protection refused a message: tampering or a bug
         SendError(*ch, fault.ToString());
         ending = Ending::kRejected;
       }
@@ -251,7 +252,7 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
     const std::string winner = decision->holder;
     decision = AwaitGrantWindow(witness, opt, *decision, [this] { return stopping.load(); });
     timeline.Mark("grant window");
-    if (decision.ok() && decision->granted) {
+    if (decision.ok() && decision->granted && decision->confirmed) {
       lapsed = "; " + winner + " won the token but never confirmed it: taken back";
     }
   }
@@ -281,9 +282,10 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
                                            unconfirmed);
     return;
   }
-  if (!decision->confirmed) {
+  {
     // The last moment to find out whether the primary took the token back: nothing of the
-    // guest has left this host yet.
+    // guest has left this host yet. Asked even when the grant says it is confirmed (a
+    // reclaimed token): one round trip on a failover, and safety never rests on that flag.
     auto confirmed = ConfirmToken(witness, opt, decision->term);
     timeline.Mark("confirm");
     if (!confirmed.ok()) {
@@ -293,7 +295,7 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
                                              "); the guest stays stopped" + unconfirmed);
       return;
     }
-    if (!confirmed->granted) {
+    if (!confirmed->granted || !confirmed->confirmed) {
       role.MoveTo(ReplicaState::kFenced, "won the token (term " + std::to_string(decision->term) +
                                              ") but did not confirm it within its window, and " +
                                              confirmed->holder + " took it back (term " +
@@ -373,8 +375,10 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> link) {
   }
   auto nonce = FreshNonce();
   if (!nonce.ok()) return nonce.status();
-  // The secondary sends control records only (ACK, HEARTBEAT, ERROR, GOODBYE_ACK).
-  auto sealed = SealedChannel::Create(std::move(link), m.opt.link_protection, 64 << 10);
+  // The secondary sends control records only (ACK, HEARTBEAT, GOODBYE_ACK, and an ERROR
+  // whose reason is at most 64 KiB).
+  auto sealed = SealedChannel::Create(std::move(link), m.opt.link_protection,
+                                      (64 << 10) + 4 * wire::kHeaderBytes);
   if (!sealed.ok()) return sealed.status();
   std::unique_ptr<SealedChannel> channel = std::move(*sealed);
   std::vector<uint8_t> buf(1 << 20);
@@ -454,6 +458,7 @@ Status SecondaryReplica::Start(std::unique_ptr<Channel> link) {
 
   m.term = hello.witness_term;
   m.primary_host = hello.host_id;
+  m.sealed = channel.get();
   m.ch = std::move(channel);
   m.heartbeat = std::make_unique<Heartbeater>(
       *m.ch, m.opt.heartbeat_interval, [&m] { return m.acked.load(); },

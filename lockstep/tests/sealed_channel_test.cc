@@ -3,7 +3,9 @@
 // reordered or reflected message, another key — is refused.
 #include "sealed_channel.h"
 
+#include <algorithm>
 #include <catch2/catch.hpp>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -144,8 +146,9 @@ TEST_CASE("any change on the way is refused, and the connection ends", "[sealed]
   REQUIRE(!got.ok());
   CHECK(got.status().code() == Status::Code::kCorruption);
   CHECK(got.status().message().find("failed authentication") != std::string::npos);
-  // Nothing more is taken from this connection; it can still say why it closes.
-  r.Forward(first);
+  // Nothing more is taken from this connection, not even the next genuine message; it can
+  // still say why it closes.
+  r.Forward(second);
   CHECK(ReceiveText(*r.secondary).status().code() == Status::Code::kCorruption);
   CHECK(SendText(*r.secondary, "ERROR").ok());
 }
@@ -193,6 +196,41 @@ TEST_CASE("another pairing key, other nonces, or a reflected message: refused", 
     REQUIRE(raw->Send({&back, 1}).ok());
     CHECK(!ReceiveText(*primary).ok());
   }
+}
+
+TEST_CASE("the link keys are RFC 5869 HKDF-SHA256 as wire_format.h says", "[sealed]") {
+  // Expected values computed independently (Python's hmac/hashlib, RFC 5869 by hand) for
+  // TestKeys(7): pairing key 00*5 42 00*26, salt = 07 00*31 || 08 00*31.
+  auto hex = [](const std::array<uint8_t, 32>& k) {
+    std::string s;
+    char b[3];
+    for (uint8_t v : k) {
+      std::snprintf(b, sizeof b, "%02x", v);
+      s += b;
+    }
+    return s;
+  };
+  LinkKeys k = TestKeys(7);
+  CHECK(hex(k.primary_to_secondary) ==
+        "f4792d4c718ed65d8864bccfbd171d848bf221af39484e9b94dd6341e55bd2a4");
+  CHECK(hex(k.secondary_to_primary) ==
+        "98caddc7e978ca4068b099a05d1392680840a7c701e35e1ebbb01008b8569f45");
+}
+
+TEST_CASE("a refusal the peer sent before sealing is told as its refusal", "[sealed]") {
+  // The secondary rejects the primary's AUTH with a plain ERROR; the primary, sealed by
+  // then, reports the secondary's words, not a failed tag.
+  auto link = channel::LoopbackLink::Create();
+  auto primary = Sealed(link->TakeA(), LinkProtection::kEncrypt, TestKeys(), true);
+  auto raw = link->TakeB();
+  auto error = wire::EncodeReasonRecord(wire::RecordType::kError, "the key is wrong");
+  channel::ConstSlice g{error.data(), error.size()};
+  REQUIRE(raw->Send({&g, 1}).ok());
+  auto got = ReceiveText(*primary);
+  REQUIRE(!got.ok());
+  CHECK(got.status().code() == Status::Code::kPeerRejected);
+  CHECK(got.status().message().find("the key is wrong") != std::string::npos);
+  CHECK(!primary->refused());
 }
 
 TEST_CASE("the link keys: one per direction, fresh for each pair of nonces", "[sealed]") {

@@ -437,6 +437,9 @@ Result<WitnessDecision> EtcdWitness::RequestActive(std::string_view vm, std::str
     auto lease = Ask(endpoints_, timeout_, "/v3/lease/grant", json{{"TTL", ttl}},
                      [](const json& reply) { return Int64Field(reply, "ID"); });
     if (!lease.ok()) return lease.status().WithContext(context + ": granting a lease");
+    if (*lease == 0) {  // a window key without a lease would never lapse
+      return Status::Corruption("etcd granted a lease without an ID: " + context);
+    }
     success.push_back(PutRequest(keys.window, std::to_string(next), *lease));
   }
   json txn = {

@@ -44,17 +44,18 @@
 // grant window is at least that long. It only delays a Reclaim (witness.h: the window
 // decides liveness, never safety).
 //
-// Transport: HTTP/1.1 to etcd's JSON gateway (POST /v3/kv/range and /v3/kv/txn, keys and
-// values base64), one connection per request. Endpoints ("HOST:PORT" of the members'
-// client URLs, plain http) are tried in order until one answers like etcd; one that is
+// Transport: HTTP/1.1 to etcd's JSON gateway (POST /v3/kv/range, /v3/kv/txn and
+// /v3/lease/grant, keys and values base64), one connection per request. Endpoints ("HOST:PORT" of
+// the members' client URLs, plain http) are tried in order until one answers like etcd; one that is
 // unreachable, silent, not etcd, or an etcd that refuses (no leader, ...) moves the request
 // to the next. Each exchange with one endpoint (connect, send, answer) has a deadline of
-// `timeout`, so a RequestActive takes at most timeout × endpoints; a Register, two such
-// round trips per attempt. When no endpoint answers, the error names every endpoint and what went
-// wrong with each, with the code of the last one. Resending a request to the next endpoint is safe
-// even if the first applied it: the retry rule answers RequestActive the same way, and Register's
-// compare sees the change and bumps again. Use IP addresses: a host name is resolved by the
-// system's resolver, outside the deadline.
+// `timeout`, so a Confirm or Reclaim, or a RequestActive with a zero window, takes at most
+// timeout × endpoints; a provisional RequestActive (lease, then transaction) and a
+// Register (read, then transaction) two such round trips per attempt. When no endpoint answers, the
+// error names every endpoint and what went wrong with each, with the code of the last one.
+// Resending a request to the next endpoint is safe even if the first applied it: the retry rule
+// answers RequestActive the same way, and Register's compare sees the change and bumps again. Use
+// IP addresses: a host name is resolved by the system's resolver, outside the deadline.
 //
 // Names: VM and holder names are 1..255 bytes, each above ' ' (no whitespace, no control
 // character below 0x20), as in the embedded witness's wire format; anything else is

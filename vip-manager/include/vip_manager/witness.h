@@ -50,8 +50,9 @@ struct WitnessDecision {
   uint64_t term = 0;   // the term after the decision
   std::string holder;  // who holds the token after the decision
   // Whether `holder` has confirmed the token under `term` (and may be releasing output).
-  // False while a provisional grant waits for its holder's confirmation.
-  bool confirmed = true;
+  // False while a provisional grant waits for its holder's confirmation — and by default:
+  // a decision that forgot to say is never taken for a confirmed one.
+  bool confirmed = false;
 };
 
 class Witness {

@@ -1,4 +1,4 @@
-#include "testbed/qmp.h"
+#include "admin/qmp.h"
 
 #include <poll.h>
 #include <sys/socket.h>
@@ -9,7 +9,7 @@
 #include <cstring>
 #include <thread>
 
-namespace lockstep::testbed {
+namespace lockstep::admin {
 
 Qmp::~Qmp() {
   if (fd_ >= 0) close(fd_);
@@ -134,4 +134,4 @@ double Qmp::EventTime(const Json& event) {
   return t.at("seconds").get<double>() + t.at("microseconds").get<double>() / 1e6;
 }
 
-}  // namespace lockstep::testbed
+}  // namespace lockstep::admin

@@ -1,4 +1,5 @@
-// A QMP client for the test bed: commands, replies and events over QEMU's unix socket.
+// A QMP client: commands, replies and events over QEMU's unix socket. Used by lockstepd
+// to run its VMs and by the test bed. Not thread-safe: one user at a time.
 #pragma once
 
 #include <chrono>
@@ -9,7 +10,7 @@
 
 #include "common/status.h"
 
-namespace lockstep::testbed {
+namespace lockstep::admin {
 
 using Json = nlohmann::json;
 
@@ -45,4 +46,4 @@ class Qmp {
   std::deque<Json> events_;
 };
 
-}  // namespace lockstep::testbed
+}  // namespace lockstep::admin

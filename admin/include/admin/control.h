@@ -1,0 +1,47 @@
+// The control API of lockstepd, version 1: how lockstepctl (or any tool) talks to the daemon
+// of its host. This header is its one description.
+//
+// Transport: a Unix stream socket (default /run/lockstep/lockstepd.sock), mode 0600 in a
+// directory of mode 0700: root only. One request per connection: the client writes one
+// JSON object and a newline (at most 1 MiB); the daemon answers one JSON object and a
+// newline, then closes.
+//   request  {"api": 1, "command": NAME, ...arguments}
+//   answer   {"api": 1, "ok": true, ...results}
+//            {"api": 1, "ok": false, "error": "what happened, and what to do"}
+// A daemon that does not speak the request's "api" answers ok=false naming its own.
+//
+// Commands (arguments → results):
+//   list                         → "host", "vms": [VM summary...]
+//   status    "vm"               → "vm": VM status
+//   define    "definition": {…}  → "vm": summary (admin/vm_definition.h; refused if the
+//                                   name is taken)
+//   undefine  "vm"               → refused while the VM runs
+//   start     "vm"               → "vm": status, once QEMU answers on QMP
+//   stop      "vm", "force"?     → QMP quit (force: SIGKILL at once); waits for the exit
+// VM summary: "name", "state" ("stopped" | "running" | "paused" | "unreachable"), "pid"
+// (when running), "protection": {"state": "UNPROTECTED" or the engine's state,
+// "reason": why it is not protected}. VM status adds "memory_mib", "vcpus", "qemu_log",
+// "console_log", "uptime_s" and "lockstep" (query-lockstep, when protection was started).
+#pragma once
+
+#include <chrono>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "common/status.h"
+
+namespace lockstep::admin {
+
+using Json = nlohmann::json;
+
+inline constexpr int kControlApi = 1;
+inline constexpr size_t kMaxControlMessage = 1 << 20;
+inline constexpr const char* kDefaultControlSocket = "/run/lockstep/lockstepd.sock";
+
+// Sends `request` (its "api" is set here) to the daemon at `socket_path` and returns the
+// answer. kPeerLost if no daemon listens there (the message says how to start one),
+// kTimedOut past `timeout`, kFailedPrecondition with the daemon's error if it refused.
+Result<Json> CallDaemon(const std::string& socket_path, Json request,
+                        std::chrono::milliseconds timeout);
+
+}  // namespace lockstep::admin

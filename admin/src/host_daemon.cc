@@ -1,0 +1,408 @@
+#include "host_daemon.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "daemon_log.h"
+
+extern char** environ;
+
+namespace lockstep::admin {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// Writes `text` to `path` whole or not at all (temporary file, fsync, rename), mode 0600.
+Status WriteFileAtomic(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return Status::FromErrno("writing " + tmp, errno);
+  bool ok =
+      write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && fsync(fd) == 0;
+  int err = errno;
+  close(fd);
+  if (!ok) {
+    unlink(tmp.c_str());
+    return Status::FromErrno("writing " + path + " (disk full?)", err);
+  }
+  if (rename(tmp.c_str(), path.c_str()) != 0) return Status::FromErrno("renaming " + tmp, errno);
+  return Status::Ok();
+}
+
+// Field 22 of /proc/PID/stat (start time in clock ticks since boot); 0 if no such process.
+uint64_t StartTime(pid_t pid) {
+  std::string stat = ReadFile("/proc/" + std::to_string(pid) + "/stat");
+  size_t paren = stat.rfind(')');
+  if (paren == std::string::npos) return 0;
+  std::istringstream fields(stat.substr(paren + 2));
+  std::string field;
+  for (int i = 3; i <= 22 && fields >> field; ++i) {
+    if (i == 22) return std::strtoull(field.c_str(), nullptr, 10);
+  }
+  return 0;
+}
+
+// The last `max` bytes of a file, for error messages.
+std::string Tail(const std::string& path, size_t max = 600) {
+  std::string all = ReadFile(path);
+  return all.size() > max ? "..." + all.substr(all.size() - max) : all;
+}
+
+// Starts `argv` in a session of its own (so it outlives the daemon and its signals),
+// stdin from /dev/null, stdout and stderr appended to `log`.
+Result<pid_t> SpawnDetached(const std::vector<std::string>& argv, const std::string& log) {
+  posix_spawn_file_actions_t actions;
+  posix_spawnattr_t attr;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawnattr_init(&attr);
+  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
+  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  sigset_t none, defaults;
+  sigemptyset(&none);
+  sigemptyset(&defaults);
+  for (int s : {SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGCHLD}) sigaddset(&defaults, s);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setsigdefault(&attr, &defaults);
+  posix_spawnattr_setflags(&attr,
+                           POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  pid_t pid = 0;
+  int rc = posix_spawn(&pid, argv[0].c_str(), &actions, &attr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attr);
+  if (rc != 0) return Status::FromErrno("starting " + argv[0], rc);
+  return pid;
+}
+
+Json Fail(const std::string& why) { return {{"api", kControlApi}, {"ok", false}, {"error", why}}; }
+
+}  // namespace
+
+std::string HostDaemon::VmDir(const std::string& name) const {
+  return config_.state_dir + "/vms/" + name;
+}
+
+Result<std::unique_ptr<HostDaemon>> HostDaemon::Open(const DaemonConfig& config) {
+  if (access(config.parts.qemu.c_str(), X_OK) != 0) {
+    return Status::FailedPrecondition("no QEMU at " + config.parts.qemu +
+                                      ": build it (qemu-patches/build-qemu.sh) or give --qemu");
+  }
+  std::error_code ec;
+  fs::create_directories(config.state_dir + "/vms", ec);
+  if (ec) {
+    return Status::FailedPrecondition("cannot use the state directory " + config.state_dir + ": " +
+                                      ec.message());
+  }
+  fs::permissions(config.state_dir, fs::perms::owner_all, ec);
+  std::unique_ptr<HostDaemon> d(new HostDaemon(config));
+  for (const auto& entry : fs::directory_iterator(config.state_dir + "/vms", ec)) {
+    const std::string name = entry.path().filename().string();
+    const std::string dir = entry.path().string();
+    auto def = ParseVmDefinition(ReadFile(dir + "/definition.json"));
+    if (!def.ok()) {
+      LogEvent("error", "vm_unreadable", {{"vm", name}, {"why", def.status().message()}});
+      continue;
+    }
+    Vm vm;
+    vm.def = *def;
+    std::istringstream pidfile(ReadFile(dir + "/qemu.pid"));
+    pid_t pid = 0;
+    uint64_t start = 0;
+    if (pidfile >> pid >> start && pid > 0 && StartTime(pid) == start) {
+      vm.pid = pid;
+      vm.starttime = start;
+      auto q = Qmp::Connect(dir + "/qmp.sock", 5s);
+      if (q.ok()) {
+        vm.qmp = std::move(*q);
+      } else {
+        vm.note = "QMP does not answer: " + q.status().message();
+      }
+      LogEvent("info", "vm_adopted", {{"vm", name}, {"pid", std::to_string(pid)}});
+    } else {
+      unlink((dir + "/qemu.pid").c_str());
+    }
+    d->vms_.emplace(name, std::move(vm));
+  }
+  return d;
+}
+
+HostDaemon::~HostDaemon() = default;
+
+void HostDaemon::ReapChildren() {
+  int status = 0;
+  pid_t pid;
+  while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [name, vm] : vms_) {
+      if (vm.pid != pid) continue;
+      LogEvent("warn", "qemu_exited", {{"vm", name}, {"status", std::to_string(status)}});
+      vm.note = "QEMU exited on its own (wait status " + std::to_string(status) + "); see " +
+                VmDir(name) + "/qemu.log";
+      vm.pid = 0;
+      vm.qmp.reset();
+      unlink((VmDir(name) + "/qemu.pid").c_str());
+    }
+  }
+}
+
+bool HostDaemon::Alive(Vm& vm) {
+  if (vm.pid == 0) return false;
+  if (StartTime(vm.pid) == vm.starttime) return true;
+  vm.note = "QEMU (pid " + std::to_string(vm.pid) + ") is gone";
+  vm.pid = 0;
+  vm.qmp.reset();
+  return false;
+}
+
+Result<HostDaemon::Vm*> HostDaemon::Find(const std::string& name) {
+  auto it = vms_.find(name);
+  if (it == vms_.end()) {
+    return Status::FailedPrecondition("no VM named '" + name +
+                                      "' on this host (lockstepctl list shows them)");
+  }
+  return &it->second;
+}
+
+Json HostDaemon::Summary(const std::string& name, Vm& vm) {
+  Json s = {{"name", name}};
+  Json protection = {{"state", "UNPROTECTED"}};
+  if (!Alive(vm)) {
+    s["state"] = "stopped";
+    protection["reason"] = "the VM is not running";
+  } else {
+    s["pid"] = vm.pid;
+    auto st = vm.qmp ? vm.qmp->Execute("query-status", Json::object(), 5s)
+                     : Result<Json>(Status::PeerLost(vm.note));
+    if (!st.ok()) {
+      s["state"] = "unreachable";
+      s["note"] = "QMP: " + st.status().message();
+      protection["reason"] = "QEMU does not answer on QMP";
+    } else {
+      s["state"] = st->value("running", false) ? "running" : "paused";
+      auto ls = vm.qmp->Execute("query-lockstep", Json::object(), 5s);
+      if (ls.ok() && ls->is_array() && !ls->empty()) {
+        protection["state"] = (*ls)[0].value("state", std::string("?"));
+        protection["reason"] = (*ls)[0].value("reason", std::string());
+      } else {
+        protection["reason"] =
+            "protection was not started for this VM (pairing and protect come with the next "
+            "release of the admin plane)";
+      }
+    }
+  }
+  if (!vm.note.empty() && !s.contains("note")) s["note"] = vm.note;
+  s["protection"] = protection;
+  return s;
+}
+
+Json HostDaemon::Describe(const std::string& name, Vm& vm) {
+  Json s = Summary(name, vm);
+  s["memory_mib"] = vm.def.memory_mib;
+  s["vcpus"] = vm.def.vcpus;
+  s["qemu_log"] = VmDir(name) + "/qemu.log";
+  s["console_log"] = VmDir(name) + "/console.log";
+  if (vm.pid != 0) {
+    const long ticks = sysconf(_SC_CLK_TCK);
+    std::istringstream up(ReadFile("/proc/uptime"));
+    double since_boot = 0;
+    up >> since_boot;
+    s["uptime_s"] = since_boot - static_cast<double>(vm.starttime) / static_cast<double>(ticks);
+    if (vm.qmp) {
+      auto ls = vm.qmp->Execute("query-lockstep", Json::object(), 5s);
+      if (ls.ok() && ls->is_array() && !ls->empty()) s["lockstep"] = *ls;
+    }
+  }
+  return s;
+}
+
+Result<Json> HostDaemon::Define(const Json& definition) {
+  if (!definition.is_object()) {
+    return Status::InvalidArgument("'definition' must be a VM definition (a JSON object)");
+  }
+  auto def = ParseVmDefinition(definition.dump());
+  if (!def.ok()) return def.status();
+  if (vms_.count(def->name)) {
+    return Status::FailedPrecondition("a VM named '" + def->name +
+                                      "' is already defined here; undefine it first, or pick "
+                                      "another name");
+  }
+  const std::string dir = VmDir(def->name);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return Status::IoError("creating " + dir + ": " + ec.message());
+  Status saved = WriteFileAtomic(dir + "/definition.json", VmDefinitionJson(*def));
+  if (!saved.ok()) {
+    fs::remove_all(dir, ec);
+    return saved;
+  }
+  Vm vm;
+  vm.def = *def;
+  auto& placed = vms_.emplace(def->name, std::move(vm)).first->second;
+  LogEvent("info", "vm_defined", {{"vm", def->name}});
+  return Summary(def->name, placed);
+}
+
+Result<Json> HostDaemon::Undefine(const std::string& name) {
+  auto vm = Find(name);
+  if (!vm.ok()) return vm.status();
+  if (Alive(**vm)) {
+    return Status::FailedPrecondition("VM '" + name + "' is running (pid " +
+                                      std::to_string((*vm)->pid) + "); stop it first");
+  }
+  std::error_code ec;
+  fs::remove_all(VmDir(name), ec);
+  if (ec) return Status::IoError("removing " + VmDir(name) + ": " + ec.message());
+  vms_.erase(name);
+  LogEvent("info", "vm_undefined", {{"vm", name}});
+  return Json::object();
+}
+
+Result<Json> HostDaemon::Start(const std::string& name) {
+  auto found = Find(name);
+  if (!found.ok()) return found.status();
+  Vm& vm = **found;
+  if (Alive(vm)) {
+    return Status::FailedPrecondition("VM '" + name + "' is already running (pid " +
+                                      std::to_string(vm.pid) + ")");
+  }
+  const std::string dir = VmDir(name);
+  const std::string qmp = dir + "/qmp.sock";
+  if (qmp.size() >= sizeof(sockaddr_un::sun_path)) {
+    return Status::FailedPrecondition("the state directory's path is too long for a socket (" +
+                                      qmp + "); use a shorter --state");
+  }
+  unlink(qmp.c_str());
+  auto argv = QemuCommandLine(vm.def, config_.parts, qmp, dir + "/console.log");
+  const std::string log = dir + "/qemu.log";
+  { std::ofstream(log, std::ios::app) << "---- lockstepd starts QEMU\n"; }
+  auto pid = SpawnDetached(argv, log);
+  if (!pid.ok()) return pid.status();
+  vm.pid = *pid;
+  vm.starttime = StartTime(*pid);
+  vm.note.clear();
+  Status saved = WriteFileAtomic(
+      dir + "/qemu.pid", std::to_string(vm.pid) + " " + std::to_string(vm.starttime) + "\n");
+  if (!saved.ok()) {
+    kill(vm.pid, SIGKILL);
+    vm.pid = 0;
+    return saved.WithContext("not starting VM '" + name + "'");
+  }
+  // QEMU opens its QMP socket early; one that exits first says why in its log.
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  for (;;) {
+    auto q = Qmp::Connect(qmp, 200ms);
+    if (q.ok()) {
+      vm.qmp = std::move(*q);
+      break;
+    }
+    int status = 0;
+    if (waitpid(vm.pid, &status, WNOHANG) == vm.pid ||
+        std::chrono::steady_clock::now() > deadline) {
+      kill(vm.pid, SIGKILL);
+      vm.pid = 0;
+      unlink((dir + "/qemu.pid").c_str());
+      return Status::FailedPrecondition("QEMU for VM '" + name +
+                                        "' did not come up; its log says:\n" + Tail(log));
+    }
+  }
+  LogEvent("info", "vm_started", {{"vm", name}, {"pid", std::to_string(vm.pid)}});
+  return Describe(name, vm);
+}
+
+Result<Json> HostDaemon::Stop(const std::string& name, bool force) {
+  auto found = Find(name);
+  if (!found.ok()) return found.status();
+  Vm& vm = **found;
+  if (!Alive(vm)) return Status::FailedPrecondition("VM '" + name + "' is not running");
+  bool asked = false;
+  if (!force && vm.qmp) asked = vm.qmp->Execute("quit", Json::object(), 5s).ok();
+  if (!asked) kill(vm.pid, SIGKILL);
+  const auto deadline = std::chrono::steady_clock::now() + 15s;
+  for (;;) {
+    int status = 0;
+    (void)waitpid(vm.pid, &status, WNOHANG);  // ours if this daemon started it
+    if (StartTime(vm.pid) != vm.starttime) break;
+    if (std::chrono::steady_clock::now() > deadline) {
+      kill(vm.pid, SIGKILL);  // it did not quit when asked
+      asked = false;
+    }
+    std::this_thread::sleep_for(20ms);
+  }
+  LogEvent("info", "vm_stopped",
+           {{"vm", name}, {"pid", std::to_string(vm.pid)}, {"how", asked ? "quit" : "killed"}});
+  vm.pid = 0;
+  vm.qmp.reset();
+  vm.note.clear();
+  unlink((VmDir(name) + "/qemu.pid").c_str());
+  return Json::object();
+}
+
+Json HostDaemon::Handle(const Json& request) {
+  try {
+    if (!request.is_object()) return Fail("a request is a JSON object");
+    const int api = request.value("api", 0);
+    if (api != kControlApi) {
+      return Fail("this lockstepd speaks control API " + std::to_string(kControlApi) + ", not " +
+                  std::to_string(api) + "; use the lockstepctl of the same release");
+    }
+    const std::string command = request.value("command", std::string());
+    const std::string name = request.value("vm", std::string());
+    std::lock_guard<std::mutex> lock(mu_);
+    Result<Json> r = Json::object();
+    if (command == "list") {
+      Json list = Json::array();
+      for (auto& [n, vm] : vms_) list.push_back(Summary(n, vm));
+      r = Json{{"host", config_.host_id}, {"vms", list}};
+    } else if (command == "status") {
+      auto vm = Find(name);
+      r = vm.ok() ? Result<Json>(Json{{"vm", Describe(name, **vm)}}) : Result<Json>(vm.status());
+    } else if (command == "define") {
+      auto d = Define(request.value("definition", Json()));
+      r = d.ok() ? Result<Json>(Json{{"vm", *d}}) : d;
+    } else if (command == "undefine") {
+      r = Undefine(name);
+    } else if (command == "start") {
+      auto s = Start(name);
+      r = s.ok() ? Result<Json>(Json{{"vm", *s}}) : s;
+    } else if (command == "stop") {
+      r = Stop(name, request.value("force", false));
+    } else {
+      return Fail("unknown command '" + command +
+                  "' (list, status, define, undefine, start, stop)");
+    }
+    if (!r.ok()) return Fail(r.status().message());
+    Json answer = *r;
+    answer["api"] = kControlApi;
+    answer["ok"] = true;
+    return answer;
+  } catch (const std::exception& e) {  // a malformed member (nlohmann type errors)
+    return Fail(std::string("malformed request: ") + e.what());
+  }
+}
+
+}  // namespace lockstep::admin

@@ -1,0 +1,77 @@
+// lockstepd's core: the VMs of this host, their QEMU processes, and the control API
+// (admin/control.h) over them. The binary (admin/tools/lockstepd.cc) adds flags, signals
+// and the socket's life.
+//
+// State on disk, under `state_dir` (mode 0700), one directory per defined VM:
+//   vms/<name>/definition.json   the definition as defined (admin/vm_definition.h)
+//   vms/<name>/qemu.pid          "PID STARTTIME" while QEMU runs (STARTTIME: field 22 of
+//                                /proc/PID/stat, so a reused PID is not taken for ours)
+//   vms/<name>/qmp.sock          QEMU's QMP socket
+//   vms/<name>/qemu.log, console.log   QEMU's output and the guest's serial console
+// QEMU runs in a session of its own, not as part of the daemon: stopping, killing or
+// restarting the daemon leaves every VM running, and a daemon that starts again adopts
+// the VMs whose qemu.pid names a live QEMU (and reconnects to their QMP).
+//
+// Threading: Handle() may be called from several threads; one mutex guards the VMs.
+#pragma once
+
+#include <sys/types.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+
+#include "admin/control.h"
+#include "admin/qmp.h"
+#include "admin/vm_definition.h"
+
+namespace lockstep::admin {
+
+struct DaemonConfig {
+  std::string host_id;    // this host's name (default: the system's host name)
+  std::string state_dir;  // see above
+  QemuParts parts;        // the QEMU binary and its firmware directories
+};
+
+class HostDaemon {
+ public:
+  // Loads the state (creating the directory if needed) and adopts running VMs. Fails if
+  // the state directory cannot be used, or the QEMU binary is missing.
+  static Result<std::unique_ptr<HostDaemon>> Open(const DaemonConfig& config);
+  ~HostDaemon();
+
+  // Answers one control request (admin/control.h); never throws.
+  Json Handle(const Json& request);
+
+  // Collects the exit of QEMU processes this daemon started (they are its children).
+  void ReapChildren();
+
+ private:
+  struct Vm {
+    VmDefinition def;
+    pid_t pid = 0;  // 0: not running
+    uint64_t starttime = 0;
+    std::optional<Qmp> qmp;
+    std::string note;  // why the VM is in an odd state ("" if not)
+  };
+  explicit HostDaemon(DaemonConfig config) : config_(std::move(config)) {}
+
+  // REQUIRES: mu_ held.
+  Json Summary(const std::string& name, Vm& vm);
+  Json Describe(const std::string& name, Vm& vm);
+  bool Alive(Vm& vm);  // refreshes pid/qmp if QEMU is gone
+  Result<Json> Define(const Json& definition);
+  Result<Json> Undefine(const std::string& name);
+  Result<Json> Start(const std::string& name);
+  Result<Json> Stop(const std::string& name, bool force);
+  Result<Vm*> Find(const std::string& name);
+  std::string VmDir(const std::string& name) const;
+
+  const DaemonConfig config_;
+  std::mutex mu_;
+  std::map<std::string, Vm> vms_;  // GUARDED_BY(mu_)
+};
+
+}  // namespace lockstep::admin

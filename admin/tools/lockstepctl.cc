@@ -1,0 +1,198 @@
+// lockstepctl: the administrator's command line. Talks to the lockstepd of this host over
+// its control socket (admin/control.h). See docs/admin-plane.md.
+//
+// Exit status: 0 done; 1 the daemon refused (the message says why and what to do);
+// 2 a usage error; 3 no daemon could be reached.
+#include <boost/program_options.hpp>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "admin/control.h"
+
+namespace po = boost::program_options;
+using namespace lockstep;
+using namespace lockstep::admin;
+
+namespace {
+
+constexpr int kRefused = 1, kUsage = 2, kUnreachable = 3;
+
+struct Command {
+  const char* name;
+  const char* args;  // for the usage line
+  const char* help;
+};
+const Command kCommands[] = {
+    {"list", "", "the VMs of this host, with their state and protection"},
+    {"status", "VM", "one VM in detail: state, protection and why, logs"},
+    {"define", "FILE", "define a VM from a definition file (JSON; docs/admin-plane.md)"},
+    {"undefine", "VM", "forget a stopped VM"},
+    {"start", "VM", "start a defined VM"},
+    {"stop", "VM [--force]", "stop a VM (QMP quit; --force: kill it)"},
+};
+
+std::string Usage() {
+  std::ostringstream o;
+  o << "usage: lockstepctl [--socket PATH] [--json] COMMAND [ARGS] [--help]\n\ncommands:\n";
+  for (const auto& c : kCommands) {
+    char line[160];
+    std::snprintf(line, sizeof line, "  %-10s %-14s %s\n", c.name, c.args, c.help);
+    o << line;
+  }
+  o << "\nglobal options:\n  --socket PATH  lockstepd's control socket (default "
+    << kDefaultControlSocket << ")\n  --json         print the daemon's answer as JSON\n";
+  return o.str();
+}
+
+void PrintVmLine(const Json& v) {
+  const Json& p = v.value("protection", Json::object());
+  std::printf("%-20s %-11s %-8s %-14s %s\n", v.value("name", std::string("?")).c_str(),
+              v.value("state", std::string("?")).c_str(),
+              v.contains("pid") ? std::to_string(v["pid"].get<long>()).c_str() : "-",
+              p.value("state", std::string("?")).c_str(), p.value("reason", std::string()).c_str());
+}
+
+void PrintStatus(const Json& v) {
+  const Json& p = v.value("protection", Json::object());
+  std::printf(
+      "VM %s\n  state       %s%s\n  protection  %s\n", v.value("name", std::string()).c_str(),
+      v.value("state", std::string("?")).c_str(),
+      v.contains("pid") ? (" (QEMU pid " + std::to_string(v["pid"].get<long>()) + ")").c_str() : "",
+      p.value("state", std::string("?")).c_str());
+  if (!p.value("reason", std::string()).empty()) {
+    std::printf("  why         %s\n", p["reason"].get<std::string>().c_str());
+  }
+  if (v.contains("note")) std::printf("  note        %s\n", v["note"].get<std::string>().c_str());
+  std::printf("  memory      %llu MiB, %d vCPU(s)\n",
+              static_cast<unsigned long long>(v.value("memory_mib", 0ull)), v.value("vcpus", 0));
+  if (v.contains("uptime_s")) std::printf("  up          %.0f s\n", v["uptime_s"].get<double>());
+  std::printf("  logs        %s\n              %s\n", v.value("qemu_log", std::string()).c_str(),
+              v.value("console_log", std::string()).c_str());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string socket_path = kDefaultControlSocket;
+  bool json = false;
+  // Global options come before the command; the rest belongs to the command.
+  int at = 1;
+  for (; at < argc; ++at) {
+    std::string a = argv[at];
+    if (a == "--json") {
+      json = true;
+    } else if (a == "--socket" && at + 1 < argc) {
+      socket_path = argv[++at];
+    } else if (a.rfind("--socket=", 0) == 0) {
+      socket_path = a.substr(9);
+    } else if (a == "--help" || a == "-h") {
+      std::cout << Usage();
+      return 0;
+    } else if (!a.empty() && a[0] == '-') {
+      std::cerr << "lockstepctl: unknown option '" << a << "'\n\n" << Usage();
+      return kUsage;
+    } else {
+      break;
+    }
+  }
+  if (at >= argc) {
+    std::cerr << Usage();
+    return kUsage;
+  }
+  const std::string command = argv[at];
+  const Command* known = nullptr;
+  for (const auto& c : kCommands) {
+    if (command == c.name) known = &c;
+  }
+  if (known == nullptr) {
+    std::cerr << "lockstepctl: unknown command '" << command << "'\n\n" << Usage();
+    return kUsage;
+  }
+
+  // The command's own options: positional arguments, --force, --json, --help.
+  po::options_description opts(std::string("lockstepctl ") + known->name + " " + known->args +
+                               "\n  " + known->help + "\n\noptions");
+  std::vector<std::string> positional;
+  opts.add_options()("help,h", "this help")("json", "print the daemon's answer as JSON");
+  if (command == "stop") opts.add_options()("force", "kill QEMU instead of asking it to quit");
+  po::options_description hidden;  // the positional arguments: not listed in --help
+  hidden.add_options()("args", po::value(&positional));
+  po::options_description all;
+  all.add(opts).add(hidden);
+  po::positional_options_description pos;
+  pos.add("args", -1);
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(argc - at, argv + at).options(all).positional(pos).run(), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    std::cerr << "lockstepctl " << command << ": " << e.what() << "\n";
+    return kUsage;
+  }
+  if (vm.count("help")) {
+    std::cout << opts << "\n";
+    return 0;
+  }
+  json = json || vm.count("json");
+  if (!positional.empty() && positional[0] == command) positional.erase(positional.begin());
+  const size_t want = std::string(known->args).empty() ? 0 : 1;
+  if (positional.size() != want) {
+    std::cerr << "lockstepctl " << command << ": expected " << (want ? known->args : "no arguments")
+              << "\n  usage: lockstepctl " << command << " " << known->args << "\n";
+    return kUsage;
+  }
+
+  Json request = {{"command", command}};
+  if (command == "define") {
+    std::ifstream in(positional[0]);
+    if (!in) {
+      std::cerr << "lockstepctl define: cannot read " << positional[0] << "\n";
+      return kUsage;
+    }
+    std::stringstream text;
+    text << in.rdbuf();
+    Json definition = Json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+    if (definition.is_discarded()) {
+      std::cerr << "lockstepctl define: " << positional[0]
+                << " is not JSON (docs/admin-plane.md shows a VM definition)\n";
+      return kRefused;
+    }
+    request["definition"] = definition;
+  } else if (want == 1) {
+    request["vm"] = positional[0];
+  }
+  if (command == "stop") request["force"] = vm.count("force") > 0;
+
+  auto answer = CallDaemon(socket_path, request, std::chrono::seconds(60));
+  if (!answer.ok()) {
+    std::cerr << "lockstepctl " << command << ": " << answer.status().message() << "\n";
+    const auto code = answer.status().code();
+    return code == Status::Code::kFailedPrecondition || code == Status::Code::kInvalidArgument
+               ? kRefused
+               : kUnreachable;
+  }
+  if (json) {
+    Json out = *answer;
+    out.erase("api");
+    out.erase("ok");
+    std::cout << out.dump(2) << "\n";
+    return 0;
+  }
+  if (command == "list") {
+    std::printf("host %s\n%-20s %-11s %-8s %-14s %s\n",
+                answer->value("host", std::string()).c_str(), "VM", "STATE", "PID", "PROTECTION",
+                "WHY");
+    for (const Json& v : (*answer)["vms"]) PrintVmLine(v);
+  } else if (command == "status" || command == "start") {
+    PrintStatus((*answer)["vm"]);
+  } else if (command == "define") {
+    std::printf("defined %s\n", (*answer)["vm"].value("name", std::string()).c_str());
+  } else {
+    std::printf("%s: done\n", command.c_str());
+  }
+  return 0;
+}

@@ -1,0 +1,170 @@
+// lockstepd: the host daemon. Runs this host's VMs (QEMU with lockstep's patches, from VM
+// definitions) and serves the control API (admin/control.h) on a root-only Unix socket.
+// Stopping or restarting it leaves the VMs running; it adopts them when it starts again.
+// See docs/admin-plane.md.
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <boost/program_options.hpp>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <iostream>
+
+#include "control_io.h"
+#include "daemon_log.h"
+#include "host_daemon.h"
+
+#ifndef LOCKSTEP_QEMU
+#define LOCKSTEP_QEMU "/usr/lib/lockstep/qemu-system-x86_64"
+#endif
+
+namespace po = boost::program_options;
+using namespace lockstep;
+using namespace lockstep::admin;
+
+namespace {
+
+int Die(const std::string& what) {
+  LogEvent("error", "not_started", {{"why", what}});
+  std::cerr << "lockstepd: " << what << "\n";
+  return 1;
+}
+
+// Binds the control socket: its directory 0700, the socket 0600. Refuses if another daemon
+// answers there; a stale socket file (nobody listening) is replaced.
+Result<int> ListenControl(const std::string& path) {
+  std::error_code ec;
+  const auto dir = std::filesystem::path(path).parent_path();
+  if (!dir.empty()) {
+    std::filesystem::create_directories(dir, ec);
+    if (ec)
+      return Status::FailedPrecondition("cannot create " + dir.string() + ": " + ec.message());
+    chmod(dir.c_str(), 0700);
+  }
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  if (path.size() >= sizeof a.sun_path)
+    return Status::InvalidArgument("socket path too long: " + path);
+  std::memcpy(a.sun_path, path.c_str(), path.size() + 1);
+  int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (connect(probe, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+    close(probe);
+    return Status::FailedPrecondition("another lockstepd already serves " + path +
+                                      "; stop it first, or give this one its own --socket");
+  }
+  close(probe);
+  unlink(path.c_str());
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  const mode_t old = umask(0177);  // the socket is made 0600, never briefly wider
+  int bound = bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  umask(old);
+  if (bound != 0 || listen(fd, 16) != 0) {
+    int err = errno;
+    close(fd);
+    return Status::FromErrno("listening on " + path, err);
+  }
+  return fd;
+}
+
+void Serve(HostDaemon& daemon, int fd) {
+  FdCloser closer{fd};
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  auto line = ReadLine(fd, deadline);
+  if (!line.ok()) return;  // a client that said nothing whole: nothing to answer
+  Json request = Json::parse(*line, nullptr, /*allow_exceptions=*/false);
+  Json answer = request.is_discarded()
+                    ? Json{{"api", kControlApi}, {"ok", false}, {"error", "not JSON"}}
+                    : daemon.Handle(request);
+  (void)WriteLine(fd, answer.dump(), std::chrono::steady_clock::now() + std::chrono::seconds(5));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  DaemonConfig config;
+  std::string socket_path;
+  std::vector<std::string> data_dirs;
+  char host[256] = {};
+  gethostname(host, sizeof host - 1);
+  po::options_description options("lockstepd: lockstep's host daemon\n\nOptions");
+  options.add_options()("help,h", "this help")(
+      "host-id", po::value(&config.host_id)->default_value(host),
+      "this host's name, as its peer and the witness know it")(
+      "state", po::value(&config.state_dir)->default_value("/var/lib/lockstep"),
+      "state directory: VM definitions, pid files, logs")(
+      "socket", po::value(&socket_path)->default_value(kDefaultControlSocket),
+      "the control socket (root only)")(
+      "qemu", po::value(&config.parts.qemu)->default_value(LOCKSTEP_QEMU),
+      "QEMU with lockstep's patches (qemu-patches/build-qemu.sh)")(
+      "qemu-data-dir", po::value(&data_dirs)->composing(),
+      "firmware directories for QEMU's -L (default: /usr/share/qemu /usr/share/seabios)");
+  po::variables_map vm;
+  try {
+    po::store(po::parse_command_line(argc, argv, options), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    std::cerr << "lockstepd: " << e.what() << "\n\n" << options << "\n";
+    return 2;
+  }
+  if (vm.count("help")) {
+    std::cout << options << "\n";
+    return 0;
+  }
+  config.parts.data_dirs = data_dirs.empty()
+                               ? std::vector<std::string>{"/usr/share/qemu", "/usr/share/seabios"}
+                               : data_dirs;
+
+  // Signals are read from a signalfd by the main loop, so every thread blocks them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  for (int s : {SIGTERM, SIGINT, SIGCHLD, SIGHUP}) sigaddset(&signals, s);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+  int sigfd = signalfd(-1, &signals, SFD_CLOEXEC);
+
+  std::error_code ec;
+  std::filesystem::create_directories(config.state_dir, ec);
+  const std::string lock_path = config.state_dir + "/lockstepd.lock";
+  int lock_fd = open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (lock_fd < 0 || flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    return Die("another lockstepd uses the state directory " + config.state_dir +
+               " (or it is not writable); one daemon per host");
+  }
+  auto daemon = HostDaemon::Open(config);
+  if (!daemon.ok()) return Die(daemon.status().message());
+  auto listen_fd = ListenControl(socket_path);
+  if (!listen_fd.ok()) return Die(listen_fd.status().message());
+  LogEvent("info", "started",
+           {{"host", config.host_id}, {"socket", socket_path}, {"state", config.state_dir}});
+
+  for (;;) {
+    pollfd p[2] = {{*listen_fd, POLLIN, 0}, {sigfd, POLLIN, 0}};
+    int r = poll(p, 2, 1000);
+    (*daemon)->ReapChildren();
+    if (r < 0 && errno != EINTR) break;
+    if (p[1].revents & POLLIN) {
+      signalfd_siginfo info{};
+      if (read(sigfd, &info, sizeof info) == sizeof info &&
+          (info.ssi_signo == SIGTERM || info.ssi_signo == SIGINT)) {
+        break;
+      }
+    }
+    if (p[0].revents & POLLIN) {
+      int fd = accept4(*listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
+      // One request at a time: each is short (a client gets 5 s to say it, a start waits
+      // at most 30 s for QEMU), and the VMs' state changes in one place only.
+      if (fd >= 0) Serve(**daemon, fd);
+    }
+  }
+  // The VMs run on: they are in sessions of their own, and a new daemon adopts them.
+  unlink(socket_path.c_str());
+  LogEvent("info", "stopped", {{"vms", "left running"}});
+  return 0;
+}

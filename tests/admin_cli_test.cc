@@ -1,0 +1,224 @@
+// The admin plane end to end: the real lockstepd and lockstepctl binaries, the real guest
+// in lockstep's QEMU. Define, start, status, a daemon killed and restarted under a running
+// VM, stop, and bad input that changes nothing.
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "free_port.h"
+#include "testbed/child_process.h"
+#include "testbed/workload_client.h"
+
+using namespace std::chrono_literals;
+using lockstep::testbed::ChildProcess;
+using lockstep::testbed::WorkloadClient;
+using nlohmann::json;
+
+namespace {
+
+struct Ran {
+  int exit = -1;
+  std::string out;  // stdout and stderr
+};
+
+// Runs lockstepctl with `args` against the daemon at `socket`.
+Ran Ctl(const std::string& socket, const std::vector<std::string>& args) {
+  std::string cmd = std::string(LOCKSTEPCTL_PATH) + " --socket '" + socket + "'";
+  for (const auto& a : args) cmd += " '" + a + "'";
+  Ran r;
+  if (FILE* f = popen((cmd + " 2>&1").c_str(), "r")) {
+    char buf[4096];
+    while (size_t n = fread(buf, 1, sizeof buf, f)) r.out.append(buf, n);
+    int status = pclose(f);
+    r.exit = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  return r;
+}
+
+json CtlJson(const std::string& socket, std::vector<std::string> args) {
+  args.insert(args.begin(), "--json");
+  Ran r = Ctl(socket, args);
+  INFO(r.out);
+  REQUIRE(r.exit == 0);
+  return json::parse(r.out);
+}
+
+bool Alive(pid_t pid) { return kill(pid, 0) == 0; }
+
+struct Host {
+  Host() {
+    char tmpl[] = "/tmp/lsd-XXXXXX";
+    dir = mkdtemp(tmpl);
+    socket = dir + "/ctl.sock";
+    state = dir + "/state";
+  }
+  ~Host() {
+    // Whatever a test left running goes; the daemon last.
+    for (pid_t pid : qemu_pids) kill(pid, SIGKILL);
+    daemon.reset();
+    std::filesystem::remove_all(dir);
+  }
+  void StartDaemon() {
+    auto d = ChildProcess::Start({LOCKSTEPD_PATH, "--host-id", "hostA", "--state", state,
+                                  "--socket", socket, "--qemu", LOCKSTEP_QEMU},
+                                 "", dir + "/lockstepd-" + std::to_string(++starts) + ".log");
+    INFO(d.status().ToString());
+    REQUIRE(d.ok());
+    daemon = std::move(*d);
+    REQUIRE(daemon->WaitForLog("event=started", 10s));
+  }
+  // A definition of the test guest, its workload forwarded to 127.0.0.1:`port`.
+  std::string Definition(const std::string& name, int port) {
+    json j = {
+        {"name", name},
+        {"memory_mib", 256},
+        {"kernel", std::string(LOCKSTEP_GUEST_DIR) + "/vmlinuz"},
+        {"initrd", std::string(LOCKSTEP_GUEST_DIR) + "/initrd.gz"},
+        {"append", "console=ttyS0 quiet panic=-1 idle=halt lockstep.ip=10.0.2.15/24"},
+        {"nics",
+         {{{"mac", "52:54:00:12:34:56"},
+           {"user_forward", {{{"host", "127.0.0.1:" + std::to_string(port)}, {"guest", 7000}}}}}}}};
+    std::string path = dir + "/" + name + ".json";
+    std::ofstream(path) << j.dump(2);
+    return path;
+  }
+  std::string dir, socket, state;
+  std::unique_ptr<ChildProcess> daemon;
+  std::vector<pid_t> qemu_pids;
+  int starts = 0;
+};
+
+}  // namespace
+
+TEST_CASE("lockstepctl and lockstepd: define, start, status, restart the daemon, stop",
+          "[admin][qemu]") {
+  Host h;
+  h.StartDaemon();
+  struct stat st;
+  REQUIRE(stat(h.socket.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);  // root only
+
+  const int port = lockstep::testing::FreePort();
+  Ran defined = Ctl(h.socket, {"define", h.Definition("web1", port)});
+  INFO(defined.out);
+  REQUIRE(defined.exit == 0);
+  json list = CtlJson(h.socket, {"list"});
+  REQUIRE(list["vms"].size() == 1);
+  CHECK(list["vms"][0]["state"] == "stopped");
+
+  json started = CtlJson(h.socket, {"start", "web1"});
+  const pid_t pid = started["vm"]["pid"].get<pid_t>();
+  h.qemu_pids.push_back(pid);
+  CHECK(started["vm"]["state"] == "running");
+  CHECK(started["vm"]["protection"]["state"] == "UNPROTECTED");
+  CHECK(!started["vm"]["protection"]["reason"].get<std::string>().empty());
+  // The guest really runs: its workload answers through the forwarded port.
+  auto client = WorkloadClient::Start("", "127.0.0.1", port, 60s);
+  INFO(client.status().ToString());
+  REQUIRE(client.ok());
+  REQUIRE((*client)->WaitForReplies(5, 60s));
+
+  // The daemon dies hard; the VM does not notice.
+  h.daemon->Kill(SIGKILL);
+  int status = 0;
+  REQUIRE(h.daemon->WaitExit(10s, &status));
+  const uint64_t before = (*client)->replies();
+  std::this_thread::sleep_for(500ms);
+  CHECK(Alive(pid));
+  CHECK((*client)->replies() > before);
+  Ran unreachable = Ctl(h.socket, {"list"});
+  CHECK(unreachable.exit == 3);
+  CHECK(unreachable.out.find("is lockstepd running") != std::string::npos);
+
+  // A new daemon adopts it: same QEMU, still running, still serving.
+  h.StartDaemon();
+  CHECK(h.daemon->WaitForLog("event=vm_adopted vm=web1", 10s));
+  json status_json = CtlJson(h.socket, {"status", "web1"});
+  CHECK(status_json["vm"]["pid"].get<pid_t>() == pid);
+  CHECK(status_json["vm"]["state"] == "running");
+  CHECK((*client)->inconsistent() == 0);
+  Ran human = Ctl(h.socket, {"status", "web1"});
+  CHECK(human.exit == 0);
+  CHECK(human.out.find("protection  UNPROTECTED") != std::string::npos);
+
+  // Bad input: a clear error, and nothing changes.
+  Ran again = Ctl(h.socket, {"start", "web1"});
+  CHECK(again.exit == 1);
+  CHECK(again.out.find("already running (pid " + std::to_string(pid) + ")") != std::string::npos);
+  Ran unknown = Ctl(h.socket, {"status", "nosuch"});
+  CHECK(unknown.exit == 1);
+  CHECK(unknown.out.find("no VM named 'nosuch'") != std::string::npos);
+  Ran busy = Ctl(h.socket, {"undefine", "web1"});
+  CHECK(busy.exit == 1);
+  CHECK(busy.out.find("stop it first") != std::string::npos);
+  Ran taken = Ctl(h.socket, {"define", h.Definition("web1", port)});
+  CHECK(taken.exit == 1);
+  CHECK(taken.out.find("already defined") != std::string::npos);
+  Ran usage = Ctl(h.socket, {"stop"});
+  CHECK(usage.exit == 2);
+  CHECK(Alive(pid));
+
+  (*client)->Stop();
+  Ran stopped = Ctl(h.socket, {"stop", "web1"});
+  INFO(stopped.out);
+  CHECK(stopped.exit == 0);
+  CHECK(!Alive(pid));
+  CHECK(CtlJson(h.socket, {"status", "web1"})["vm"]["state"] == "stopped");
+  CHECK(Ctl(h.socket, {"undefine", "web1"}).exit == 0);
+  CHECK(CtlJson(h.socket, {"list"})["vms"].empty());
+}
+
+TEST_CASE("a malformed VM definition is refused with the reason, and nothing is defined",
+          "[admin][qemu]") {
+  Host h;
+  h.StartDaemon();
+  const std::string bad = h.dir + "/bad.json";
+  SECTION("an unknown member") {
+    json j = json::parse(std::ifstream(h.Definition("web2", 1)));
+    j["memroy_mib"] = 512;
+    std::ofstream(bad) << j.dump();
+    Ran r = Ctl(h.socket, {"define", bad});
+    CHECK(r.exit == 1);
+    CHECK(r.out.find("unknown member 'memroy_mib'") != std::string::npos);
+  }
+  SECTION("a kernel that is not there") {
+    json j = json::parse(std::ifstream(h.Definition("web2", 1)));
+    j["kernel"] = "/nonexistent/vmlinuz";
+    std::ofstream(bad) << j.dump();
+    Ran r = Ctl(h.socket, {"define", bad});
+    CHECK(r.exit == 1);
+    CHECK(r.out.find("no file at /nonexistent/vmlinuz") != std::string::npos);
+  }
+  SECTION("not JSON at all") {
+    std::ofstream(bad) << "name = web2\n";
+    Ran r = Ctl(h.socket, {"define", bad});
+    CHECK(r.exit == 1);
+    CHECK(r.out.find("is not JSON") != std::string::npos);
+  }
+  CHECK(CtlJson(h.socket, {"list"})["vms"].empty());
+  CHECK(!std::filesystem::exists(h.state + "/vms/web2"));
+}
+
+TEST_CASE("one lockstepd per state directory and per socket", "[admin]") {
+  Host h;
+  h.StartDaemon();
+  auto second = ChildProcess::Start({LOCKSTEPD_PATH, "--state", h.state, "--socket",
+                                     h.dir + "/other.sock", "--qemu", LOCKSTEP_QEMU},
+                                    "", h.dir + "/second.log");
+  REQUIRE(second.ok());
+  int status = 0;
+  REQUIRE((*second)->WaitExit(10s, &status));
+  CHECK(WEXITSTATUS(status) == 1);
+  CHECK((*second)->Log().find("another lockstepd uses the state directory") != std::string::npos);
+  CHECK(CtlJson(h.socket, {"list"})["host"] == "hostA");  // the first goes on
+}

@@ -298,6 +298,33 @@ TEST_CASE("every link protection carries the same epochs to the same replica",
   REQUIRE(p.early_releases == 0);
 }
 
+TEST_CASE("an encrypted epoch ends in one message: a full batch and a large device state",
+          "[replicator][sealed]") {
+  // Epochs of 1000 fresh raw pages end in one message with all of them, a 300 KiB device
+  // state and the commit: the sealing buffer must hold that sum, not the larger part.
+  GuestConfig g = TestGuest();
+  g.blocks[0].second = 8u << 20;
+  g.burst = true;
+  g.pages_per_epoch = 1000;
+  g.device_state_bytes = 300u << 10;
+  g.output_every = 0;
+  ReplicationOptions popt = Options("hostA"), sopt = Options("hostB");
+  popt.link_protection = sopt.link_protection = wire::LinkProtection::kEncrypt;
+  popt.delta_encoding = false;
+  popt.epoch_interval = sopt.epoch_interval = 20ms;
+  popt.peer_loss_threshold = sopt.peer_loss_threshold = 2s;
+  Pair p(g, g, popt, sopt);
+  p.StartProtected();
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  while (p.secondary->acked_epoch() < 12 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(10ms);
+  }
+  INFO(Log(p.primary->transitions()) << Log(p.secondary->transitions()));
+  REQUIRE(p.secondary->acked_epoch() >= 12);
+  REQUIRE(p.primary->state() == S::kProtected);
+  REQUIRE(p.primary->stats().raw_pages >= 10 * 1000);
+}
+
 TEST_CASE("a packet is never released before the secondary acknowledged its epoch",
           "[replicator][output-commit]") {
   GuestConfig g = TestGuest();

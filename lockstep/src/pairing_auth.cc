@@ -1,4 +1,4 @@
-#include "pairing_auth.h"
+#include "lockstep/pairing_auth.h"
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>

@@ -9,9 +9,9 @@
 #include "epoch_stager.h"
 #include "lockstep/replicator.h"
 #include "lockstep/wire_format.h"
-#include "pairing_auth.h"
+#include "lockstep/pairing_auth.h"
 #include "replica_common.h"
-#include "sealed_channel.h"
+#include "lockstep/sealed_channel.h"
 
 namespace lockstep {
 

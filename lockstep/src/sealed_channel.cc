@@ -1,4 +1,4 @@
-#include "sealed_channel.h"
+#include "lockstep/sealed_channel.h"
 
 #include <openssl/core_names.h>
 #include <openssl/evp.h>

@@ -1,7 +1,7 @@
 // The handshake's pairing-key proof: bound to the key, the role, the whole HELLO, the
 // secondary's answer and (for the primary) the secondary's proof, so no proof can be
 // reused for anything else and no byte of the handshake can be changed on the way.
-#include "pairing_auth.h"
+#include "lockstep/pairing_auth.h"
 
 #include <catch2/catch.hpp>
 #include <vector>

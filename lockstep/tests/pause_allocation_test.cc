@@ -17,7 +17,7 @@
 #include "epoch_stager.h"
 #include "replica_common.h"
 #include "replication_channel/tcp.h"
-#include "sealed_channel.h"
+#include "lockstep/sealed_channel.h"
 #include "simulated_guest.h"
 
 namespace {

@@ -1,7 +1,7 @@
 // The link protection (sealed_channel.h): what a sealed channel delivers, what it shows on
 // the wire, and that every change on the way — a flipped bit, a dropped, replayed,
 // reordered or reflected message, another key — is refused.
-#include "sealed_channel.h"
+#include "lockstep/sealed_channel.h"
 
 #include <algorithm>
 #include <catch2/catch.hpp>

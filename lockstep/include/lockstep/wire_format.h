@@ -47,7 +47,7 @@
 //                naming the pairing key. The HELLO's protection byte is covered too, so a
 //                man in the middle cannot lower it.
 //
-// Link protection: every message after AUTH, both ways, is sealed (lockstep/src/
+// Link protection: every message after AUTH, both ways, is sealed (lockstep/
 // sealed_channel.h) as HELLO said:
 //   none      the message as is: records carry a CRC only; for a trusted, dedicated link.
 //   MAC       the message, then a 16-byte AES-256-GCM tag over it (GMAC: the message is

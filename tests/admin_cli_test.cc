@@ -56,7 +56,7 @@ json CtlJson(const std::string& socket, std::vector<std::string> args) {
 bool Alive(pid_t pid) { return kill(pid, 0) == 0; }
 
 struct Host {
-  Host() {
+  explicit Host(std::string id = "hostA") : host_id(std::move(id)) {
     char tmpl[] = "/tmp/lsd-XXXXXX";
     dir = mkdtemp(tmpl);
     socket = dir + "/ctl.sock";
@@ -69,9 +69,10 @@ struct Host {
     std::filesystem::remove_all(dir);
   }
   void StartDaemon() {
-    auto d = ChildProcess::Start({LOCKSTEPD_PATH, "--host-id", "hostA", "--state", state,
-                                  "--socket", socket, "--qemu", LOCKSTEP_QEMU},
-                                 "", dir + "/lockstepd-" + std::to_string(++starts) + ".log");
+    auto d = ChildProcess::Start(
+        {LOCKSTEPD_PATH, "--host-id", host_id, "--state", state, "--socket", socket, "--qemu",
+         LOCKSTEP_QEMU, "--peer-listen", "127.0.0.1:" + std::to_string(peer_port)},
+        "", dir + "/lockstepd-" + std::to_string(++starts) + ".log");
     INFO(d.status().ToString());
     REQUIRE(d.ok());
     daemon = std::move(*d);
@@ -92,7 +93,8 @@ struct Host {
     std::ofstream(path) << j.dump(2);
     return path;
   }
-  std::string dir, socket, state;
+  std::string host_id, dir, socket, state;
+  int peer_port = lockstep::testing::FreePort();  // the same across restarts
   std::unique_ptr<ChildProcess> daemon;
   std::vector<pid_t> qemu_pids;
   int starts = 0;
@@ -221,4 +223,64 @@ TEST_CASE("one lockstepd per state directory and per socket", "[admin]") {
   CHECK(WEXITSTATUS(status) == 1);
   CHECK((*second)->Log().find("another lockstepd uses the state directory") != std::string::npos);
   CHECK(CtlJson(h.socket, {"list"})["host"] == "hostA");  // the first goes on
+}
+
+TEST_CASE("pairing: one new key on both hosts, each proves it; a wrong key is refused by both",
+          "[admin]") {
+  Host a("hostA"), b("hostB"), c("hostC");
+  a.StartDaemon();
+  b.StartDaemon();
+  c.StartDaemon();
+  Ran paired = Ctl(a.socket, {"pair", a.socket, b.socket});
+  INFO(paired.out);
+  REQUIRE(paired.exit == 0);
+  CHECK(paired.out.find("paired hostA and hostB") != std::string::npos);
+  // The same key on both, root's only, in the file the engine's key_file= reads.
+  auto read = [](const std::string& f) {
+    std::ifstream in(f);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  };
+  const std::string key = read(a.state + "/pairing.key");
+  CHECK(key.size() == 65);
+  CHECK(read(b.state + "/pairing.key") == key);
+  struct stat st;
+  REQUIRE(stat((a.state + "/pairing.key").c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
+  json pa = CtlJson(a.socket, {"pairing"});
+  CHECK(pa["pairing"]["peer_host"] == "hostB");
+  CHECK(pa["pairing"]["last_check"] == "both hosts proved they hold the pairing key");
+  CHECK(CtlJson(b.socket, {"pairing"})["pairing"]["peer_host"] == "hostA");
+
+  // Pairing hostA again, with hostC, is refused while it is paired: nothing changes.
+  Ran again = Ctl(a.socket, {"pair", a.socket, c.socket});
+  CHECK(again.exit == 1);
+  CHECK(again.out.find("unpair it first") != std::string::npos);
+  CHECK(read(a.state + "/pairing.key") == key);
+  CHECK(!std::filesystem::exists(c.state + "/pairing.key"));
+
+  // hostB comes back with another key (a restored backup, a botched re-pairing).
+  b.daemon.reset();
+  std::ofstream(b.state + "/pairing.key") << std::string(64, '7') << "\n";
+  b.StartDaemon();
+  Ran from_a = Ctl(a.socket, {"pairing"});
+  INFO(from_a.out);
+  CHECK(from_a.exit == 1);
+  CHECK(from_a.out.find("hostB did not prove it holds this host's pairing key") !=
+        std::string::npos);
+  Ran from_b = Ctl(b.socket, {"pairing"});
+  INFO(from_b.out);
+  CHECK(from_b.exit == 1);
+  CHECK(from_b.out.find("hostA did not prove it holds this host's pairing key") !=
+        std::string::npos);
+  // Each side said no to the other, in its own log, naming the key.
+  CHECK(b.daemon->WaitForLog("pairing key", 5s));
+  CHECK(a.daemon->WaitForLog("event=peer_check_failed", 5s));
+
+  // An unpaired host refuses the peer API, and says what to do.
+  Ran none = Ctl(c.socket, {"pairing"});
+  CHECK(none.exit == 1);
+  CHECK(none.out.find("not paired with any host (lockstepctl pair)") != std::string::npos);
+  CHECK(Ctl(a.socket, {"unpair"}).exit == 0);
+  CHECK(!std::filesystem::exists(a.state + "/pairing.key"));
+  CHECK(CtlJson(a.socket, {"list"})["pairing"]["paired"] == false);
 }

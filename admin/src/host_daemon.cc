@@ -101,6 +101,29 @@ Result<pid_t> SpawnDetached(const std::vector<std::string>& argv, const std::str
 
 Json Fail(const std::string& why) { return {{"api", kControlApi}, {"ok", false}, {"error", why}}; }
 
+// Reads <state>/pairing.json and pairing.key; empty if the host is not paired.
+Result<std::optional<Pairing>> LoadPairing(const std::string& state_dir) {
+  const std::string info_path = state_dir + "/pairing.json";
+  if (access(info_path.c_str(), F_OK) != 0) return std::optional<Pairing>();
+  Json info = Json::parse(ReadFile(info_path), nullptr, false);
+  Pairing p;
+  p.peer_host = info.is_object() ? info.value("peer_host", std::string()) : "";
+  p.peer_address = info.is_object() ? info.value("peer_address", std::string()) : "";
+  auto id = FromHex<16>(info.is_object() ? info.value("pairing_id", std::string()) : "");
+  std::string key_text = ReadFile(state_dir + "/pairing.key");
+  while (!key_text.empty() && std::isspace(static_cast<unsigned char>(key_text.back()))) {
+    key_text.pop_back();
+  }
+  auto key = FromHex<32>(key_text);
+  if (p.peer_host.empty() || p.peer_address.empty() || !id.ok() || !key.ok()) {
+    return Status::Corruption("the pairing in " + state_dir +
+                              " (pairing.json, pairing.key) is damaged: pair the hosts again");
+  }
+  p.pairing_id = *id;
+  p.key = *key;
+  return std::optional<Pairing>(p);
+}
+
 }  // namespace
 
 std::string HostDaemon::VmDir(const std::string& name) const {
@@ -120,6 +143,9 @@ Result<std::unique_ptr<HostDaemon>> HostDaemon::Open(const DaemonConfig& config)
   }
   fs::permissions(config.state_dir, fs::perms::owner_all, ec);
   std::unique_ptr<HostDaemon> d(new HostDaemon(config));
+  auto pairing = LoadPairing(config.state_dir);
+  if (!pairing.ok()) return pairing.status();
+  d->pairing_ = *pairing;
   for (const auto& entry : fs::directory_iterator(config.state_dir + "/vms", ec)) {
     const std::string name = entry.path().filename().string();
     const std::string dir = entry.path().string();
@@ -362,6 +388,120 @@ Result<Json> HostDaemon::Stop(const std::string& name, bool force) {
   return Json::object();
 }
 
+std::optional<Pairing> HostDaemon::CurrentPairing() {
+  std::lock_guard<std::mutex> lock(pairing_mu_);
+  return pairing_;
+}
+
+Json HostDaemon::PairingSummary() {
+  std::lock_guard<std::mutex> lock(pairing_mu_);
+  if (!pairing_) return Json{{"paired", false}};
+  Json j = {{"paired", true},
+            {"peer_host", pairing_->peer_host},
+            {"peer_address", pairing_->peer_address}};
+  if (!pairing_note_.empty()) j["last_check"] = pairing_note_;
+  return j;
+}
+
+Result<Json> HostDaemon::Pair(const Json& request) {
+  Pairing p;
+  p.peer_host = request.value("peer_host", std::string());
+  p.peer_address = request.value("peer_address", std::string());
+  auto id = FromHex<16>(request.value("pairing_id", std::string()));
+  auto key = FromHex<32>(request.value("key", std::string()));
+  if (p.peer_host.empty() || p.peer_address.empty() || !id.ok() || !key.ok()) {
+    return Status::InvalidArgument(
+        "pair needs peer_host, peer_address, pairing_id (32 hex digits) and key (64 hex "
+        "digits); lockstepctl pair makes them");
+  }
+  if (p.peer_host == config_.host_id) {
+    return Status::InvalidArgument("a host cannot be paired with itself (" + p.peer_host + ")");
+  }
+  p.pairing_id = *id;
+  p.key = *key;
+  std::lock_guard<std::mutex> lock(pairing_mu_);
+  if (pairing_ && pairing_->peer_host != p.peer_host) {
+    return Status::FailedPrecondition(config_.host_id + " is paired with " + pairing_->peer_host +
+                                      "; unpair it first (lockstepctl unpair)");
+  }
+  // The key first: a pairing.json without its key would be a damaged pairing.
+  LOCKSTEP_RETURN_IF_ERROR(WriteFileAtomic(config_.state_dir + "/pairing.key",
+                                           ToHex(p.key.data(), p.key.size()) + "\n"));
+  LOCKSTEP_RETURN_IF_ERROR(WriteFileAtomic(
+      config_.state_dir + "/pairing.json",
+      Json{{"peer_host", p.peer_host},
+           {"peer_address", p.peer_address},
+           {"pairing_id", ToHex(p.pairing_id.data(), p.pairing_id.size())}}
+              .dump(2) +
+          "\n"));
+  pairing_ = p;
+  pairing_note_.clear();
+  LogEvent("info", "paired", {{"peer", p.peer_host}, {"address", p.peer_address}});
+  return Json{{"pairing", Json{{"peer_host", p.peer_host}, {"peer_address", p.peer_address}}}};
+}
+
+Result<Json> HostDaemon::Unpair() {
+  std::lock_guard<std::mutex> lock(pairing_mu_);
+  if (!pairing_) return Status::FailedPrecondition(config_.host_id + " is not paired");
+  const std::string peer = pairing_->peer_host;
+  unlink((config_.state_dir + "/pairing.json").c_str());
+  unlink((config_.state_dir + "/pairing.key").c_str());
+  pairing_.reset();
+  pairing_note_.clear();
+  LogEvent("info", "unpaired", {{"peer", peer}});
+  return Json{{"unpaired", peer}};
+}
+
+Result<Json> HostDaemon::CheckPairing() {
+  auto pairing = CurrentPairing();
+  if (!pairing) {
+    return Status::FailedPrecondition(config_.host_id +
+                                      " is not paired with any host (lockstepctl pair)");
+  }
+  auto ch = ConnectPeer(config_.host_id, *pairing, 5s);
+  Result<Json> answer = ch.ok() ? SendJson(**ch, {{"command", "ping"}}).ok()
+                                      ? ReceiveJson(**ch, 5s)
+                                      : Result<Json>(Status::PeerLost("the peer closed"))
+                                : Result<Json>(ch.status());
+  std::string note;
+  Status outcome;
+  if (!answer.ok()) {
+    outcome = answer.status();
+  } else if (!answer->value("ok", false)) {
+    outcome = Status::PeerRejected(answer->value("error", std::string("refused")));
+  }
+  note = outcome.ok() ? "both hosts proved they hold the pairing key" : outcome.message();
+  {
+    std::lock_guard<std::mutex> lock(pairing_mu_);
+    pairing_note_ = note;
+  }
+  if (!outcome.ok()) {
+    LogEvent("warn", "peer_check_failed", {{"peer", pairing->peer_host}, {"why", note}});
+    return Status::FailedPrecondition("the pairing with " + pairing->peer_host +
+                                      " does not work: " + note);
+  }
+  return Json{{"host", config_.host_id}, {"pairing", PairingSummary()}};
+}
+
+void HostDaemon::ServePeer(std::unique_ptr<channel::Channel> link) {
+  const std::string from = link->peer();
+  auto ch = AcceptPeer(std::move(link), config_.host_id, CurrentPairing(), 5s);
+  if (!ch.ok()) {
+    LogEvent("warn", "peer_refused", {{"from", from}, {"why", ch.status().message()}});
+    return;
+  }
+  auto request = ReceiveJson(**ch, 5s);
+  if (!request.ok()) return;
+  const std::string command = request->value("command", std::string());
+  Json answer;
+  if (command == "ping") {
+    answer = {{"ok", true}, {"host", config_.host_id}};
+  } else {
+    answer = {{"ok", false}, {"error", "unknown peer command '" + command + "'"}};
+  }
+  (void)SendJson(**ch, answer);
+}
+
 Json HostDaemon::Handle(const Json& request) {
   try {
     if (!request.is_object()) return Fail("a request is a JSON object");
@@ -372,12 +512,29 @@ Json HostDaemon::Handle(const Json& request) {
     }
     const std::string command = request.value("command", std::string());
     const std::string name = request.value("vm", std::string());
+    auto done = [](Result<Json> r) {
+      if (!r.ok()) return Fail(r.status().message());
+      Json answer = *r;
+      answer["api"] = kControlApi;
+      answer["ok"] = true;
+      return answer;
+    };
+    // Pairing: without the VMs' lock (a check waits for the peer).
+    if (command == "identity") {
+      return done(Json{{"host", config_.host_id}, {"peer_address", config_.peer_address}});
+    } else if (command == "pair") {
+      return done(Pair(request));
+    } else if (command == "unpair") {
+      return done(Unpair());
+    } else if (command == "pairing") {
+      return done(CheckPairing());
+    }
     std::lock_guard<std::mutex> lock(mu_);
     Result<Json> r = Json::object();
     if (command == "list") {
       Json list = Json::array();
       for (auto& [n, vm] : vms_) list.push_back(Summary(n, vm));
-      r = Json{{"host", config_.host_id}, {"vms", list}};
+      r = Json{{"host", config_.host_id}, {"pairing", PairingSummary()}, {"vms", list}};
     } else if (command == "status") {
       auto vm = Find(name);
       r = vm.ok() ? Result<Json>(Json{{"vm", Describe(name, **vm)}}) : Result<Json>(vm.status());
@@ -393,13 +550,10 @@ Json HostDaemon::Handle(const Json& request) {
       r = Stop(name, request.value("force", false));
     } else {
       return Fail("unknown command '" + command +
-                  "' (list, status, define, undefine, start, stop)");
+                  "' (identity, pair, unpair, pairing, list, status, define, undefine, start, "
+                  "stop)");
     }
-    if (!r.ok()) return Fail(r.status().message());
-    Json answer = *r;
-    answer["api"] = kControlApi;
-    answer["ok"] = true;
-    return answer;
+    return done(r);
   } catch (const std::exception& e) {  // a malformed member (nlohmann type errors)
     return Fail(std::string("malformed request: ") + e.what());
   }

@@ -8,6 +8,9 @@
 //                                /proc/PID/stat, so a reused PID is not taken for ours)
 //   vms/<name>/qmp.sock          QEMU's QMP socket
 //   vms/<name>/qemu.log, console.log   QEMU's output and the guest's serial console
+//   pairing.json                 the paired host: {"peer_host", "peer_address", "pairing_id"}
+//   pairing.key                  the pairing key, 64 hex digits, mode 0600 (the file the
+//                                engine's key_file= reads)
 // QEMU runs in a session of its own, not as part of the daemon: stopping, killing or
 // restarting the daemon leaves every VM running, and a daemon that starts again adopts
 // the VMs whose qemu.pid names a live QEMU (and reconnects to their QMP).
@@ -24,15 +27,17 @@
 #include <string>
 
 #include "admin/control.h"
+#include "admin/peer_link.h"
 #include "admin/qmp.h"
 #include "admin/vm_definition.h"
 
 namespace lockstep::admin {
 
 struct DaemonConfig {
-  std::string host_id;    // this host's name (default: the system's host name)
-  std::string state_dir;  // see above
-  QemuParts parts;        // the QEMU binary and its firmware directories
+  std::string host_id;       // this host's name (default: the system's host name)
+  std::string state_dir;     // see above
+  QemuParts parts;           // the QEMU binary and its firmware directories
+  std::string peer_address;  // HOST:PORT of this daemon's peer API ("" = none)
 };
 
 class HostDaemon {
@@ -47,6 +52,9 @@ class HostDaemon {
 
   // Collects the exit of QEMU processes this daemon started (they are its children).
   void ReapChildren();
+
+  // Serves one connection of the peer API (admin/peer_link.h): handshake, one request.
+  void ServePeer(std::unique_ptr<channel::Channel> link);
 
  private:
   struct Vm {
@@ -67,11 +75,21 @@ class HostDaemon {
   Result<Json> Start(const std::string& name);
   Result<Json> Stop(const std::string& name, bool force);
   Result<Vm*> Find(const std::string& name);
+  // The pairing commands; they take pairing_mu_ only, never mu_ (a check talks to the peer,
+  // whose own check may be talking to us).
+  Result<Json> Pair(const Json& request);
+  Result<Json> Unpair();
+  Result<Json> CheckPairing();
+  std::optional<Pairing> CurrentPairing();
+  Json PairingSummary();
   std::string VmDir(const std::string& name) const;
 
   const DaemonConfig config_;
   std::mutex mu_;
   std::map<std::string, Vm> vms_;  // GUARDED_BY(mu_)
+  std::mutex pairing_mu_;
+  std::optional<Pairing> pairing_;  // GUARDED_BY(pairing_mu_)
+  std::string pairing_note_;        // the last check's outcome; GUARDED_BY(pairing_mu_)
 };
 
 }  // namespace lockstep::admin

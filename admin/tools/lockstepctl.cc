@@ -3,6 +3,8 @@
 //
 // Exit status: 0 done; 1 the daemon refused (the message says why and what to do);
 // 2 a usage error; 3 no daemon could be reached.
+#include <openssl/rand.h>
+
 #include <boost/program_options.hpp>
 #include <cstdio>
 #include <fstream>
@@ -12,6 +14,7 @@
 #include <vector>
 
 #include "admin/control.h"
+#include "admin/peer_link.h"
 
 namespace po = boost::program_options;
 using namespace lockstep;
@@ -27,6 +30,11 @@ struct Command {
   const char* help;
 };
 const Command kCommands[] = {
+    {"pair", "HOST_A HOST_B",
+     "pair two hosts (HOST_x: the control socket of that host's lockstepd): makes a key, "
+     "gives it to both, checks each proves it"},
+    {"unpair", "", "forget this host's pairing"},
+    {"pairing", "", "this host's pairing, checked live with the other host"},
     {"list", "", "the VMs of this host, with their state and protection"},
     {"status", "VM", "one VM in detail: state, protection and why, logs"},
     {"define", "FILE", "define a VM from a definition file (JSON; docs/admin-plane.md)"},
@@ -46,6 +54,61 @@ std::string Usage() {
   o << "\nglobal options:\n  --socket PATH  lockstepd's control socket (default "
     << kDefaultControlSocket << ")\n  --json         print the daemon's answer as JSON\n";
   return o.str();
+}
+
+int Report(const std::string& command, const Status& s) {
+  std::cerr << "lockstepctl " << command << ": " << s.message() << "\n";
+  return s.code() == Status::Code::kFailedPrecondition || s.code() == Status::Code::kInvalidArgument
+             ? kRefused
+             : kUnreachable;
+}
+
+// pair HOST_A HOST_B: both daemons get the same new key and each other's name and peer
+// address, then each checks the other proves the key. All or nothing: if the second host
+// refuses, the first forgets the pairing again.
+int Pair(const std::string& a, const std::string& b, bool json) {
+  const auto timeout = std::chrono::seconds(20);
+  auto ida = CallDaemon(a, {{"command", "identity"}}, timeout);
+  if (!ida.ok()) return Report("pair", ida.status());
+  auto idb = CallDaemon(b, {{"command", "identity"}}, timeout);
+  if (!idb.ok()) return Report("pair", idb.status());
+  for (const auto* id : {&*ida, &*idb}) {
+    if (id->value("peer_address", std::string()).empty()) {
+      return Report("pair", Status::FailedPrecondition(
+                                id->value("host", std::string()) +
+                                "'s lockstepd has no peer API: start it with --peer-listen"));
+    }
+  }
+  std::array<uint8_t, 32> key{};
+  std::array<uint8_t, 16> id{};
+  if (RAND_bytes(key.data(), key.size()) != 1 || RAND_bytes(id.data(), id.size()) != 1) {
+    return Report("pair", Status::IoError("no random bytes from OpenSSL for the key"));
+  }
+  auto request = [&](const Json& other) {
+    return Json{{"command", "pair"},
+                {"peer_host", other["host"]},
+                {"peer_address", other["peer_address"]},
+                {"pairing_id", ToHex(id.data(), id.size())},
+                {"key", ToHex(key.data(), key.size())}};
+  };
+  auto pa = CallDaemon(a, request(*idb), timeout);
+  if (!pa.ok()) return Report("pair", pa.status());
+  auto pb = CallDaemon(b, request(*ida), timeout);
+  if (!pb.ok()) {
+    (void)CallDaemon(a, {{"command", "unpair"}}, timeout);
+    return Report("pair", pb.status());
+  }
+  for (const std::string& s : {a, b}) {
+    auto check = CallDaemon(s, {{"command", "pairing"}}, timeout);
+    if (!check.ok()) return Report("pair", check.status());
+  }
+  const std::string ha = (*ida)["host"], hb = (*idb)["host"];
+  if (json) {
+    std::cout << Json{{"paired", {ha, hb}}}.dump(2) << "\n";
+  } else {
+    std::printf("paired %s and %s: each proved it holds the new key\n", ha.c_str(), hb.c_str());
+  }
+  return 0;
 }
 
 void PrintVmLine(const Json& v) {
@@ -139,13 +202,18 @@ int main(int argc, char** argv) {
   }
   json = json || vm.count("json");
   if (!positional.empty() && positional[0] == command) positional.erase(positional.begin());
-  const size_t want = std::string(known->args).empty() ? 0 : 1;
+  size_t want = 0;  // the words of the usage line that are not [optional]
+  {
+    std::istringstream words(known->args);
+    for (std::string w; words >> w;) want += w[0] != '[';
+  }
   if (positional.size() != want) {
     std::cerr << "lockstepctl " << command << ": expected " << (want ? known->args : "no arguments")
               << "\n  usage: lockstepctl " << command << " " << known->args << "\n";
     return kUsage;
   }
 
+  if (command == "pair") return Pair(positional[0], positional[1], json);
   Json request = {{"command", command}};
   if (command == "define") {
     std::ifstream in(positional[0]);
@@ -182,13 +250,23 @@ int main(int argc, char** argv) {
     std::cout << out.dump(2) << "\n";
     return 0;
   }
+  if (command == "list" || command == "pairing") {
+    const Json& p = (*answer)["pairing"];
+    std::printf("host %s, %s\n", answer->value("host", std::string()).c_str(),
+                p.value("paired", false)
+                    ? ("paired with " + p.value("peer_host", std::string()) + " (" +
+                       p.value("peer_address", std::string()) + ")" +
+                       (p.contains("last_check") ? ": " + p["last_check"].get<std::string>() : ""))
+                          .c_str()
+                    : "not paired");
+  }
   if (command == "list") {
-    std::printf("host %s\n%-20s %-11s %-8s %-14s %s\n",
-                answer->value("host", std::string()).c_str(), "VM", "STATE", "PID", "PROTECTION",
-                "WHY");
+    std::printf("%-20s %-11s %-8s %-14s %s\n", "VM", "STATE", "PID", "PROTECTION", "WHY");
     for (const Json& v : (*answer)["vms"]) PrintVmLine(v);
   } else if (command == "status" || command == "start") {
     PrintStatus((*answer)["vm"]);
+  } else if (command == "pairing") {
+    // printed above
   } else if (command == "define") {
     std::printf("defined %s\n", (*answer)["vm"].value("name", std::string()).c_str());
   } else {

@@ -10,16 +10,19 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <boost/program_options.hpp>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <thread>
 
 #include "control_io.h"
 #include "daemon_log.h"
 #include "host_daemon.h"
+#include "replication_channel/tcp.h"
 
 #ifndef LOCKSTEP_QEMU
 #define LOCKSTEP_QEMU "/usr/lib/lockstep/qemu-system-x86_64"
@@ -89,7 +92,7 @@ void Serve(HostDaemon& daemon, int fd) {
 
 int main(int argc, char** argv) {
   DaemonConfig config;
-  std::string socket_path;
+  std::string socket_path, peer_listen;
   std::vector<std::string> data_dirs;
   char host[256] = {};
   gethostname(host, sizeof host - 1);
@@ -101,8 +104,10 @@ int main(int argc, char** argv) {
       "state directory: VM definitions, pid files, logs")(
       "socket", po::value(&socket_path)->default_value(kDefaultControlSocket),
       "the control socket (root only)")(
-      "qemu", po::value(&config.parts.qemu)->default_value(LOCKSTEP_QEMU),
-      "QEMU with lockstep's patches (qemu-patches/build-qemu.sh)")(
+      "peer-listen", po::value(&peer_listen),
+      "ADDR:PORT of the peer API on the management network, for the paired host's daemon "
+      "(needed to pair)")("qemu", po::value(&config.parts.qemu)->default_value(LOCKSTEP_QEMU),
+                          "QEMU with lockstep's patches (qemu-patches/build-qemu.sh)")(
       "qemu-data-dir", po::value(&data_dirs)->composing(),
       "firmware directories for QEMU's -L (default: /usr/share/qemu /usr/share/seabios)");
   po::variables_map vm;
@@ -137,12 +142,35 @@ int main(int argc, char** argv) {
     return Die("another lockstepd uses the state directory " + config.state_dir +
                " (or it is not writable); one daemon per host");
   }
+  std::unique_ptr<lockstep::channel::Listener> peer_listener;
+  if (!peer_listen.empty()) {
+    auto l = lockstep::channel::MakeTcpTransport()->Listen(peer_listen);
+    if (!l.ok())
+      return Die("the peer API cannot listen on " + peer_listen + ": " + l.status().message());
+    peer_listener = std::move(*l);
+    config.peer_address = peer_listener->address();
+  }
   auto daemon = HostDaemon::Open(config);
   if (!daemon.ok()) return Die(daemon.status().message());
   auto listen_fd = ListenControl(socket_path);
   if (!listen_fd.ok()) return Die(listen_fd.status().message());
   LogEvent("info", "started",
-           {{"host", config.host_id}, {"socket", socket_path}, {"state", config.state_dir}});
+           {{"host", config.host_id},
+            {"socket", socket_path},
+            {"state", config.state_dir},
+            {"peer_api", config.peer_address}});
+  // The peer API on a thread of its own: a request from the paired host must not wait for
+  // a local command that is itself waiting for that host.
+  std::atomic<bool> stopping{false};
+  std::thread peer_thread;
+  if (peer_listener) {
+    peer_thread = std::thread([&] {
+      while (!stopping.load()) {
+        auto link = peer_listener->Accept(std::chrono::milliseconds(500));
+        if (link.ok()) (*daemon)->ServePeer(std::move(*link));
+      }
+    });
+  }
 
   for (;;) {
     pollfd p[2] = {{*listen_fd, POLLIN, 0}, {sigfd, POLLIN, 0}};
@@ -164,6 +192,9 @@ int main(int argc, char** argv) {
     }
   }
   // The VMs run on: they are in sessions of their own, and a new daemon adopts them.
+  stopping = true;
+  if (peer_listener) peer_listener->Abort();
+  if (peer_thread.joinable()) peer_thread.join();
   unlink(socket_path.c_str());
   LogEvent("info", "stopped", {{"vms", "left running"}});
   return 0;

@@ -1,0 +1,84 @@
+// The peer API: how the daemons of two paired hosts talk (admin plane, docs/admin-plane.md).
+// This header is its one description.
+//
+// Transport: one replication-channel TCP connection per exchange (management network),
+// messages of JSON text. Handshake, version 1 — the replication handshake's proof
+// (lockstep/pairing_auth.h) over this protocol's own HELLO:
+//   client → server  HELLO  {"peer_api": 1, "protocol": "lockstep-peer", "host": CLIENT,
+//                            "pairing_id": HEX16, "nonce": HEX32}
+//   server → client  {"ok": true, "host": SERVER, "nonce": HEX32, "proof": HEX32}, or
+//                    {"ok": false, "error": WHY} (not paired, another pairing, another host)
+//   client → server  {"proof": HEX32}, or {"error": WHY} when the server's proof is wrong
+// Proofs are ComputeProof() under the pairing key: the server's as the secondary's, the
+// client's as the primary's; the digest is SHA-256 of the HELLO message exactly as sent.
+// After a good client proof both ends seal every later message with AES-256-GCM, keys from
+// the key and both nonces (lockstep/sealed_channel.h). Then one request and its answer:
+//   {"command": NAME, ...} → {"ok": true, ...} | {"ok": false, "error": WHY}
+// A wrong key is refused on both sides: each names the pairing key in its error.
+#pragma once
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "admin/control.h"
+#include "common/status.h"
+#include "replication_channel/channel.h"
+
+namespace lockstep::admin {
+
+// What a host keeps of its pairing.
+struct Pairing {
+  std::string peer_host;     // the other host's name
+  std::string peer_address;  // HOST:PORT of its peer API
+  std::array<uint8_t, 16> pairing_id{};
+  std::array<uint8_t, 32> key{};
+};
+
+inline constexpr int kPeerApi = 1;
+
+// Connects to `pairing.peer_address`, proves this host holds the key and checks the peer
+// does, and returns the sealed connection. kPeerRejected with the reason if either side
+// refused (the key named when it is the key).
+Result<std::unique_ptr<channel::Channel>> ConnectPeer(const std::string& my_host,
+                                                      const Pairing& pairing,
+                                                      std::chrono::milliseconds timeout);
+
+// The server's side of the handshake on an accepted connection. `pairing` is this host's,
+// or empty if it has none (the client is then refused, told so).
+Result<std::unique_ptr<channel::Channel>> AcceptPeer(std::unique_ptr<channel::Channel> link,
+                                                     const std::string& my_host,
+                                                     const std::optional<Pairing>& pairing,
+                                                     std::chrono::milliseconds timeout);
+
+// One JSON message each way.
+Status SendJson(channel::Channel& ch, const Json& message);
+Result<Json> ReceiveJson(channel::Channel& ch, std::chrono::milliseconds timeout);
+
+// Hex of bytes, and back (kInvalidArgument unless exactly `N` bytes of hex).
+std::string ToHex(const uint8_t* data, size_t n);
+template <size_t N>
+Result<std::array<uint8_t, N>> FromHex(const std::string& hex) {
+  std::array<uint8_t, N> out{};
+  auto nibble = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  };
+  if (hex.size() != 2 * N) {
+    return Status::InvalidArgument("expected " + std::to_string(2 * N) + " hex digits, got " +
+                                   std::to_string(hex.size()) + " characters");
+  }
+  for (size_t i = 0; i < N; ++i) {
+    int hi = nibble(hex[2 * i]), lo = nibble(hex[2 * i + 1]);
+    if (hi < 0 || lo < 0) return Status::InvalidArgument("not hex: '" + hex + "'");
+    out[i] = static_cast<uint8_t>(hi << 4 | lo);
+  }
+  return out;
+}
+
+}  // namespace lockstep::admin

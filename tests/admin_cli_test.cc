@@ -17,6 +17,7 @@
 
 #include "free_port.h"
 #include "testbed/child_process.h"
+#include "testbed/topology.h"
 #include "testbed/workload_client.h"
 
 using namespace std::chrono_literals;
@@ -56,7 +57,8 @@ json CtlJson(const std::string& socket, std::vector<std::string> args) {
 bool Alive(pid_t pid) { return kill(pid, 0) == 0; }
 
 struct Host {
-  explicit Host(std::string id = "hostA") : host_id(std::move(id)) {
+  explicit Host(std::string id = "hostA", std::string ns = "", std::vector<std::string> flags = {})
+      : host_id(std::move(id)), netns(std::move(ns)), extra_flags(std::move(flags)) {
     char tmpl[] = "/tmp/lsd-XXXXXX";
     dir = mkdtemp(tmpl);
     socket = dir + "/ctl.sock";
@@ -69,10 +71,14 @@ struct Host {
     std::filesystem::remove_all(dir);
   }
   void StartDaemon() {
-    auto d = ChildProcess::Start(
-        {LOCKSTEPD_PATH, "--host-id", host_id, "--state", state, "--socket", socket, "--qemu",
-         LOCKSTEP_QEMU, "--peer-listen", "127.0.0.1:" + std::to_string(peer_port)},
-        "", dir + "/lockstepd-" + std::to_string(++starts) + ".log");
+    std::vector<std::string> argv = {LOCKSTEPD_PATH, "--host-id", host_id,  "--state",    state,
+                                     "--socket",     socket,      "--qemu", LOCKSTEP_QEMU};
+    if (extra_flags.empty()) {
+      argv.insert(argv.end(), {"--peer-listen", "127.0.0.1:" + std::to_string(peer_port)});
+    }
+    argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
+    auto d =
+        ChildProcess::Start(argv, netns, dir + "/lockstepd-" + std::to_string(++starts) + ".log");
     INFO(d.status().ToString());
     REQUIRE(d.ok());
     daemon = std::move(*d);
@@ -93,7 +99,9 @@ struct Host {
     std::ofstream(path) << j.dump(2);
     return path;
   }
-  std::string host_id, dir, socket, state;
+  std::string host_id, netns;
+  std::vector<std::string> extra_flags;
+  std::string dir, socket, state;
   int peer_port = lockstep::testing::FreePort();  // the same across restarts
   std::unique_ptr<ChildProcess> daemon;
   std::vector<pid_t> qemu_pids;
@@ -283,4 +291,106 @@ TEST_CASE("pairing: one new key on both hosts, each proves it; a wrong key is re
   CHECK(Ctl(a.socket, {"unpair"}).exit == 0);
   CHECK(!std::filesystem::exists(a.state + "/pairing.key"));
   CHECK(CtlJson(a.socket, {"list"})["pairing"]["paired"] == false);
+}
+
+namespace {
+
+// The engine's state of `vm` as `host`'s daemon reports it ("" if none).
+std::string ProtectionState(const Host& host, const std::string& vm) {
+  Ran r = Ctl(host.socket, {"--json", "status", vm});
+  if (r.exit != 0) return "";
+  json j = json::parse(r.out, nullptr, false);
+  return j.is_object() ? j["vm"]["protection"].value("state", std::string()) : "";
+}
+
+bool WaitForProtection(const Host& host, const std::string& vm, const std::string& state,
+                       std::chrono::seconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (ProtectionState(host, vm) == state) return true;
+    std::this_thread::sleep_for(200ms);
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "protect with lockstepctl: a secondary on the paired host; kill -9 of the primary "
+    "QEMU and the client goes on",
+    "[admin][qemu][protect]") {
+  using lockstep::testbed::Topology;
+  auto net = Topology::Create("lsa");
+  INFO(net.status().ToString());
+  REQUIRE(net.ok());
+  // The witness on its own host.
+  const std::string witness_dir = "/tmp/lsa-witness-" + std::to_string(getpid());
+  std::filesystem::create_directories(witness_dir);
+  auto witness = ChildProcess::Start(
+      {LOCKSTEP_WITNESS_PATH, "--listen", std::string(Topology::kWitnessIp) + ":7700", "--state",
+       witness_dir + "/state"},
+      (*net)->witness_ns(), witness_dir + "/witness.log");
+  REQUIRE(witness.ok());
+  REQUIRE((*witness)->WaitForLog("listening on", 10s));
+  const std::string witness_flag = std::string("tcp:") + Topology::kWitnessIp + ":7700";
+  auto flags = [&](const char* ip, const char* link_ip) {
+    return std::vector<std::string>{
+        "--peer-listen", std::string(ip) + ":7400", "--replication-address", link_ip, "--witness",
+        witness_flag};
+  };
+  Host a("hostA", (*net)->primary_ns(), flags(Topology::kPrimaryHostIp, Topology::kPrimaryLinkIp));
+  Host b("hostB", (*net)->secondary_ns(),
+         flags(Topology::kSecondaryHostIp, Topology::kSecondaryLinkIp));
+  a.StartDaemon();
+  b.StartDaemon();
+  Ran paired = Ctl(a.socket, {"pair", a.socket, b.socket});
+  INFO(paired.out);
+  REQUIRE(paired.exit == 0);
+
+  // The VM: the test guest on each host's tap0, reached by the client through the switch.
+  json def = {{"name", "web1"},
+              {"memory_mib", 256},
+              {"kernel", std::string(LOCKSTEP_GUEST_DIR) + "/vmlinuz"},
+              {"initrd", std::string(LOCKSTEP_GUEST_DIR) + "/initrd.gz"},
+              {"append", std::string("console=ttyS0 quiet panic=-1 idle=halt lockstep.ip=") +
+                             Topology::kGuestCidr},
+              {"nics", {{{"mac", "52:54:00:12:34:56"}, {"tap", Topology::kTap}}}},
+              {"protection", {{"settings", "interval_ms=20;threshold_ms=300"}}}};
+  std::ofstream(a.dir + "/web1.json") << def.dump(2);
+  REQUIRE(Ctl(a.socket, {"define", a.dir + "/web1.json"}).exit == 0);
+  json started = CtlJson(a.socket, {"start", "web1"});
+  const pid_t primary_qemu = started["vm"]["pid"].get<pid_t>();
+  a.qemu_pids.push_back(primary_qemu);
+  auto client = WorkloadClient::Start((*net)->client_ns(), Topology::kGuestIp, 7000, 60s);
+  INFO(client.status().ToString());
+  REQUIRE(client.ok());
+  REQUIRE((*client)->WaitForReplies(5, 60s));
+
+  Ran protect = Ctl(a.socket, {"protect", "web1"});
+  INFO(protect.out << "\nA:\n" << a.daemon->Log() << "\nB:\n" << b.daemon->Log());
+  REQUIRE(protect.exit == 0);
+  REQUIRE(WaitForProtection(a, "web1", "PROTECTED", 60s));
+  REQUIRE(WaitForProtection(b, "web1", "PROTECTED", 10s));
+  json sec = CtlJson(b.socket, {"status", "web1"});
+  b.qemu_pids.push_back(sec["vm"]["pid"].get<pid_t>());
+  CHECK(sec["vm"]["state"] == "paused");  // the secondary's guest never runs while protected
+  CHECK(sec["vm"]["lockstep"][0]["role"] == "secondary");
+  Ran human = Ctl(a.socket, {"status", "web1"});
+  CHECK(human.out.find("role        primary") != std::string::npos);
+  Ran twice = Ctl(a.socket, {"protect", "web1"});
+  CHECK(twice.exit == 1);
+  CHECK(twice.out.find("already protected") != std::string::npos);
+
+  // The primary host's QEMU dies: the secondary takes over, the client goes on.
+  const uint64_t before = (*client)->replies();
+  kill(primary_qemu, SIGKILL);
+  REQUIRE(WaitForProtection(b, "web1", "ACTIVE", 30s));
+  CHECK(CtlJson(b.socket, {"status", "web1"})["vm"]["state"] == "running");
+  REQUIRE((*client)->WaitForReplies(before + 20, 60s));
+  CHECK((*client)->inconsistent() == 0);
+  CHECK((*client)->error().empty());
+  Ran gone = Ctl(a.socket, {"--json", "status", "web1"});
+  CHECK(json::parse(gone.out)["vm"]["state"] == "stopped");
+  (*client)->Stop();
+  std::filesystem::remove_all(witness_dir);
 }

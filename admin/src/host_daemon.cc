@@ -1,8 +1,11 @@
 #include "host_daemon.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -316,6 +319,11 @@ Result<Json> HostDaemon::Start(const std::string& name) {
     return Status::FailedPrecondition("VM '" + name + "' is already running (pid " +
                                       std::to_string(vm.pid) + ")");
   }
+  return Launch(name, vm, {});
+}
+
+Result<Json> HostDaemon::Launch(const std::string& name, Vm& vm,
+                                const std::vector<std::string>& extra) {
   const std::string dir = VmDir(name);
   const std::string qmp = dir + "/qmp.sock";
   if (qmp.size() >= sizeof(sockaddr_un::sun_path)) {
@@ -323,7 +331,7 @@ Result<Json> HostDaemon::Start(const std::string& name) {
                                       qmp + "); use a shorter --state");
   }
   unlink(qmp.c_str());
-  auto argv = QemuCommandLine(vm.def, config_.parts, qmp, dir + "/console.log");
+  auto argv = QemuCommandLine(vm.def, config_.parts, qmp, dir + "/console.log", extra);
   const std::string log = dir + "/qemu.log";
   { std::ofstream(log, std::ios::app) << "---- lockstepd starts QEMU\n"; }
   auto pid = SpawnDetached(argv, log);
@@ -427,13 +435,13 @@ Result<Json> HostDaemon::Pair(const Json& request) {
   // The key first: a pairing.json without its key would be a damaged pairing.
   LOCKSTEP_RETURN_IF_ERROR(WriteFileAtomic(config_.state_dir + "/pairing.key",
                                            ToHex(p.key.data(), p.key.size()) + "\n"));
-  LOCKSTEP_RETURN_IF_ERROR(WriteFileAtomic(
-      config_.state_dir + "/pairing.json",
-      Json{{"peer_host", p.peer_host},
-           {"peer_address", p.peer_address},
-           {"pairing_id", ToHex(p.pairing_id.data(), p.pairing_id.size())}}
-              .dump(2) +
-          "\n"));
+  LOCKSTEP_RETURN_IF_ERROR(
+      WriteFileAtomic(config_.state_dir + "/pairing.json",
+                      Json{{"peer_host", p.peer_host},
+                           {"peer_address", p.peer_address},
+                           {"pairing_id", ToHex(p.pairing_id.data(), p.pairing_id.size())}}
+                              .dump(2) +
+                          "\n"));
   pairing_ = p;
   pairing_note_.clear();
   LogEvent("info", "paired", {{"peer", p.peer_host}, {"address", p.peer_address}});
@@ -494,12 +502,176 @@ void HostDaemon::ServePeer(std::unique_ptr<channel::Channel> link) {
   if (!request.ok()) return;
   const std::string command = request->value("command", std::string());
   Json answer;
+  auto reply = [](Result<Json> r) {
+    if (!r.ok()) return Json{{"ok", false}, {"error", r.status().message()}};
+    Json j = *r;
+    j["ok"] = true;
+    return j;
+  };
   if (command == "ping") {
     answer = {{"ok", true}, {"host", config_.host_id}};
+  } else if (command == "prepare-secondary") {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto pairing = CurrentPairing();  // the client proved it is this paired host
+    answer = reply(PrepareSecondary(request->value("definition", Json()),
+                                    pairing ? pairing->peer_host : from));
+  } else if (command == "discard-secondary") {
+    std::lock_guard<std::mutex> lock(mu_);
+    answer = reply(DiscardSecondary(request->value("vm", std::string())));
   } else {
     answer = {{"ok", false}, {"error", "unknown peer command '" + command + "'"}};
   }
   (void)SendJson(**ch, answer);
+}
+
+std::string HostDaemon::EngineSettings(const VmDefinition& def, const Pairing& pairing) const {
+  return "key_file=" + config_.state_dir +
+         "/pairing.key;pairing=" + ToHex(pairing.pairing_id.data(), pairing.pairing_id.size()) +
+         (def.protection_settings.empty() ? "" : ";" + def.protection_settings);
+}
+
+Result<Json> HostDaemon::Protect(const std::string& name) {
+  auto found = Find(name);
+  if (!found.ok()) return found.status();
+  Vm& vm = **found;
+  if (!Alive(vm) || !vm.qmp) {
+    return Status::FailedPrecondition("VM '" + name + "' is not running here; start it first");
+  }
+  auto objects = vm.qmp->Execute("query-lockstep", Json::object(), 5s);
+  if (objects.ok() && objects->is_array() && !objects->empty()) {
+    return Status::FailedPrecondition("VM '" + name + "' is already protected (state " +
+                                      (*objects)[0].value("state", std::string("?")) +
+                                      "); unprotect it first");
+  }
+  auto pairing = CurrentPairing();
+  if (!pairing) {
+    return Status::FailedPrecondition(config_.host_id +
+                                      " is not paired with another host (lockstepctl pair)");
+  }
+  if (config_.witness.empty() || config_.plugin.empty()) {
+    return Status::FailedPrecondition(
+        "this lockstepd has no --witness (and --plugin): protection needs both");
+  }
+  // The secondary first: its QEMU, paused, listening on its host's replication address.
+  auto ch = ConnectPeer(config_.host_id, *pairing, 10s);
+  if (!ch.ok()) return ch.status().WithContext("protecting VM '" + name + "'");
+  LOCKSTEP_RETURN_IF_ERROR(SendJson(**ch, {{"command", "prepare-secondary"},
+                                           {"definition", Json::parse(VmDefinitionJson(vm.def))}}));
+  auto prepared = ReceiveJson(**ch, 60s);
+  if (!prepared.ok()) return prepared.status().WithContext("waiting for " + pairing->peer_host);
+  if (!prepared->value("ok", false)) {
+    return Status::FailedPrecondition(pairing->peer_host + " cannot run the secondary: " +
+                                      prepared->value("error", std::string("no reason")));
+  }
+  const std::string listen = prepared->value("listen", std::string());
+  // Then the engine in the running primary: it connects, pairs and starts the initial
+  // synchronization; the guest runs on.
+  Json object = {{"qom-type", "lockstep"},
+                 {"id", "ft0"},
+                 {"plugin", config_.plugin},
+                 {"role", "primary"},
+                 {"vm", name},
+                 {"host", config_.host_id},
+                 {"peer", listen},
+                 {"witness", config_.witness},
+                 {"settings", EngineSettings(vm.def, *pairing)}};
+  auto added = vm.qmp->Execute("object-add", object, 60s);
+  if (!added.ok()) {
+    if (auto discard = ConnectPeer(config_.host_id, *pairing, 10s); discard.ok()) {
+      (void)SendJson(**discard, {{"command", "discard-secondary"}, {"vm", name}});
+      (void)ReceiveJson(**discard, 30s);
+    }
+    return Status::FailedPrecondition("QEMU refused to start protecting VM '" + name +
+                                      "': " + added.status().message());
+  }
+  LogEvent("info", "vm_protecting",
+           {{"vm", name}, {"secondary", pairing->peer_host}, {"listen", listen}});
+  return Describe(name, vm);
+}
+
+Result<Json> HostDaemon::Unprotect(const std::string& name) {
+  auto found = Find(name);
+  if (!found.ok()) return found.status();
+  Vm& vm = **found;
+  if (!Alive(vm) || !vm.qmp)
+    return Status::FailedPrecondition("VM '" + name + "' is not running here");
+  // The engine says GOODBYE: the secondary promises not to take over, held output goes.
+  auto removed = vm.qmp->Execute("object-del", {{"id", "ft0"}}, 30s);
+  if (!removed.ok()) {
+    return Status::FailedPrecondition("VM '" + name + "' is not protected here (" +
+                                      removed.status().message() + ")");
+  }
+  std::string secondary_note;
+  if (auto pairing = CurrentPairing()) {
+    auto ch = ConnectPeer(config_.host_id, *pairing, 10s);
+    Result<Json> done =
+        ch.ok() && SendJson(**ch, {{"command", "discard-secondary"}, {"vm", name}}).ok()
+            ? ReceiveJson(**ch, 30s)
+            : Result<Json>(ch.ok() ? Status::PeerLost("the peer closed") : ch.status());
+    if (!done.ok() || !done->value("ok", false)) {
+      secondary_note = "; the secondary's QEMU on " + pairing->peer_host +
+                       " could not be stopped (" +
+                       (done.ok() ? done->value("error", std::string()) : done.status().message()) +
+                       "): stop it there";
+    }
+  }
+  LogEvent("info", "vm_unprotected", {{"vm", name}});
+  Json out = Describe(name, vm);
+  if (!secondary_note.empty()) out["note"] = secondary_note.substr(2);
+  return out;
+}
+
+Result<Json> HostDaemon::PrepareSecondary(const Json& definition, const std::string& primary_host) {
+  if (config_.replication_address.empty() || config_.plugin.empty() || config_.witness.empty()) {
+    return Status::FailedPrecondition(config_.host_id +
+                                      "'s lockstepd has no --replication-address, --plugin or "
+                                      "--witness: it cannot run secondaries");
+  }
+  auto def = ParseVmDefinition(definition.dump());
+  if (!def.ok()) return def.status();
+  const std::string name = def->name;
+  if (auto it = vms_.find(name); it != vms_.end() && Alive(it->second)) {
+    return Status::FailedPrecondition("VM '" + name + "' already runs on " + config_.host_id);
+  }
+  const std::string dir = VmDir(name);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  LOCKSTEP_RETURN_IF_ERROR(WriteFileAtomic(dir + "/definition.json", VmDefinitionJson(*def)));
+  Vm& vm = vms_[name];
+  vm.def = *def;
+  auto pairing = CurrentPairing();
+  if (!pairing) return Status::FailedPrecondition(config_.host_id + " is not paired");
+  // A free port on the replication address (bound and released: the secondary takes it a
+  // moment later; another taker in between makes QEMU fail, which is reported).
+  int probe = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  socklen_t len = sizeof a;
+  if (inet_pton(AF_INET, config_.replication_address.c_str(), &a.sin_addr) != 1 ||
+      bind(probe, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      getsockname(probe, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    close(probe);
+    return Status::FromErrno("binding on the replication address " + config_.replication_address,
+                             errno);
+  }
+  close(probe);
+  const std::string listen = config_.replication_address + ":" + std::to_string(ntohs(a.sin_port));
+  const std::string object = "lockstep,id=ft0,plugin=" + config_.plugin +
+                             ",role=secondary,vm=" + name + ",host=" + config_.host_id +
+                             ",listen=" + listen + ",witness=" + config_.witness +
+                             ",settings=" + EngineSettings(vm.def, *pairing);
+  auto launched = Launch(name, vm, {"-S", "-object", object});
+  if (!launched.ok()) return launched.status();
+  LogEvent("info", "secondary_started",
+           {{"vm", name}, {"primary", primary_host}, {"listen", listen}});
+  return Json{{"listen", listen}};
+}
+
+Result<Json> HostDaemon::DiscardSecondary(const std::string& name) {
+  auto found = Find(name);
+  if (!found.ok()) return Json::object();  // nothing to discard
+  if (Alive(**found)) LOCKSTEP_RETURN_IF_ERROR(Stop(name, /*force=*/true).status());
+  return Undefine(name);
 }
 
 Json HostDaemon::Handle(const Json& request) {
@@ -546,12 +718,18 @@ Json HostDaemon::Handle(const Json& request) {
     } else if (command == "start") {
       auto s = Start(name);
       r = s.ok() ? Result<Json>(Json{{"vm", *s}}) : s;
+    } else if (command == "protect") {
+      auto p = Protect(name);
+      r = p.ok() ? Result<Json>(Json{{"vm", *p}}) : p;
+    } else if (command == "unprotect") {
+      auto u = Unprotect(name);
+      r = u.ok() ? Result<Json>(Json{{"vm", *u}}) : u;
     } else if (command == "stop") {
       r = Stop(name, request.value("force", false));
     } else {
       return Fail("unknown command '" + command +
                   "' (identity, pair, unpair, pairing, list, status, define, undefine, start, "
-                  "stop)");
+                  "stop, protect, unprotect)");
     }
     return done(r);
   } catch (const std::exception& e) {  // a malformed member (nlohmann type errors)

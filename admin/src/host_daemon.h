@@ -38,6 +38,10 @@ struct DaemonConfig {
   std::string state_dir;     // see above
   QemuParts parts;           // the QEMU binary and its firmware directories
   std::string peer_address;  // HOST:PORT of this daemon's peer API ("" = none)
+  // Protection (docs/admin-plane.md): the engine plugin, the witness setting both hosts
+  // share (tcp:HOST:PORT or etcd:...), and this host's address on the replication link,
+  // where its secondaries listen.
+  std::string plugin, witness, replication_address;
 };
 
 class HostDaemon {
@@ -73,6 +77,15 @@ class HostDaemon {
   Result<Json> Define(const Json& definition);
   Result<Json> Undefine(const std::string& name);
   Result<Json> Start(const std::string& name);
+  // Starts QEMU for `vm` with `extra` arguments and connects to its QMP.
+  Result<Json> Launch(const std::string& name, Vm& vm, const std::vector<std::string>& extra);
+  Result<Json> Protect(const std::string& name);
+  Result<Json> Unprotect(const std::string& name);
+  // The peer API's side of protect and unprotect, on the secondary's host.
+  Result<Json> PrepareSecondary(const Json& definition, const std::string& primary_host);
+  Result<Json> DiscardSecondary(const std::string& name);
+  // The engine's settings for `def` under `pairing`: key_file, pairing id, the VM's own.
+  std::string EngineSettings(const VmDefinition& def, const Pairing& pairing) const;
   Result<Json> Stop(const std::string& name, bool force);
   Result<Vm*> Find(const std::string& name);
   // The pairing commands; they take pairing_mu_ only, never mu_ (a check talks to the peer,

@@ -128,8 +128,8 @@ Result<VmDefinition> ParseVmDefinition(std::string_view json_text) {
   json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return Bad("not valid JSON");
   if (!j.is_object()) return Bad("must be a JSON object");
-  LOCKSTEP_RETURN_IF_ERROR(
-      OnlyKnown(j, {"name", "memory_mib", "vcpus", "kernel", "initrd", "append", "nics"}, ""));
+  LOCKSTEP_RETURN_IF_ERROR(OnlyKnown(
+      j, {"name", "memory_mib", "vcpus", "kernel", "initrd", "append", "nics", "protection"}, ""));
   VmDefinition d;
   LOCKSTEP_RETURN_IF_ERROR(ReadString(j, "name", true, &d.name));
   if (!ValidVmName(d.name)) {
@@ -156,6 +156,25 @@ Result<VmDefinition> ParseVmDefinition(std::string_view json_text) {
       d.nics.push_back(nic);
     }
   }
+  if (j.contains("protection")) {
+    const json& p = j["protection"];
+    if (!p.is_object()) return Bad("'protection' must be an object");
+    LOCKSTEP_RETURN_IF_ERROR(OnlyKnown(p, {"settings"}, " of protection"));
+    LOCKSTEP_RETURN_IF_ERROR(ReadString(p, "settings", false, &d.protection_settings));
+    for (char c : d.protection_settings) {
+      if (c == ',' || static_cast<unsigned char>(c) <= ' ') {
+        return Bad(
+            "'settings' of protection: key=value items separated by ';', without ',' or "
+            "spaces");
+      }
+    }
+    if (d.protection_settings.find("key_file=") != std::string::npos ||
+        d.protection_settings.find("pairing=") != std::string::npos) {
+      return Bad(
+          "'settings' of protection: key_file and pairing come from the hosts' pairing; "
+          "leave them out");
+    }
+  }
   return d;
 }
 
@@ -177,12 +196,14 @@ std::string VmDefinitionJson(const VmDefinition& d) {
     nics.push_back(nic);
   }
   if (!nics.empty()) j["nics"] = nics;
+  if (!d.protection_settings.empty()) j["protection"] = {{"settings", d.protection_settings}};
   return j.dump(2) + "\n";
 }
 
 std::vector<std::string> QemuCommandLine(const VmDefinition& d, const QemuParts& parts,
                                          const std::string& qmp_socket,
-                                         const std::string& console_log) {
+                                         const std::string& console_log,
+                                         const std::vector<std::string>& extra) {
   std::vector<std::string> a = {parts.qemu};
   for (const auto& dir : parts.data_dirs) a.insert(a.end(), {"-L", dir});
   a.insert(a.end(), {"-name", d.name, "-accel", "tcg", "-m", std::to_string(d.memory_mib), "-smp",
@@ -207,6 +228,7 @@ std::vector<std::string> QemuCommandLine(const VmDefinition& d, const QemuParts&
                        "virtio-net-pci,netdev=" + id + ",romfile=,mac=" + n.mac, "-object",
                        "filter-lockstep,id=f" + std::to_string(i) + ",netdev=" + id + ",queue=rx"});
   }
+  a.insert(a.end(), extra.begin(), extra.end());
   return a;
 }
 

@@ -41,6 +41,9 @@ const Command kCommands[] = {
     {"undefine", "VM", "forget a stopped VM"},
     {"start", "VM", "start a defined VM"},
     {"stop", "VM [--force]", "stop a VM (QMP quit; --force: kill it)"},
+    {"protect", "VM",
+     "protect a running VM: a secondary on the paired host, the initial sync, then epochs"},
+    {"unprotect", "VM", "end protection on purpose (no failover); the secondary is removed"},
 };
 
 std::string Usage() {
@@ -133,6 +136,18 @@ void PrintStatus(const Json& v) {
   std::printf("  memory      %llu MiB, %d vCPU(s)\n",
               static_cast<unsigned long long>(v.value("memory_mib", 0ull)), v.value("vcpus", 0));
   if (v.contains("uptime_s")) std::printf("  up          %.0f s\n", v["uptime_s"].get<double>());
+  if (v.contains("lockstep") && v["lockstep"].is_array() && !v["lockstep"].empty()) {
+    const Json& e = v["lockstep"][0];
+    auto num = [&](const char* k) { return e.contains(k) ? e[k].dump() : std::string("-"); };
+    std::printf(
+        "  role        %s\n  epoch       %s (acknowledged %s, lag %s epochs)\n"
+        "  pause       p50 %s us, p99 %s us (last %s us)\n  ack         p50 %s us\n"
+        "  sent        %s bytes in %s epochs\n",
+        e.value("role", std::string("?")).c_str(), num("epoch").c_str(), num("acked-epoch").c_str(),
+        num("lag-epochs").c_str(), num("pause-p50-us").c_str(), num("pause-p99-us").c_str(),
+        num("last-pause-us").c_str(), num("ack-latency-p50-us").c_str(), num("bytes").c_str(),
+        num("epochs").c_str());
+  }
   std::printf("  logs        %s\n              %s\n", v.value("qemu_log", std::string()).c_str(),
               v.value("console_log", std::string()).c_str());
 }
@@ -263,7 +278,8 @@ int main(int argc, char** argv) {
   if (command == "list") {
     std::printf("%-20s %-11s %-8s %-14s %s\n", "VM", "STATE", "PID", "PROTECTION", "WHY");
     for (const Json& v : (*answer)["vms"]) PrintVmLine(v);
-  } else if (command == "status" || command == "start") {
+  } else if (command == "status" || command == "start" || command == "protect" ||
+             command == "unprotect") {
     PrintStatus((*answer)["vm"]);
   } else if (command == "pairing") {
     // printed above

@@ -24,6 +24,9 @@
 #include "host_daemon.h"
 #include "replication_channel/tcp.h"
 
+#ifndef LOCKSTEP_PLUGIN_PATH
+#define LOCKSTEP_PLUGIN_PATH "/usr/lib/lockstep/liblockstep_plugin.so"
+#endif
 #ifndef LOCKSTEP_QEMU
 #define LOCKSTEP_QEMU "/usr/lib/lockstep/qemu-system-x86_64"
 #endif
@@ -108,6 +111,14 @@ int main(int argc, char** argv) {
       "ADDR:PORT of the peer API on the management network, for the paired host's daemon "
       "(needed to pair)")("qemu", po::value(&config.parts.qemu)->default_value(LOCKSTEP_QEMU),
                           "QEMU with lockstep's patches (qemu-patches/build-qemu.sh)")(
+      "plugin", po::value(&config.plugin)->default_value(LOCKSTEP_PLUGIN_PATH),
+      "the lockstep engine QEMU loads (liblockstep_plugin.so)")(
+      "witness", po::value(&config.witness),
+      "the witness both hosts ask on a fault: tcp:HOST:PORT (lockstep-witness) or "
+      "etcd:HOST:PORT[+HOST:PORT...]; needed to protect")(
+      "replication-address", po::value(&config.replication_address),
+      "this host's IPv4 address on the dedicated replication link, where its secondaries "
+      "listen; needed to run secondaries")(
       "qemu-data-dir", po::value(&data_dirs)->composing(),
       "firmware directories for QEMU's -L (default: /usr/share/qemu /usr/share/seabios)");
   po::variables_map vm;

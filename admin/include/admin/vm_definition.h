@@ -14,6 +14,10 @@
 //                   "user_forward": [{"host": "ADDR:PORT", "guest": PORT}, ...]
 //                                          QEMU user networking with forwarded TCP ports
 //                                          (for trying things out)}
+//   "protection"  {"settings": "key=value;..."} (optional): the engine's settings for this
+//                 VM when it is protected (docs/qemu-plugin.md: interval_ms, threshold_ms,
+//                 vip=ADDR@IFACE, fence_command, link_protection, ...); the daemon adds
+//                 the pairing's key_file and pairing id itself
 // Example (the repository's test guest): admin/examples/demo-vm.json.
 #pragma once
 
@@ -43,6 +47,7 @@ struct VmDefinition {
   int vcpus = 1;
   std::string kernel, initrd, append;
   std::vector<Nic> nics;
+  std::string protection_settings;
 };
 
 // Parses and checks a definition. kInvalidArgument naming the member and what it must be;
@@ -64,8 +69,10 @@ struct QemuParts {
 // QEMU's arguments (argv[0] included) for running `d`: headless, its QMP on `qmp_socket`,
 // its serial console appended to `console_log`, every NIC's guest output passing through a
 // filter-lockstep object (held only while protected).
+// `extra`: more arguments, appended (a secondary's -S and its lockstep object).
 std::vector<std::string> QemuCommandLine(const VmDefinition& d, const QemuParts& parts,
                                          const std::string& qmp_socket,
-                                         const std::string& console_log);
+                                         const std::string& console_log,
+                                         const std::vector<std::string>& extra = {});
 
 }  // namespace lockstep::admin

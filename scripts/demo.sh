@@ -23,7 +23,7 @@ who=demo
 # shellcheck source=lib/qemu-parts.sh
 source scripts/lib/qemu-parts.sh
 build_qemu_parts
-echo "== building the demo, the engine plugin and the witness"
-scripts/build.sh lockstep_qemu_demo lockstep_plugin lockstep-witness
+echo "== building the demo, lockstepd, lockstepctl, the engine plugin and the witness"
+scripts/build.sh lockstep_qemu_demo lockstepd lockstepctl lockstep_plugin lockstep-witness
 echo "== the demo"
 exec build/demo/lockstep_qemu_demo "$@"

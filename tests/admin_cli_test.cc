@@ -391,6 +391,31 @@ TEST_CASE(
   CHECK((*client)->error().empty());
   Ran gone = Ctl(a.socket, {"--json", "status", "web1"});
   CHECK(json::parse(gone.out)["vm"]["state"] == "stopped");
+
+  // Re-protect from the survivor: hostA gets the secondary now; then hostB's QEMU dies and
+  // the VM comes back to hostA, the client still on its first connection.
+  Ran reprotect = Ctl(b.socket, {"protect", "web1"});
+  INFO(reprotect.out << "\nB:\n" << b.daemon->Log() << "\nA:\n" << a.daemon->Log());
+  REQUIRE(reprotect.exit == 0);
+  const bool reprotected = WaitForProtection(a, "web1", "PROTECTED", 60s);
+  INFO("A: " << Ctl(a.socket, {"status", "web1"}).out << "\nB: "
+             << Ctl(b.socket, {"status", "web1"}).out << "\nB's QEMU log:\n"
+             << [&] {
+                  std::ifstream in(b.state + "/vms/web1/qemu.log");
+                  return std::string((std::istreambuf_iterator<char>(in)),
+                                     std::istreambuf_iterator<char>());
+                }());
+  REQUIRE(reprotected);
+  REQUIRE(WaitForProtection(b, "web1", "PROTECTED", 10s));
+  json back = CtlJson(a.socket, {"status", "web1"});
+  CHECK(back["vm"]["lockstep"][0]["role"] == "secondary");
+  a.qemu_pids.push_back(back["vm"]["pid"].get<pid_t>());
+  const uint64_t before_second = (*client)->replies();
+  kill(CtlJson(b.socket, {"status", "web1"})["vm"]["pid"].get<pid_t>(), SIGKILL);
+  REQUIRE(WaitForProtection(a, "web1", "ACTIVE", 30s));
+  REQUIRE((*client)->WaitForReplies(before_second + 20, 60s));
+  CHECK((*client)->inconsistent() == 0);
+  CHECK((*client)->error().empty());
   (*client)->Stop();
   std::filesystem::remove_all(witness_dir);
 }

@@ -238,9 +238,7 @@ Json HostDaemon::Summary(const std::string& name, Vm& vm) {
         protection["state"] = (*ls)[0].value("state", std::string("?"));
         protection["reason"] = (*ls)[0].value("reason", std::string());
       } else {
-        protection["reason"] =
-            "protection was not started for this VM (pairing and protect come with the next "
-            "release of the admin plane)";
+        protection["reason"] = "protection was not started for this VM (lockstepctl protect)";
       }
     }
   }
@@ -539,9 +537,25 @@ Result<Json> HostDaemon::Protect(const std::string& name) {
   }
   auto objects = vm.qmp->Execute("query-lockstep", Json::object(), 5s);
   if (objects.ok() && objects->is_array() && !objects->empty()) {
-    return Status::FailedPrecondition("VM '" + name + "' is already protected (state " +
-                                      (*objects)[0].value("state", std::string("?")) +
-                                      "); unprotect it first");
+    const std::string state = (*objects)[0].value("state", std::string("?"));
+    if (state == "FENCED" || state == "FAILED") {
+      return Status::FailedPrecondition("VM '" + name + "' here ended " + state +
+                                        ": this copy must not run on; stop it (lockstepctl stop)");
+    }
+    if (state != "ACTIVE" && state != "PRIMARY_ALONE" && state != "STOPPED") {
+      return Status::FailedPrecondition("VM '" + name + "' is already protected (state " + state +
+                                        "); unprotect it first");
+    }
+    // Re-protection: the VM runs here after a failover (ACTIVE), or alone (PRIMARY_ALONE),
+    // or protection was ended. The old engine object goes; a new primary one comes below.
+    auto removed = vm.qmp->Execute("object-del", {{"id", "ft0"}}, 30s);
+    if (!removed.ok()) {
+      return Status::FailedPrecondition("VM '" + name +
+                                        "': removing the engine of its last "
+                                        "protection failed: " +
+                                        removed.status().message());
+    }
+    LogEvent("info", "vm_reprotecting", {{"vm", name}, {"after", state}});
   }
   auto pairing = CurrentPairing();
   if (!pairing) {

@@ -8,9 +8,9 @@
 #include <string>
 #include <thread>
 
+#include "lockstep/pairing_auth.h"
 #include "lockstep/plugin_abi.h"
 #include "lockstep/replicator.h"
-#include "lockstep/pairing_auth.h"
 #include "replica_common.h"
 #include "replication_channel/tcp.h"
 #include "vip_manager/etcd_witness.h"

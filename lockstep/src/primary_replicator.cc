@@ -7,11 +7,11 @@
 #include <thread>
 
 #include "epoch_stager.h"
-#include "lockstep/replicator.h"
-#include "lockstep/wire_format.h"
 #include "lockstep/pairing_auth.h"
-#include "replica_common.h"
+#include "lockstep/replicator.h"
 #include "lockstep/sealed_channel.h"
+#include "lockstep/wire_format.h"
+#include "replica_common.h"
 
 namespace lockstep {
 
@@ -367,17 +367,10 @@ void PrimaryReplicator::Impl::Teardown(bool orderly, std::string reason) {
   // Nothing stands between a primary's grant and its release of output: confirmed at once.
   auto decision = AskWitness(witness, opt, term, std::chrono::milliseconds(0));
   timeline.Mark("witness");
-  std::string lapsed;  // set when this side took back a grant the secondary let lapse
-  if (decision.ok() && LostToProvisionalGrant(*decision, term)) {
-    // The secondary won, but has yet to confirm. Output stays held (the guest runs on)
-    // until it does, or its window lapses and the token comes back here.
-    const std::string winner = decision->holder;
-    decision = AwaitGrantWindow(witness, opt, *decision, [this] { return stopping.load(); });
-    timeline.Mark("grant window");
-    if (decision.ok() && decision->granted && decision->confirmed) {
-      lapsed = "; " + winner + " won the token but never confirmed it: taken back";
-    }
-  }
+  // If the secondary won but has yet to confirm, output stays held (the guest runs on)
+  // until it does, or its window lapses and the token comes back here.
+  const std::string lapsed =
+      AwaitLostGrant(witness, opt, term, &decision, &timeline, [this] { return stopping.load(); });
   if (decision.ok() && decision->granted && decision->confirmed) {
     std::string identity_note = ClaimIdentity(opt, &timeline);
     hv.SetOutputMode(OutputMode::kPassThrough);  // no other replica can ever contradict it

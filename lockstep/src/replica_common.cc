@@ -109,6 +109,19 @@ Result<vip::WitnessDecision> AwaitGrantWindow(vip::Witness& witness, const Repli
   }
 }
 
+std::string AwaitLostGrant(vip::Witness& witness, const ReplicationOptions& opt, uint64_t term,
+                           Result<vip::WitnessDecision>* decision, TakeoverTimeline* timeline,
+                           const std::function<bool()>& stop) {
+  if (!decision->ok() || !LostToProvisionalGrant(**decision, term)) return "";
+  const std::string winner = (*decision)->holder;
+  *decision = AwaitGrantWindow(witness, opt, **decision, stop);
+  timeline->Mark("grant window");
+  if (decision->ok() && (*decision)->granted && (*decision)->confirmed) {
+    return "; " + winner + " won the token but never confirmed it: taken back";
+  }
+  return "";
+}
+
 Status FencePeer(const ReplicationOptions& opt, const std::string& peer_host,
                  TakeoverTimeline* timeline) {
   if (!opt.fence_peer) return Status::Ok();

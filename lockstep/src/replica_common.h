@@ -103,6 +103,14 @@ Result<vip::WitnessDecision> AwaitGrantWindow(vip::Witness& witness, const Repli
                                               const vip::WitnessDecision& denied,
                                               const std::function<bool()>& stop);
 
+// If `*decision` (the answer to a request with `term`) lost to a provisional grant, waits
+// it out (AwaitGrantWindow, marking "grant window" on `timeline`) and replaces `*decision`
+// with the outcome. Returns "; WINNER won the token but never confirmed it: taken back" if
+// the token came to this side so, else "".
+std::string AwaitLostGrant(vip::Witness& witness, const ReplicationOptions& opt, uint64_t term,
+                           Result<vip::WitnessDecision>* decision, TakeoverTimeline* timeline,
+                           const std::function<bool()>& stop);
+
 // The fence step of a secondary's takeover (ReplicationOptions::fence_peer), if configured:
 // an error means no takeover.
 Status FencePeer(const ReplicationOptions& opt, const std::string& peer_host,

@@ -7,11 +7,11 @@
 
 #include "epoch_assembler.h"
 #include "epoch_stager.h"
-#include "lockstep/replicator.h"
-#include "lockstep/wire_format.h"
 #include "lockstep/pairing_auth.h"
-#include "replica_common.h"
+#include "lockstep/replicator.h"
 #include "lockstep/sealed_channel.h"
+#include "lockstep/wire_format.h"
+#include "replica_common.h"
 
 namespace lockstep {
 
@@ -247,15 +247,8 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
   // primary — should it be alive — takes the token back once the window lapses.
   auto decision = AskWitness(witness, opt, term, opt.grant_window);
   timeline.Mark("witness");
-  std::string lapsed;  // set when this side took back a grant the primary let lapse
-  if (decision.ok() && LostToProvisionalGrant(*decision, term)) {
-    const std::string winner = decision->holder;
-    decision = AwaitGrantWindow(witness, opt, *decision, [this] { return stopping.load(); });
-    timeline.Mark("grant window");
-    if (decision.ok() && decision->granted && decision->confirmed) {
-      lapsed = "; " + winner + " won the token but never confirmed it: taken back";
-    }
-  }
+  const std::string lapsed =
+      AwaitLostGrant(witness, opt, term, &decision, &timeline, [this] { return stopping.load(); });
   if (!decision.ok() || !decision->granted) {
     std::string why = decision.ok()
                           ? "the witness gave the token to " + decision->holder

@@ -186,11 +186,12 @@ Status RunDemo(const Flags& f) {
   for (auto [host, ip, link] :
        {std::tuple{&a, Topology::kPrimaryHostIp, Topology::kPrimaryLinkIp},
         std::tuple{&b, Topology::kSecondaryHostIp, Topology::kSecondaryLinkIp}}) {
-    auto d = ChildProcess::Start({LOCKSTEPD_PATH, "--host-id", host->name, "--state", host->dir,
-                                  "--socket", host->socket, "--qemu", f.parts.qemu, "--plugin",
-                                  f.parts.plugin, "--peer-listen", std::string(ip) + ":7400",
-                                  "--replication-address", link, "--witness", "tcp:" + kWitnessAt},
-                                 host->netns, work + "/" + host->name + ".log");
+    auto d = ChildProcess::Start(
+        {LOCKSTEPD_PATH, "--host-id", host->name, "--state", host->dir, "--socket", host->socket,
+         "--qemu", f.parts.qemu, "--plugin", f.parts.plugin, "--peer-listen",
+         std::string(ip) + ":7400", "--replication-address", link, "--witness", "tcp:" + kWitnessAt,
+         "--vip-interface", "br0"},
+        host->netns, work + "/" + host->name + ".log");
     if (!d.ok() || !(*d)->WaitForLog("event=started", 10s)) {
       return Status::FailedPrecondition("lockstepd on " + host->name + " did not start" +
                                         (d.ok() ? ": " + (*d)->Log() : ""));
@@ -214,17 +215,15 @@ Status RunDemo(const Flags& f) {
   if (Status s = run(a, {"pair", a.socket, b.socket}); !s.ok()) return s;
   // Define the VM: the test guest on each host's tap0, its VIP following the active replica.
   const std::string definition = work + "/demo-vm.json";
-  Json def = {
-      {"name", "demo"},
-      {"memory_mib", 256},
-      {"kernel", f.parts.guest_dir + "/vmlinuz"},
-      {"initrd", f.parts.guest_dir + "/initrd.gz"},
-      {"append",
-       std::string("console=ttyS0 quiet panic=-1 idle=halt lockstep.ip=") + Topology::kGuestCidr},
-      {"nics", {{{"mac", "52:54:00:12:34:56"}, {"tap", Topology::kTap}}}},
-      {"protection",
-       {{"settings",
-         "interval_ms=20;heartbeat_ms=1;threshold_ms=30;vip=" + std::string(kVip) + "@br0"}}}};
+  Json def = {{"name", "demo"},
+              {"memory_mib", 256},
+              {"kernel", f.parts.guest_dir + "/vmlinuz"},
+              {"initrd", f.parts.guest_dir + "/initrd.gz"},
+              {"append", std::string("console=ttyS0 quiet panic=-1 idle=halt lockstep.ip=") +
+                             Topology::kGuestCidr},
+              {"nics", {{{"mac", "52:54:00:12:34:56"}, {"tap", Topology::kTap}}}},
+              {"protection",
+               {{"settings", "interval_ms=20;heartbeat_ms=1;threshold_ms=30"}, {"vip", kVip}}}};
   std::ofstream(definition) << def.dump(2) << "\n";
   if (Status s = run(a, {"define", definition}); !s.ok()) return s;
   if (Status s = run(a, {"start", "demo"}); !s.ok()) return s;

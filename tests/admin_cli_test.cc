@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "free_port.h"
+#include "replication_channel/tcp.h"
 #include "testbed/child_process.h"
 #include "testbed/topology.h"
 #include "testbed/workload_client.h"
@@ -284,6 +285,18 @@ TEST_CASE("pairing: one new key on both hosts, each proves it; a wrong key is re
   CHECK(b.daemon->WaitForLog("pairing key", 5s));
   CHECK(a.daemon->WaitForLog("event=peer_check_failed", 5s));
 
+  // Garbage on the peer API (a wrong type in the HELLO) is refused; the daemon goes on.
+  {
+    auto link = lockstep::channel::MakeTcpTransport()->Connect(
+        "127.0.0.1:" + std::to_string(a.peer_port), 5000ms);
+    REQUIRE(link.ok());
+    const std::string hello = R"({"protocol": "lockstep-peer", "peer_api": 1, "host": 17})";
+    lockstep::channel::ConstSlice g{hello.data(), hello.size()};
+    REQUIRE((*link)->Send({&g, 1}).ok());
+    CHECK(a.daemon->WaitForLog("event=peer_malformed", 5s));
+  }
+  CHECK(Ctl(a.socket, {"list"}).exit == 0);
+
   // An unpaired host refuses the peer API, and says what to do.
   Ran none = Ctl(c.socket, {"pairing"});
   CHECK(none.exit == 1);
@@ -380,6 +393,15 @@ TEST_CASE(
   Ran twice = Ctl(a.socket, {"protect", "web1"});
   CHECK(twice.exit == 1);
   CHECK(twice.out.find("already protected") != std::string::npos);
+  // Unprotecting on the secondary's host is refused: the primary, and its VM, stay.
+  Ran wrong_host = Ctl(b.socket, {"unprotect", "web1"});
+  CHECK(wrong_host.exit == 1);
+  CHECK(wrong_host.out.find("unprotect it on the host that runs it as the primary") !=
+        std::string::npos);
+  Ran wrong_start = Ctl(b.socket, {"start", "web1"});
+  CHECK(wrong_start.exit == 1);
+  CHECK(wrong_start.out.find("already running") != std::string::npos);
+  CHECK(ProtectionState(a, "web1") == "PROTECTED");
 
   // The primary host's QEMU dies: the secondary takes over, the client goes on.
   const uint64_t before = (*client)->replies();
@@ -398,13 +420,13 @@ TEST_CASE(
   INFO(reprotect.out << "\nB:\n" << b.daemon->Log() << "\nA:\n" << a.daemon->Log());
   REQUIRE(reprotect.exit == 0);
   const bool reprotected = WaitForProtection(a, "web1", "PROTECTED", 60s);
-  INFO("A: " << Ctl(a.socket, {"status", "web1"}).out << "\nB: "
-             << Ctl(b.socket, {"status", "web1"}).out << "\nB's QEMU log:\n"
-             << [&] {
-                  std::ifstream in(b.state + "/vms/web1/qemu.log");
-                  return std::string((std::istreambuf_iterator<char>(in)),
-                                     std::istreambuf_iterator<char>());
-                }());
+  INFO("A: " << Ctl(a.socket, {"status", "web1"}).out
+             << "\nB: " << Ctl(b.socket, {"status", "web1"}).out << "\nB's QEMU log:\n"
+             <<
+       [&] {
+         std::ifstream in(b.state + "/vms/web1/qemu.log");
+         return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+       }());
   REQUIRE(reprotected);
   REQUIRE(WaitForProtection(b, "web1", "PROTECTED", 10s));
   json back = CtlJson(a.socket, {"status", "web1"});
@@ -414,6 +436,20 @@ TEST_CASE(
   kill(CtlJson(b.socket, {"status", "web1"})["vm"]["pid"].get<pid_t>(), SIGKILL);
   REQUIRE(WaitForProtection(a, "web1", "ACTIVE", 30s));
   REQUIRE((*client)->WaitForReplies(before_second + 20, 60s));
+  CHECK((*client)->inconsistent() == 0);
+  CHECK((*client)->error().empty());
+
+  // Protected once more, then unprotected on purpose: no failover, the secondary goes away,
+  // the VM runs on here, unprotected, and the client never notices.
+  REQUIRE(Ctl(a.socket, {"protect", "web1"}).exit == 0);
+  REQUIRE(WaitForProtection(b, "web1", "PROTECTED", 10s));
+  Ran unprotect = Ctl(a.socket, {"unprotect", "web1"});
+  INFO(unprotect.out);
+  CHECK(unprotect.exit == 0);
+  CHECK(ProtectionState(a, "web1") == "UNPROTECTED");
+  CHECK(CtlJson(b.socket, {"list"})["vms"].empty());
+  const uint64_t before_third = (*client)->replies();
+  REQUIRE((*client)->WaitForReplies(before_third + 20, 30s));
   CHECK((*client)->inconsistent() == 0);
   CHECK((*client)->error().empty());
   (*client)->Stop();

@@ -139,12 +139,15 @@ Result<std::unique_ptr<HostDaemon>> HostDaemon::Open(const DaemonConfig& config)
                                       ": build it (qemu-patches/build-qemu.sh) or give --qemu");
   }
   std::error_code ec;
+  const bool fresh = !fs::exists(config.state_dir, ec);
   fs::create_directories(config.state_dir + "/vms", ec);
   if (ec) {
     return Status::FailedPrecondition("cannot use the state directory " + config.state_dir + ": " +
                                       ec.message());
   }
-  fs::permissions(config.state_dir, fs::perms::owner_all, ec);
+  // Made root's only when this daemon creates it; an existing directory is the operator's
+  // (the key and the definitions inside are 0600 anyway).
+  if (fresh) fs::permissions(config.state_dir, fs::perms::owner_all, ec);
   std::unique_ptr<HostDaemon> d(new HostDaemon(config));
   auto pairing = LoadPairing(config.state_dir);
   if (!pairing.ok()) return pairing.status();
@@ -162,12 +165,20 @@ Result<std::unique_ptr<HostDaemon>> HostDaemon::Open(const DaemonConfig& config)
     std::istringstream pidfile(ReadFile(dir + "/qemu.pid"));
     pid_t pid = 0;
     uint64_t start = 0;
-    if (pidfile >> pid >> start && pid > 0 && StartTime(pid) == start) {
+    for (auto [file, field] : {std::pair{"/secondary_of", &vm.secondary_of},
+                               std::pair{"/protected_with", &vm.protected_with}}) {
+      *field = ReadFile(dir + file);
+      while (!field->empty() && std::isspace(static_cast<unsigned char>(field->back()))) {
+        field->pop_back();
+      }
+    }
+    if (pidfile >> pid >> start && pid > 0 && start > 0 && StartTime(pid) == start) {
       vm.pid = pid;
       vm.starttime = start;
       auto q = Qmp::Connect(dir + "/qmp.sock", 5s);
       if (q.ok()) {
         vm.qmp = std::move(*q);
+        vm.qmp->set_keep_events(false);
       } else {
         vm.note = "QMP does not answer: " + q.status().message();
       }
@@ -317,6 +328,12 @@ Result<Json> HostDaemon::Start(const std::string& name) {
     return Status::FailedPrecondition("VM '" + name + "' is already running (pid " +
                                       std::to_string(vm.pid) + ")");
   }
+  if (!vm.secondary_of.empty()) {
+    return Status::FailedPrecondition(
+        "VM '" + name + "' here is the secondary copy of " + vm.secondary_of +
+        "'s VM: started on its own it would be a second VM with the same addresses. It runs "
+        "when it takes over; to run it here, undefine it and define it anew");
+  }
   return Launch(name, vm, {});
 }
 
@@ -350,12 +367,14 @@ Result<Json> HostDaemon::Launch(const std::string& name, Vm& vm,
     auto q = Qmp::Connect(qmp, 200ms);
     if (q.ok()) {
       vm.qmp = std::move(*q);
+      vm.qmp->set_keep_events(false);
       break;
     }
     int status = 0;
-    if (waitpid(vm.pid, &status, WNOHANG) == vm.pid ||
-        std::chrono::steady_clock::now() > deadline) {
-      kill(vm.pid, SIGKILL);
+    (void)waitpid(vm.pid, &status, WNOHANG);  // ours; ReapChildren may have been first
+    const bool exited = vm.starttime == 0 || StartTime(vm.pid) != vm.starttime;
+    if (exited || std::chrono::steady_clock::now() > deadline) {
+      if (!exited) kill(vm.pid, SIGKILL);
       vm.pid = 0;
       unlink((dir + "/qemu.pid").c_str());
       return Status::FailedPrecondition("QEMU for VM '" + name +
@@ -374,14 +393,23 @@ Result<Json> HostDaemon::Stop(const std::string& name, bool force) {
   bool asked = false;
   if (!force && vm.qmp) asked = vm.qmp->Execute("quit", Json::object(), 5s).ok();
   if (!asked) kill(vm.pid, SIGKILL);
-  const auto deadline = std::chrono::steady_clock::now() + 15s;
+  auto deadline = std::chrono::steady_clock::now() + 15s;
+  bool killed = !asked;
   for (;;) {
     int status = 0;
     (void)waitpid(vm.pid, &status, WNOHANG);  // ours if this daemon started it
     if (StartTime(vm.pid) != vm.starttime) break;
     if (std::chrono::steady_clock::now() > deadline) {
+      if (killed) {
+        return Status::FailedPrecondition("QEMU of VM '" + name + "' (pid " +
+                                          std::to_string(vm.pid) +
+                                          ") does not exit even when killed (stuck in the "
+                                          "kernel?); look at the host");
+      }
       kill(vm.pid, SIGKILL);  // it did not quit when asked
       asked = false;
+      killed = true;
+      deadline = std::chrono::steady_clock::now() + 10s;
     }
     std::this_thread::sleep_for(20ms);
   }
@@ -426,9 +454,9 @@ Result<Json> HostDaemon::Pair(const Json& request) {
   p.pairing_id = *id;
   p.key = *key;
   std::lock_guard<std::mutex> lock(pairing_mu_);
-  if (pairing_ && pairing_->peer_host != p.peer_host) {
+  if (pairing_) {
     return Status::FailedPrecondition(config_.host_id + " is paired with " + pairing_->peer_host +
-                                      "; unpair it first (lockstepctl unpair)");
+                                      " already; unpair it first (lockstepctl unpair)");
   }
   // The key first: a pairing.json without its key would be a damaged pairing.
   LOCKSTEP_RETURN_IF_ERROR(WriteFileAtomic(config_.state_dir + "/pairing.key",
@@ -491,6 +519,15 @@ Result<Json> HostDaemon::CheckPairing() {
 
 void HostDaemon::ServePeer(std::unique_ptr<channel::Channel> link) {
   const std::string from = link->peer();
+  try {
+    ServePeerUnchecked(std::move(link), from);
+  } catch (const std::exception& e) {  // a malformed message (nlohmann type errors)
+    LogEvent("warn", "peer_malformed", {{"from", from}, {"why", e.what()}});
+  }
+}
+
+void HostDaemon::ServePeerUnchecked(std::unique_ptr<channel::Channel> link,
+                                    const std::string& from) {
   auto ch = AcceptPeer(std::move(link), config_.host_id, CurrentPairing(), 5s);
   if (!ch.ok()) {
     LogEvent("warn", "peer_refused", {{"from", from}, {"why", ch.status().message()}});
@@ -515,7 +552,9 @@ void HostDaemon::ServePeer(std::unique_ptr<channel::Channel> link) {
                                     pairing ? pairing->peer_host : from));
   } else if (command == "discard-secondary") {
     std::lock_guard<std::mutex> lock(mu_);
-    answer = reply(DiscardSecondary(request->value("vm", std::string())));
+    auto pairing = CurrentPairing();
+    answer = reply(DiscardSecondary(request->value("vm", std::string()),
+                                    pairing ? pairing->peer_host : std::string()));
   } else {
     answer = {{"ok", false}, {"error", "unknown peer command '" + command + "'"}};
   }
@@ -523,9 +562,35 @@ void HostDaemon::ServePeer(std::unique_ptr<channel::Channel> link) {
 }
 
 std::string HostDaemon::EngineSettings(const VmDefinition& def, const Pairing& pairing) const {
-  return "key_file=" + config_.state_dir +
-         "/pairing.key;pairing=" + ToHex(pairing.pairing_id.data(), pairing.pairing_id.size()) +
-         (def.protection_settings.empty() ? "" : ";" + def.protection_settings);
+  // The definition's tuning first, this host's own parts last: the engine takes the last
+  // value of a key, and these must never come from a definition (the paired host sends it).
+  std::string s = def.protection_settings;
+  auto add = [&s](const std::string& item) { s += (s.empty() ? "" : ";") + item; };
+  if (!def.vip.empty() && !config_.vip_interface.empty())
+    add("vip=" + def.vip + "@" + config_.vip_interface);
+  if (!config_.fence_command.empty()) add("fence_command=" + config_.fence_command);
+  add("key_file=" + config_.state_dir + "/pairing.key");
+  add("pairing=" + ToHex(pairing.pairing_id.data(), pairing.pairing_id.size()));
+  return s;
+}
+
+std::pair<std::string, std::string> HostDaemon::EngineRole(Vm& vm) {
+  if (!Alive(vm) || !vm.qmp) return {"", ""};
+  auto objects = vm.qmp->Execute("query-lockstep", Json::object(), 5s);
+  if (!objects.ok() || !objects->is_array() || objects->empty()) return {"", ""};
+  return {(*objects)[0].value("role", std::string()), (*objects)[0].value("state", std::string())};
+}
+
+Status HostDaemon::SetMark(const std::string& name, const char* file, std::string* field,
+                           const std::string& value) {
+  const std::string path = VmDir(name) + "/" + file;
+  if (value.empty()) {
+    unlink(path.c_str());
+  } else {
+    LOCKSTEP_RETURN_IF_ERROR(WriteFileAtomic(path, value + "\n"));
+  }
+  *field = value;
+  return Status::Ok();
 }
 
 Result<Json> HostDaemon::Protect(const std::string& name) {
@@ -561,6 +626,10 @@ Result<Json> HostDaemon::Protect(const std::string& name) {
   if (!pairing) {
     return Status::FailedPrecondition(config_.host_id +
                                       " is not paired with another host (lockstepctl pair)");
+  }
+  if (!vm.def.vip.empty() && config_.vip_interface.empty()) {
+    return Status::FailedPrecondition("VM '" + name + "' has a VIP but this lockstepd has no " +
+                                      "--vip-interface to put it on");
   }
   if (config_.witness.empty() || config_.plugin.empty()) {
     return Status::FailedPrecondition(
@@ -598,6 +667,10 @@ Result<Json> HostDaemon::Protect(const std::string& name) {
     return Status::FailedPrecondition("QEMU refused to start protecting VM '" + name +
                                       "': " + added.status().message());
   }
+  // This copy is the primary now (after a failover it was the other's secondary).
+  Status marked = SetMark(name, "secondary_of", &vm.secondary_of, "");
+  if (marked.ok()) marked = SetMark(name, "protected_with", &vm.protected_with, pairing->peer_host);
+  if (!marked.ok()) LogEvent("warn", "vm_mark_failed", {{"vm", name}, {"why", marked.message()}});
   LogEvent("info", "vm_protecting",
            {{"vm", name}, {"secondary", pairing->peer_host}, {"listen", listen}});
   return Describe(name, vm);
@@ -609,6 +682,13 @@ Result<Json> HostDaemon::Unprotect(const std::string& name) {
   Vm& vm = **found;
   if (!Alive(vm) || !vm.qmp)
     return Status::FailedPrecondition("VM '" + name + "' is not running here");
+  const auto [role, state] = EngineRole(vm);
+  if (role != "primary") {
+    return Status::FailedPrecondition(
+        "VM '" + name + "' here is " +
+        (role.empty() ? std::string("not protected") : "the " + role + " (" + state + ")") +
+        ": unprotect it on the host that runs it as the primary");
+  }
   // The engine says GOODBYE: the secondary promises not to take over, held output goes.
   auto removed = vm.qmp->Execute("object-del", {{"id", "ft0"}}, 30s);
   if (!removed.ok()) {
@@ -644,17 +724,45 @@ Result<Json> HostDaemon::PrepareSecondary(const Json& definition, const std::str
   auto def = ParseVmDefinition(definition.dump());
   if (!def.ok()) return def.status();
   const std::string name = def->name;
-  if (auto it = vms_.find(name); it != vms_.end() && Alive(it->second)) {
-    return Status::FailedPrecondition("VM '" + name + "' already runs on " + config_.host_id);
+  auto pairing = CurrentPairing();
+  if (!pairing) return Status::FailedPrecondition(config_.host_id + " is not paired");
+  if (!def->vip.empty() && config_.vip_interface.empty()) {
+    return Status::FailedPrecondition(config_.host_id +
+                                      "'s lockstepd has no --vip-interface "
+                                      "for the VM's VIP");
   }
+  if (auto it = vms_.find(name); it != vms_.end()) {
+    // Ours to reuse: this host's secondary of the asking host already, or the copy this
+    // host ran as the primary with it before a failover. Any other VM of the same name is
+    // the operator's, and stays.
+    if (it->second.secondary_of != primary_host && it->second.protected_with != primary_host) {
+      return Status::FailedPrecondition("a VM named '" + name + "' is defined on " +
+                                        config_.host_id + " and is not " + primary_host +
+                                        "'s secondary; undefine it there or rename the VM");
+    }
+    if (Alive(it->second)) {
+      return Status::FailedPrecondition("VM '" + name + "' already runs on " + config_.host_id);
+    }
+  }
+  const bool existed = vms_.count(name) != 0;
   const std::string dir = VmDir(name);
   std::error_code ec;
   fs::create_directories(dir, ec);
-  LOCKSTEP_RETURN_IF_ERROR(WriteFileAtomic(dir + "/definition.json", VmDefinitionJson(*def)));
+  if (ec) return Status::IoError("creating " + dir + ": " + ec.message());
   Vm& vm = vms_[name];
+  // Undone if anything below fails: a half-made secondary must not stay defined.
+  auto undo = [&](Status why) {
+    if (!existed) {
+      vms_.erase(name);
+      fs::remove_all(dir, ec);
+    }
+    return why;
+  };
+  Status saved = WriteFileAtomic(dir + "/definition.json", VmDefinitionJson(*def));
+  if (saved.ok()) saved = SetMark(name, "secondary_of", &vm.secondary_of, primary_host);
+  if (saved.ok()) saved = SetMark(name, "protected_with", &vm.protected_with, "");
+  if (!saved.ok()) return undo(saved);
   vm.def = *def;
-  auto pairing = CurrentPairing();
-  if (!pairing) return Status::FailedPrecondition(config_.host_id + " is not paired");
   // A free port on the replication address (bound and released: the secondary takes it a
   // moment later; another taker in between makes QEMU fail, which is reported).
   int probe = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -664,9 +772,10 @@ Result<Json> HostDaemon::PrepareSecondary(const Json& definition, const std::str
   if (inet_pton(AF_INET, config_.replication_address.c_str(), &a.sin_addr) != 1 ||
       bind(probe, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
       getsockname(probe, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    const int err = errno;
     close(probe);
-    return Status::FromErrno("binding on the replication address " + config_.replication_address,
-                             errno);
+    return undo(Status::FromErrno(
+        "binding on the replication address " + config_.replication_address, err));
   }
   close(probe);
   const std::string listen = config_.replication_address + ":" + std::to_string(ntohs(a.sin_port));
@@ -675,16 +784,26 @@ Result<Json> HostDaemon::PrepareSecondary(const Json& definition, const std::str
                              ",listen=" + listen + ",witness=" + config_.witness +
                              ",settings=" + EngineSettings(vm.def, *pairing);
   auto launched = Launch(name, vm, {"-S", "-object", object});
-  if (!launched.ok()) return launched.status();
+  if (!launched.ok()) return undo(launched.status());
   LogEvent("info", "secondary_started",
            {{"vm", name}, {"primary", primary_host}, {"listen", listen}});
   return Json{{"listen", listen}};
 }
 
-Result<Json> HostDaemon::DiscardSecondary(const std::string& name) {
+Result<Json> HostDaemon::DiscardSecondary(const std::string& name,
+                                          const std::string& primary_host) {
   auto found = Find(name);
   if (!found.ok()) return Json::object();  // nothing to discard
-  if (Alive(**found)) LOCKSTEP_RETURN_IF_ERROR(Stop(name, /*force=*/true).status());
+  Vm& vm = **found;
+  if (vm.secondary_of != primary_host) {
+    return Status::FailedPrecondition("VM '" + name + "' on " + config_.host_id + " is not " +
+                                      primary_host + "'s secondary: not discarding it");
+  }
+  if (const auto [role, state] = EngineRole(vm); state == "ACTIVE" || state == "PROMOTING") {
+    return Status::FailedPrecondition("VM '" + name + "' took over on " + config_.host_id + " (" +
+                                      state + "): it is the one running, not discarding it");
+  }
+  if (Alive(vm)) LOCKSTEP_RETURN_IF_ERROR(Stop(name, /*force=*/true).status());
   return Undefine(name);
 }
 

@@ -42,6 +42,10 @@ struct DaemonConfig {
   // share (tcp:HOST:PORT or etcd:...), and this host's address on the replication link,
   // where its secondaries listen.
   std::string plugin, witness, replication_address;
+  // Host-local parts of a takeover, never taken from a VM definition (which the paired
+  // host sends): the interface a VM's VIP goes on, and the fence command (STONITH) this
+  // host runs against the other before it takes a VM over.
+  std::string vip_interface, fence_command;
 };
 
 class HostDaemon {
@@ -67,6 +71,12 @@ class HostDaemon {
     uint64_t starttime = 0;
     std::optional<Qmp> qmp;
     std::string note;  // why the VM is in an odd state ("" if not)
+    // Set while this copy is the paired host's secondary (vms/<name>/secondary_of holds
+    // that host's name): it runs only to take over, and only that host may discard it.
+    std::string secondary_of;
+    // The host this copy was last protected with as the primary (vms/<name>/protected_with):
+    // after a failover that host may turn this stopped copy into its secondary.
+    std::string protected_with;
   };
   explicit HostDaemon(DaemonConfig config) : config_(std::move(config)) {}
 
@@ -83,11 +93,12 @@ class HostDaemon {
   Result<Json> Unprotect(const std::string& name);
   // The peer API's side of protect and unprotect, on the secondary's host.
   Result<Json> PrepareSecondary(const Json& definition, const std::string& primary_host);
-  Result<Json> DiscardSecondary(const std::string& name);
+  Result<Json> DiscardSecondary(const std::string& name, const std::string& primary_host);
   // The engine's settings for `def` under `pairing`: key_file, pairing id, the VM's own.
   std::string EngineSettings(const VmDefinition& def, const Pairing& pairing) const;
   Result<Json> Stop(const std::string& name, bool force);
   Result<Vm*> Find(const std::string& name);
+  void ServePeerUnchecked(std::unique_ptr<channel::Channel> link, const std::string& from);
   // The pairing commands; they take pairing_mu_ only, never mu_ (a check talks to the peer,
   // whose own check may be talking to us).
   Result<Json> Pair(const Json& request);
@@ -96,6 +107,11 @@ class HostDaemon {
   std::optional<Pairing> CurrentPairing();
   Json PairingSummary();
   std::string VmDir(const std::string& name) const;
+  // The engine's role and state for a running VM ("" if it has no engine object).
+  std::pair<std::string, std::string> EngineRole(Vm& vm);
+  // Sets `*field` of VM `name` to `value`, kept on disk as vms/<name>/<file> ("" removes it).
+  Status SetMark(const std::string& name, const char* file, std::string* field,
+                 const std::string& value);
 
   const DaemonConfig config_;
   std::mutex mu_;

@@ -16,7 +16,11 @@ Qmp::~Qmp() {
 }
 
 Qmp::Qmp(Qmp&& other) noexcept
-    : fd_(other.fd_), buffer_(std::move(other.buffer_)), events_(std::move(other.events_)) {
+    : fd_(other.fd_),
+      buffer_(std::move(other.buffer_)),
+      events_(std::move(other.events_)),
+      keep_events_(other.keep_events_),
+      next_id_(other.next_id_) {
   other.fd_ = -1;
 }
 
@@ -26,6 +30,8 @@ Qmp& Qmp::operator=(Qmp&& other) noexcept {
     fd_ = other.fd_;
     buffer_ = std::move(other.buffer_);
     events_ = std::move(other.events_);
+    keep_events_ = other.keep_events_;
+    next_id_ = other.next_id_;
     other.fd_ = -1;
   }
   return *this;
@@ -89,7 +95,10 @@ Result<Json> Qmp::ReadMessage(std::chrono::steady_clock::time_point deadline) {
 
 Result<Json> Qmp::Execute(const std::string& command, const Json& arguments,
                           std::chrono::milliseconds timeout) {
-  Json msg = {{"execute", command}};
+  // An id per command: a reply that comes after its command timed out is recognised as
+  // stale and skipped, never taken for the answer to the next command.
+  const uint64_t id = ++next_id_;
+  Json msg = {{"execute", command}, {"id", id}};
   if (!arguments.empty()) msg["arguments"] = arguments;
   std::string text = msg.dump() + "\n";
   for (size_t off = 0; off < text.size();) {
@@ -103,9 +112,10 @@ Result<Json> Qmp::Execute(const std::string& command, const Json& arguments,
     auto m = ReadMessage(deadline);
     if (!m.ok()) return m.status().WithContext("waiting for the reply to " + command);
     if (m->contains("event")) {
-      events_.push_back(std::move(*m));
+      if (keep_events_) events_.push_back(std::move(*m));
       continue;
     }
+    if (m->value("id", uint64_t{0}) != id) continue;  // a stale reply
     if (m->contains("error")) {
       return Status::FailedPrecondition(command + ": " +
                                         (*m)["error"].value("desc", std::string("error")));

@@ -1,5 +1,6 @@
 #include "admin/vm_definition.h"
 
+#include <arpa/inet.h>
 #include <sys/stat.h>
 
 #include <nlohmann/json.hpp>
@@ -63,6 +64,39 @@ bool ValidMac(const std::string& mac) {
   }
   // A unicast address: the low bit of the first octet clear.
   return (std::stoi(mac.substr(0, 2), nullptr, 16) & 1) == 0;
+}
+
+// The engine settings a definition may carry: tuning only (see vm_definition.h).
+Status CheckTuning(const std::string& settings) {
+  static const std::set<std::string> kTuning = {
+      "interval_ms",     "output_spacing_ms", "heartbeat_ms",
+      "threshold_ms",    "sync_threshold_ms", "ack_timeout_ms",
+      "grant_window_ms", "fence_timeout_ms",  "delta",
+      "link_protection"};
+  size_t at = 0;
+  while (at < settings.size()) {
+    size_t end = settings.find(';', at);
+    if (end == std::string::npos) end = settings.size();
+    const std::string item = settings.substr(at, end - at);
+    at = end + 1;
+    if (item.empty()) continue;
+    const size_t eq = item.find('=');
+    bool plain = eq != std::string::npos && eq > 0;
+    for (char c : item) plain = plain && c != ',' && static_cast<unsigned char>(c) > ' ';
+    if (!plain) {
+      return Bad(
+          "'settings' of protection: key=value items separated by ';' (no ',' or spaces), "
+          "not '" +
+          item + "'");
+    }
+    if (kTuning.count(item.substr(0, eq)) == 0) {
+      std::string list;
+      for (const auto& k : kTuning) list += (list.empty() ? "" : ", ") + k;
+      return Bad("'settings' of protection may tune only " + list + "; '" + item.substr(0, eq) +
+                 "' is each host's own configuration (lockstepd's flags), not the VM's");
+    }
+  }
+  return Status::Ok();
 }
 
 bool ValidInterfaceName(const std::string& name) {
@@ -159,20 +193,16 @@ Result<VmDefinition> ParseVmDefinition(std::string_view json_text) {
   if (j.contains("protection")) {
     const json& p = j["protection"];
     if (!p.is_object()) return Bad("'protection' must be an object");
-    LOCKSTEP_RETURN_IF_ERROR(OnlyKnown(p, {"settings"}, " of protection"));
+    LOCKSTEP_RETURN_IF_ERROR(OnlyKnown(p, {"settings", "vip"}, " of protection"));
     LOCKSTEP_RETURN_IF_ERROR(ReadString(p, "settings", false, &d.protection_settings));
-    for (char c : d.protection_settings) {
-      if (c == ',' || static_cast<unsigned char>(c) <= ' ') {
-        return Bad(
-            "'settings' of protection: key=value items separated by ';', without ',' or "
-            "spaces");
+    LOCKSTEP_RETURN_IF_ERROR(ReadString(p, "vip", false, &d.vip));
+    LOCKSTEP_RETURN_IF_ERROR(CheckTuning(d.protection_settings));
+    if (!d.vip.empty()) {
+      unsigned char addr[16];
+      if (inet_pton(AF_INET, d.vip.c_str(), addr) != 1 &&
+          inet_pton(AF_INET6, d.vip.c_str(), addr) != 1) {
+        return Bad("'vip' of protection must be an IPv4 or IPv6 address, not '" + d.vip + "'");
       }
-    }
-    if (d.protection_settings.find("key_file=") != std::string::npos ||
-        d.protection_settings.find("pairing=") != std::string::npos) {
-      return Bad(
-          "'settings' of protection: key_file and pairing come from the hosts' pairing; "
-          "leave them out");
     }
   }
   return d;
@@ -196,7 +226,11 @@ std::string VmDefinitionJson(const VmDefinition& d) {
     nics.push_back(nic);
   }
   if (!nics.empty()) j["nics"] = nics;
-  if (!d.protection_settings.empty()) j["protection"] = {{"settings", d.protection_settings}};
+  if (!d.protection_settings.empty() || !d.vip.empty()) {
+    j["protection"] = json::object();
+    if (!d.protection_settings.empty()) j["protection"]["settings"] = d.protection_settings;
+    if (!d.vip.empty()) j["protection"]["vip"] = d.vip;
+  }
   return j.dump(2) + "\n";
 }
 

@@ -144,3 +144,34 @@ TEST_CASE("the QEMU command line: headless, QMP, console to a file, held output 
   CHECK(has("-object", "filter-lockstep,id=f1,netdev=n1,queue=rx"));
   CHECK(has("-device", "virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56"));
 }
+
+TEST_CASE("a definition may tune the engine, never decide who runs the VM", "[admin][definition]") {
+  json j = Good();
+  SECTION("tuning and a VIP are taken") {
+    j["protection"] = {{"settings", "interval_ms=20;threshold_ms=30;link_protection=aes-gcm"},
+                       {"vip", "10.9.0.50"}};
+    auto d = ParseVmDefinition(j.dump());
+    INFO(d.status().ToString());
+    REQUIRE(d.ok());
+    CHECK(d->vip == "10.9.0.50");
+    CHECK(ParseVmDefinition(VmDefinitionJson(*d)).ok());
+    return;
+  }
+  std::string setting;
+  SECTION("the witness") { setting = "witness=this-process"; }
+  SECTION("a fence command (run as root by the other host)") { setting = "fence_command=/bin/sh"; }
+  SECTION("the role") { setting = "interval_ms=20;role=primary"; }
+  SECTION("the key") { setting = "key_file=/tmp/k"; }
+  SECTION("a VIP with its interface") { setting = "vip=10.9.0.50@br0"; }
+  j["protection"] = {{"settings", setting}};
+  std::string why = Refusal(j);
+  INFO(why);
+  CHECK(why.find("may tune only") != std::string::npos);
+}
+
+TEST_CASE("a VIP must be an address", "[admin][definition]") {
+  json j = Good();
+  j["protection"] = {{"vip", "10.9.0.50@br0"}};
+  CHECK(Refusal(j).find("'vip' of protection must be an IPv4 or IPv6 address") !=
+        std::string::npos);
+}

@@ -4,13 +4,16 @@
 // Exit status: 0 done; 1 the daemon refused (the message says why and what to do);
 // 2 a usage error; 3 no daemon could be reached.
 #include <openssl/rand.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <boost/program_options.hpp>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "admin/control.h"
@@ -61,9 +64,9 @@ std::string Usage() {
 
 int Report(const std::string& command, const Status& s) {
   std::cerr << "lockstepctl " << command << ": " << s.message() << "\n";
-  return s.code() == Status::Code::kFailedPrecondition || s.code() == Status::Code::kInvalidArgument
-             ? kRefused
-             : kUnreachable;
+  if (s.code() == Status::Code::kPeerLost) return kUnreachable;  // no daemon answers there
+  if (s.code() == Status::Code::kInvalidArgument) return kUsage;
+  return kRefused;
 }
 
 // pair HOST_A HOST_B: both daemons get the same new key and each other's name and peer
@@ -103,7 +106,12 @@ int Pair(const std::string& a, const std::string& b, bool json) {
   }
   for (const std::string& s : {a, b}) {
     auto check = CallDaemon(s, {{"command", "pairing"}}, timeout);
-    if (!check.ok()) return Report("pair", check.status());
+    if (!check.ok()) {
+      // All or nothing: a pairing that does not work is not left behind.
+      (void)CallDaemon(a, {{"command", "unpair"}}, timeout);
+      (void)CallDaemon(b, {{"command", "unpair"}}, timeout);
+      return Report("pair", check.status());
+    }
   }
   const std::string ha = (*ida)["host"], hb = (*idb)["host"];
   if (json) {
@@ -112,6 +120,45 @@ int Pair(const std::string& a, const std::string& b, bool json) {
     std::printf("paired %s and %s: each proved it holds the new key\n", ha.c_str(), hb.c_str());
   }
   return 0;
+}
+
+// Polls the VM's status until the engine reports PROTECTED, drawing the initial
+// synchronization's progress on stderr when `bar` (guest RAM sent so far: the first epoch
+// carries every non-zero page, so the bar may stop short of 100% before it is done).
+Result<Json> WaitUntilProtected(const std::string& socket, const std::string& vm, bool bar) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(10);
+  for (;;) {
+    auto st = CallDaemon(socket, {{"command", "status"}, {"vm", vm}}, std::chrono::seconds(20));
+    if (!st.ok()) return st.status();
+    const Json& v = (*st)["vm"];
+    const std::string state = v["protection"].value("state", std::string());
+    if (bar) {
+      const double ram = v.value("memory_mib", 0.0) * (1 << 20);
+      const double sent = v.contains("lockstep") && !v["lockstep"].empty()
+                              ? v["lockstep"][0].value("bytes", 0.0)
+                              : 0;
+      const double done = state == "PROTECTED" ? 1.0 : std::min(0.99, ram > 0 ? sent / ram : 0);
+      const int filled = static_cast<int>(done * 30);
+      std::fprintf(stderr, "\rinitial sync [%s%s] %3.0f%%  %.0f MiB sent  %-10s",
+                   std::string(static_cast<size_t>(filled), '#').c_str(),
+                   std::string(static_cast<size_t>(30 - filled), '-').c_str(), done * 100,
+                   sent / (1 << 20), state.c_str());
+    }
+    if (state == "PROTECTED") {
+      if (bar) std::fprintf(stderr, "\n");
+      return v;
+    }
+    if (state != "IDLE" && state != "SYNCING") {
+      if (bar) std::fprintf(stderr, "\n");
+      return Status::FailedPrecondition("protection of " + vm + " ended " + state + ": " +
+                                        v["protection"].value("reason", std::string()));
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      return Status::TimedOut("VM " + vm + " not PROTECTED after 10 minutes (state " + state +
+                              "); lockstepctl status " + vm + " tells more");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
 }
 
 void PrintVmLine(const Json& v) {
@@ -197,6 +244,12 @@ int main(int argc, char** argv) {
   std::vector<std::string> positional;
   opts.add_options()("help,h", "this help")("json", "print the daemon's answer as JSON");
   if (command == "stop") opts.add_options()("force", "kill QEMU instead of asking it to quit");
+  if (command == "protect") {
+    opts.add_options()("no-wait",
+                       "return once protection started, without waiting for the initial "
+                       "synchronization (by default: wait, with a progress bar, until "
+                       "PROTECTED)");
+  }
   po::options_description hidden;  // the positional arguments: not listed in --help
   hidden.add_options()("args", po::value(&positional));
   po::options_description all;
@@ -216,7 +269,6 @@ int main(int argc, char** argv) {
     return 0;
   }
   json = json || vm.count("json");
-  if (!positional.empty() && positional[0] == command) positional.erase(positional.begin());
   size_t want = 0;  // the words of the usage line that are not [optional]
   {
     std::istringstream words(known->args);
@@ -250,13 +302,15 @@ int main(int argc, char** argv) {
   }
   if (command == "stop") request["force"] = vm.count("force") > 0;
 
-  auto answer = CallDaemon(socket_path, request, std::chrono::seconds(60));
-  if (!answer.ok()) {
-    std::cerr << "lockstepctl " << command << ": " << answer.status().message() << "\n";
-    const auto code = answer.status().code();
-    return code == Status::Code::kFailedPrecondition || code == Status::Code::kInvalidArgument
-               ? kRefused
-               : kUnreachable;
+  // protect waits for the paired host's daemon (its QEMU started) and for QEMU's object-add.
+  const auto timeout = command == "protect" || command == "unprotect" ? std::chrono::seconds(180)
+                                                                      : std::chrono::seconds(60);
+  auto answer = CallDaemon(socket_path, request, timeout);
+  if (!answer.ok()) return Report(command, answer.status());
+  if (command == "protect" && !vm.count("no-wait")) {
+    auto done = WaitUntilProtected(socket_path, positional[0], !json && isatty(STDERR_FILENO));
+    if (!done.ok()) return Report(command, done.status());
+    answer = Json{{"vm", *done}};
   }
   if (json) {
     Json out = *answer;

@@ -49,10 +49,15 @@ Result<int> ListenControl(const std::string& path) {
   std::error_code ec;
   const auto dir = std::filesystem::path(path).parent_path();
   if (!dir.empty()) {
-    std::filesystem::create_directories(dir, ec);
-    if (ec)
-      return Status::FailedPrecondition("cannot create " + dir.string() + ": " + ec.message());
-    chmod(dir.c_str(), 0700);
+    // A directory of its own is made root's; an existing one (/run, /tmp) is left as it
+    // is: the socket itself is 0600.
+    if (!std::filesystem::exists(dir, ec)) {
+      std::filesystem::create_directories(dir, ec);
+      if (ec) {
+        return Status::FailedPrecondition("cannot create " + dir.string() + ": " + ec.message());
+      }
+      chmod(dir.c_str(), 0700);
+    }
   }
   sockaddr_un a{};
   a.sun_family = AF_UNIX;
@@ -116,6 +121,11 @@ int main(int argc, char** argv) {
       "witness", po::value(&config.witness),
       "the witness both hosts ask on a fault: tcp:HOST:PORT (lockstep-witness) or "
       "etcd:HOST:PORT[+HOST:PORT...]; needed to protect")(
+      "vip-interface", po::value(&config.vip_interface),
+      "the interface this host puts a VM's VIP on (a VM definition names the address)")(
+      "fence-command", po::value(&config.fence_command),
+      "a program this host runs as `PROGRAM VM PEER_HOST` to power the other host off "
+      "before it takes a VM over (STONITH; absolute path)")(
       "replication-address", po::value(&config.replication_address),
       "this host's IPv4 address on the dedicated replication link, where its secondaries "
       "listen; needed to run secondaries")(

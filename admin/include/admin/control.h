@@ -11,13 +11,22 @@
 // A daemon that does not speak the request's "api" answers ok=false naming its own.
 //
 // Commands (arguments → results):
-//   list                         → "host", "vms": [VM summary...]
+//   identity                     → "host", "peer_address" (its peer API, "" if none)
+//   pair      "peer_host", "peer_address", "pairing_id" (32 hex), "key" (64 hex)
+//                                → refused if this host is paired already
+//   unpair                       → forgets the pairing (pairing.json, pairing.key)
+//   pairing                      → "host", "pairing": checked live with the paired host
+//   list                         → "host", "pairing", "vms": [VM summary...]
 //   status    "vm"               → "vm": VM status
 //   define    "definition": {…}  → "vm": summary (admin/vm_definition.h; refused if the
 //                                   name is taken)
 //   undefine  "vm"               → refused while the VM runs
-//   start     "vm"               → "vm": status, once QEMU answers on QMP
+//   start     "vm"               → "vm": status, once QEMU answers on QMP (refused for a
+//                                   secondary copy)
 //   stop      "vm", "force"?     → QMP quit (force: SIGKILL at once); waits for the exit
+//   protect   "vm"               → "vm": status; starts the secondary on the paired host
+//                                   and the engine here (also re-protects after a failover)
+//   unprotect "vm"               → "vm": status; only on the primary's host
 // VM summary: "name", "state" ("stopped" | "running" | "paused" | "unreachable"), "pid"
 // (when running), "protection": {"state": "UNPROTECTED" or the engine's state,
 // "reason": why it is not protected}. VM status adds "memory_mib", "vcpus", "qemu_log",

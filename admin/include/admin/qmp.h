@@ -38,12 +38,19 @@ class Qmp {
   // An event's QEMU timestamp as seconds since the Unix epoch (CLOCK_REALTIME).
   static double EventTime(const Json& event);
 
+  // Whether events read while waiting for a reply are kept for WaitForEvent (default).
+  // A long-lived user that never waits for events (lockstepd) turns this off: a protected
+  // guest stops and resumes ~100 times a second, and each is an event.
+  void set_keep_events(bool keep) { keep_events_ = keep; }
+
  private:
   explicit Qmp(int fd) : fd_(fd) {}
   Result<Json> ReadMessage(std::chrono::steady_clock::time_point deadline);
   int fd_ = -1;
   std::string buffer_;
   std::deque<Json> events_;
+  bool keep_events_ = true;
+  uint64_t next_id_ = 0;
 };
 
 }  // namespace lockstep::admin

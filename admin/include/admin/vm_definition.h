@@ -14,10 +14,15 @@
 //                   "user_forward": [{"host": "ADDR:PORT", "guest": PORT}, ...]
 //                                          QEMU user networking with forwarded TCP ports
 //                                          (for trying things out)}
-//   "protection"  {"settings": "key=value;..."} (optional): the engine's settings for this
-//                 VM when it is protected (docs/qemu-plugin.md: interval_ms, threshold_ms,
-//                 vip=ADDR@IFACE, fence_command, link_protection, ...); the daemon adds
-//                 the pairing's key_file and pairing id itself
+//   "protection"  {"settings": "key=value;...", "vip": "ADDRESS"} (optional): the
+//                 engine's tuning for this VM when it is protected — only interval_ms,
+//                 output_spacing_ms, heartbeat_ms, threshold_ms, sync_threshold_ms,
+//                 ack_timeout_ms, grant_window_ms, fence_timeout_ms, delta and
+//                 link_protection (docs/qemu-plugin.md) — and a host-level VIP that follows
+//                 the active replica. Everything that decides who may run the VM (role,
+//                 witness, key, pairing, fence command) or where (the VIP's interface) is
+//                 each host's own configuration, never the definition's: the paired host
+//                 sends the definition
 // Example (the repository's test guest): admin/examples/demo-vm.json.
 #pragma once
 
@@ -48,6 +53,7 @@ struct VmDefinition {
   std::string kernel, initrd, append;
   std::vector<Nic> nics;
   std::string protection_settings;
+  std::string vip;  // IPv4 or IPv6 address, "" = none
 };
 
 // Parses and checks a definition. kInvalidArgument naming the member and what it must be;

@@ -169,7 +169,18 @@ Status RunDemo(const Flags& f) {
   std::filesystem::create_directories(work);
   struct Cleanup {
     std::string dir;
-    ~Cleanup() { std::filesystem::remove_all(dir); }
+    ~Cleanup() {
+      // The VMs run in sessions of their own (lockstepd's design): whatever a failed run
+      // left behind is killed from the daemons' pid files.
+      for (const char* host : {"/a/vms", "/b/vms"}) {
+        std::error_code ec;
+        for (const auto& vm : std::filesystem::directory_iterator(dir + host, ec)) {
+          pid_t pid = 0;
+          if (std::ifstream(vm.path() / "qemu.pid") >> pid && pid > 0) kill(pid, SIGKILL);
+        }
+      }
+      std::filesystem::remove_all(dir);
+    }
   } cleanup{work};
   auto witness = ChildProcess::Start(
       {LOCKSTEP_WITNESS_PATH, "--listen", kWitnessAt, "--state", work + "/witness.state"},

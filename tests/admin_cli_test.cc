@@ -1,7 +1,10 @@
 // The admin plane end to end: the real lockstepd and lockstepctl binaries, the real guest
 // in lockstep's QEMU. Define, start, status, a daemon killed and restarted under a running
 // VM, stop, and bad input that changes nothing.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -57,6 +60,31 @@ json CtlJson(const std::string& socket, std::vector<std::string> args) {
 
 bool Alive(pid_t pid) { return kill(pid, 0) == 0; }
 
+// GET /metrics from 127.0.0.1:`port` (in `netns`, if given): the body, or "" on failure.
+std::string Scrape(int port, const std::string& netns = "") {
+  auto get = [port]() -> lockstep::Result<std::string> {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    std::string reply;
+    if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+      const std::string req = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+      if (write(fd, req.data(), req.size()) == static_cast<ssize_t>(req.size())) {
+        char buf[4096];
+        ssize_t n;
+        while ((n = read(fd, buf, sizeof buf)) > 0) reply.append(buf, static_cast<size_t>(n));
+      }
+    }
+    close(fd);
+    size_t body = reply.find("\r\n\r\n");
+    return body == std::string::npos ? std::string() : reply.substr(body + 4);
+  };
+  auto r = lockstep::testbed::InNamespace<std::string>(netns, get);
+  return r.ok() ? *r : "";
+}
+
 struct Host {
   explicit Host(std::string id = "hostA", std::string ns = "", std::vector<std::string> flags = {})
       : host_id(std::move(id)), netns(std::move(ns)), extra_flags(std::move(flags)) {
@@ -66,7 +94,13 @@ struct Host {
     state = dir + "/state";
   }
   ~Host() {
-    // Whatever a test left running goes; the daemon last.
+    // Whatever a test left running goes, also after a failed REQUIRE: every QEMU the daemon
+    // recorded (they live in sessions of their own), then the daemon.
+    std::error_code ec;
+    for (const auto& vm : std::filesystem::directory_iterator(state + "/vms", ec)) {
+      pid_t pid = 0;
+      if (std::ifstream(vm.path() / "qemu.pid") >> pid && pid > 0) qemu_pids.push_back(pid);
+    }
     for (pid_t pid : qemu_pids) kill(pid, SIGKILL);
     daemon.reset();
     std::filesystem::remove_all(dir);
@@ -78,6 +112,7 @@ struct Host {
       argv.insert(argv.end(), {"--peer-listen", "127.0.0.1:" + std::to_string(peer_port)});
     }
     argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
+    argv.insert(argv.end(), {"--metrics-listen", "127.0.0.1:" + std::to_string(metrics_port)});
     auto d =
         ChildProcess::Start(argv, netns, dir + "/lockstepd-" + std::to_string(++starts) + ".log");
     INFO(d.status().ToString());
@@ -104,6 +139,7 @@ struct Host {
   std::vector<std::string> extra_flags;
   std::string dir, socket, state;
   int peer_port = lockstep::testing::FreePort();  // the same across restarts
+  int metrics_port = lockstep::testing::FreePort();
   std::unique_ptr<ChildProcess> daemon;
   std::vector<pid_t> qemu_pids;
   int starts = 0;
@@ -138,6 +174,14 @@ TEST_CASE("lockstepctl and lockstepd: define, start, status, restart the daemon,
   INFO(client.status().ToString());
   REQUIRE(client.ok());
   REQUIRE((*client)->WaitForReplies(5, 60s));
+
+  // Prometheus sees it too.
+  const std::string metrics = Scrape(h.metrics_port);
+  INFO(metrics);
+  CHECK(metrics.find("lockstep_vm_running{vm=\"web1\"} 1") != std::string::npos);
+  CHECK(metrics.find("lockstep_protection_state{vm=\"web1\",state=\"UNPROTECTED\",role=\"\"} 1") !=
+        std::string::npos);
+  CHECK(metrics.find("# TYPE lockstep_pause_seconds summary") != std::string::npos);
 
   // The daemon dies hard; the VM does not notice.
   h.daemon->Kill(SIGKILL);
@@ -390,6 +434,14 @@ TEST_CASE(
   CHECK(sec["vm"]["lockstep"][0]["role"] == "secondary");
   Ran human = Ctl(a.socket, {"status", "web1"});
   CHECK(human.out.find("role        primary") != std::string::npos);
+  const std::string metrics = Scrape(a.metrics_port, a.netns);
+  INFO(metrics);
+  CHECK(metrics.find(
+            "lockstep_protection_state{vm=\"web1\",state=\"PROTECTED\",role=\"primary\"} 1") !=
+        std::string::npos);
+  CHECK(metrics.find("lockstep_epochs_total{vm=\"web1\"}") != std::string::npos);
+  CHECK(metrics.find("lockstep_pause_seconds{vm=\"web1\",quantile=\"0.99\"}") != std::string::npos);
+  CHECK(metrics.find("lockstepd_paired{host=\"hostA\"} 1") != std::string::npos);
   Ran twice = Ctl(a.socket, {"protect", "web1"});
   CHECK(twice.exit == 1);
   CHECK(twice.out.find("already protected") != std::string::npos);

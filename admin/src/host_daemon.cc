@@ -83,6 +83,9 @@ Result<pid_t> SpawnDetached(const std::vector<std::string>& argv, const std::str
   posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
   posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
   posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  // Nothing else of the daemon's: QEMU outlives it, and must not keep its sockets (a port a
+  // restarted daemon wants again) whatever a library forgot to mark close-on-exec.
+  posix_spawn_file_actions_addclosefrom_np(&actions, 3);
   sigset_t none, defaults;
   sigemptyset(&none);
   sigemptyset(&defaults);
@@ -420,6 +423,93 @@ Result<Json> HostDaemon::Stop(const std::string& name, bool force) {
   vm.note.clear();
   unlink((VmDir(name) + "/qemu.pid").c_str());
   return Json::object();
+}
+
+std::string HostDaemon::MetricsText() {
+  std::string out;
+  auto family = [&out](const char* name, const char* type, const char* help) {
+    out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
+  };
+  auto sample = [&out](const std::string& name, const std::string& labels, double value) {
+    char v[64];
+    std::snprintf(v, sizeof v, "%.9g", value);
+    out += name + "{" + labels + "} " + v + "\n";
+  };
+  const bool paired = CurrentPairing().has_value();
+  std::lock_guard<std::mutex> lock(mu_);
+  // One row per VM and family; the engine's numbers where it has an object.
+  struct Row {
+    std::string labels;
+    bool running = false;
+    Json engine;  // query-lockstep's entry, or null
+  };
+  std::vector<Row> rows;
+  for (auto& [name, vm] : vms_) {
+    Row r;
+    r.labels = "vm=\"" + name + "\"";  // VM names are [A-Za-z0-9._-]: nothing to escape
+    r.running = Alive(vm);
+    if (r.running && vm.qmp) {
+      auto ls = vm.qmp->Execute("query-lockstep", Json::object(), 5s);
+      if (ls.ok() && ls->is_array() && !ls->empty()) r.engine = (*ls)[0];
+    }
+    rows.push_back(std::move(r));
+  }
+  family("lockstepd_paired", "gauge", "1 if this host is paired with another");
+  sample("lockstepd_paired", "host=\"" + config_.host_id + "\"", paired ? 1 : 0);
+  family("lockstep_vm_running", "gauge", "1 if the VM's QEMU runs on this host");
+  for (const Row& r : rows) sample("lockstep_vm_running", r.labels, r.running ? 1 : 0);
+  family("lockstep_protection_state", "gauge",
+         "1 for the engine's current state (UNPROTECTED: no engine object)");
+  for (const Row& r : rows) {
+    const std::string state = r.engine.is_object() ? r.engine.value("state", std::string("?"))
+                                                   : std::string("UNPROTECTED");
+    const std::string role = r.engine.is_object() ? r.engine.value("role", std::string()) : "";
+    sample("lockstep_protection_state", r.labels + ",state=\"" + state + "\",role=\"" + role + "\"",
+           1);
+  }
+  struct Counter {
+    const char* metric;
+    const char* type;
+    const char* help;
+    const char* field;
+    double scale;
+  };
+  const Counter counters[] = {
+      {"lockstep_epochs_total", "counter", "epochs sent (primary) or applied (secondary)", "epochs",
+       1},
+      {"lockstep_epoch", "gauge", "the last epoch captured", "epoch", 1},
+      {"lockstep_acked_epoch", "gauge", "the last epoch the secondary acknowledged", "acked-epoch",
+       1},
+      {"lockstep_lag_epochs", "gauge", "epochs captured but not yet acknowledged", "lag-epochs", 1},
+      {"lockstep_bytes_total", "counter", "replication bytes sent or received", "bytes", 1},
+      {"lockstep_last_pause_seconds", "gauge", "the last checkpoint pause", "last-pause-us", 1e-6},
+  };
+  for (const Counter& c : counters) {
+    family(c.metric, c.type, c.help);
+    for (const Row& r : rows) {
+      if (r.engine.is_object() && r.engine.contains(c.field)) {
+        sample(c.metric, r.labels, r.engine[c.field].get<double>() * c.scale);
+      }
+    }
+  }
+  // The engine keeps percentiles over its recent pauses, not buckets: a summary.
+  family("lockstep_pause_seconds", "summary", "checkpoint pauses (recent window)");
+  family("lockstep_output_held_seconds", "summary",
+         "from the end of a pause to its acknowledgement: how long output is held");
+  for (const Row& r : rows) {
+    if (!r.engine.is_object()) continue;
+    for (auto [q, field] : {std::pair{"0.5", "pause-p50-us"}, std::pair{"0.99", "pause-p99-us"}}) {
+      if (r.engine.contains(field)) {
+        sample("lockstep_pause_seconds", r.labels + ",quantile=\"" + q + "\"",
+               r.engine[field].get<double>() * 1e-6);
+      }
+    }
+    if (r.engine.contains("ack-latency-p50-us")) {
+      sample("lockstep_output_held_seconds", r.labels + ",quantile=\"0.5\"",
+             r.engine["ack-latency-p50-us"].get<double>() * 1e-6);
+    }
+  }
+  return out;
 }
 
 std::optional<Pairing> HostDaemon::CurrentPairing() {

@@ -61,6 +61,10 @@ class HostDaemon {
   // Collects the exit of QEMU processes this daemon started (they are its children).
   void ReapChildren();
 
+  // This host's metrics in Prometheus' text format (version 0.0.4): per VM whether it
+  // runs, its protection state and role, and the engine's counters and latencies.
+  std::string MetricsText();
+
   // Serves one connection of the peer API (admin/peer_link.h): handshake, one request.
   void ServePeer(std::unique_ptr<channel::Channel> link);
 

@@ -22,6 +22,7 @@
 #include "control_io.h"
 #include "daemon_log.h"
 #include "host_daemon.h"
+#include "metrics_server.h"
 #include "replication_channel/tcp.h"
 
 #ifndef LOCKSTEP_PLUGIN_PATH
@@ -100,7 +101,7 @@ void Serve(HostDaemon& daemon, int fd) {
 
 int main(int argc, char** argv) {
   DaemonConfig config;
-  std::string socket_path, peer_listen;
+  std::string socket_path, peer_listen, metrics_listen;
   std::vector<std::string> data_dirs;
   char host[256] = {};
   gethostname(host, sizeof host - 1);
@@ -121,6 +122,9 @@ int main(int argc, char** argv) {
       "witness", po::value(&config.witness),
       "the witness both hosts ask on a fault: tcp:HOST:PORT (lockstep-witness) or "
       "etcd:HOST:PORT[+HOST:PORT...]; needed to protect")(
+      "metrics-listen", po::value(&metrics_listen),
+      "ADDR:PORT for Prometheus: GET /metrics (per VM: running, protection state and role, "
+      "epochs, lag, bytes, pause and output-held quantiles)")(
       "vip-interface", po::value(&config.vip_interface),
       "the interface this host puts a VM's VIP on (a VM definition names the address)")(
       "fence-command", po::value(&config.fence_command),
@@ -175,11 +179,18 @@ int main(int argc, char** argv) {
   if (!daemon.ok()) return Die(daemon.status().message());
   auto listen_fd = ListenControl(socket_path);
   if (!listen_fd.ok()) return Die(listen_fd.status().message());
+  std::unique_ptr<MetricsServer> metrics;
+  if (!metrics_listen.empty()) {
+    auto m = MetricsServer::Start(metrics_listen, [&d = **daemon] { return d.MetricsText(); });
+    if (!m.ok()) return Die(m.status().message());
+    metrics = std::move(*m);
+  }
   LogEvent("info", "started",
            {{"host", config.host_id},
             {"socket", socket_path},
             {"state", config.state_dir},
-            {"peer_api", config.peer_address}});
+            {"peer_api", config.peer_address},
+            {"metrics", metrics ? metrics->address() : std::string()}});
   // The peer API on a thread of its own: a request from the paired host must not wait for
   // a local command that is itself waiting for that host.
   std::atomic<bool> stopping{false};
@@ -216,6 +227,7 @@ int main(int argc, char** argv) {
   stopping = true;
   if (peer_listener) peer_listener->Abort();
   if (peer_thread.joinable()) peer_thread.join();
+  metrics.reset();
   unlink(socket_path.c_str());
   LogEvent("info", "stopped", {{"vms", "left running"}});
   return 0;

@@ -321,11 +321,25 @@ Status RunDemo(const Flags& f) {
   }
   std::printf("  (host-b's takeover: %s)\n\n",
               active["protection"].value("reason", std::string()).c_str());
+  // host-a's daemon is still there: host-b protects the VM again by itself, host-a's old
+  // copy becoming the secondary, while the client goes on. (Had host-a died whole, host-b
+  // would do it when host-a's lockstepd is back.)
+  const auto reprotect_from = std::chrono::steady_clock::now();
+  bool reprotected = false;
+  while (!reprotected && std::chrono::steady_clock::now() - reprotect_from < 60s) {
+    auto sa = VmStatus(a, "demo");
+    reprotected = sa.ok() && (*sa)["protection"].value("state", std::string()) == "PROTECTED";
+    if (!reprotected) std::this_thread::sleep_for(100ms);
+  }
+  std::printf(
+      "  (re-protected automatically %.1f s after the takeover)\n\n",
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - reprotect_from).count());
   if (Status s = run(b, {"list"}); !s.ok()) return s;
   if (Status s = run(a, {"list"}); !s.ok()) return s;
+  if (!reprotected) return fail(Status::TimedOut("the VM was not re-protected within 60 s"));
 
-  // Let the client run on the survivor for a while: a takeover that only looks good for one
-  // reply is not a takeover.
+  // Let the client run on for a while: a takeover that only looks good for one reply is
+  // not a takeover.
   std::this_thread::sleep_for(2s);
   const uint64_t after = c.replies() - before;
   const uint64_t inconsistent = c.inconsistent();
@@ -335,8 +349,8 @@ Status RunDemo(const Flags& f) {
   std::printf("verdict:\n");
   std::printf("  replies before the kill   %8llu\n", static_cast<unsigned long long>(before));
   std::printf(
-      "  replies after the kill    %8llu  (from the survivor in ~2 s, unprotected: no output "
-      "held)\n",
+      "  replies after the kill    %8llu  (from the survivor, unprotected and then protected "
+      "again)\n",
       static_cast<unsigned long long>(after));
   std::printf("  inconsistent replies      %8llu  (lost, repeated or rolled back; must be 0)\n",
               static_cast<unsigned long long>(inconsistent));
@@ -344,8 +358,9 @@ Status RunDemo(const Flags& f) {
               error.empty() ? "" : "  ", error.c_str());
   std::printf("  longest wait for a reply  %8.1f ms\n", Ms(c.LongestGapAfterMark()));
   c.Stop();
-  // The survivor's QEMU belongs to host-b's daemon, in a session of its own: stop it.
+  // The VMs run in sessions of their own (lockstepd's design): stop both copies.
   (void)Ctl(b, {"stop", "demo", "--force"}, /*show=*/false);
+  (void)Ctl(a, {"stop", "demo", "--force"}, /*show=*/false);
   if (after == 0 || inconsistent != 0 || !error.empty()) {
     return fail(Status::Aborted("the guest did not survive the loss of its primary intact"));
   }

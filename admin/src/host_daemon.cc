@@ -425,6 +425,40 @@ Result<Json> HostDaemon::Stop(const std::string& name, bool force) {
   return Json::object();
 }
 
+void HostDaemon::ReprotectLostVms() {
+  auto pairing = CurrentPairing();
+  if (!pairing) return;
+  std::vector<std::string> lost;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [name, vm] : vms_) {
+      const auto [role, state] = EngineRole(vm);
+      if (state == "ACTIVE" || state == "PRIMARY_ALONE") lost.push_back(name);
+    }
+  }
+  if (lost.empty()) return;
+  // Is the other host back? Asked without the VMs' lock: a host that is down costs a
+  // timeout, which must not hold up the control API.
+  auto ch = ConnectPeer(config_.host_id, *pairing, 1s);
+  Status back = ch.ok() ? SendJson(**ch, {{"command", "ping"}}) : ch.status();
+  if (back.ok()) {
+    auto pong = ReceiveJson(**ch, 2s);
+    if (!pong.ok() || !pong->value("ok", false)) back = Status::PeerLost("no answer to a ping");
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const std::string& name : lost) {
+    std::string& last = reprotect_errors_[name];
+    Result<Json> again = back.ok() ? Protect(name) : Result<Json>(back);
+    if (again.ok()) {
+      LogEvent("info", "vm_reprotected", {{"vm", name}, {"with", pairing->peer_host}});
+      last.clear();
+    } else if (again.status().message() != last) {
+      last = again.status().message();
+      LogEvent("warn", "reprotect_waiting", {{"vm", name}, {"why", last}});
+    }
+  }
+}
+
 std::string HostDaemon::MetricsText() {
   std::string out;
   auto family = [&out](const char* name, const char* type, const char* help) {

@@ -61,6 +61,12 @@ class HostDaemon {
   // Collects the exit of QEMU processes this daemon started (they are its children).
   void ReapChildren();
 
+  // Automatic re-protection: every VM running here that lost its protection by a fault
+  // (the engine ACTIVE after a takeover, or PRIMARY_ALONE) is protected again as soon as
+  // the paired host's daemon answers. Call it now and then (lockstepd: every 2 s, on a
+  // thread of its own); each attempt that fails is logged once per distinct reason.
+  void ReprotectLostVms();
+
   // This host's metrics in Prometheus' text format (version 0.0.4): per VM whether it
   // runs, its protection state and role, and the engine's counters and latencies.
   std::string MetricsText();
@@ -123,6 +129,7 @@ class HostDaemon {
   std::mutex pairing_mu_;
   std::optional<Pairing> pairing_;  // GUARDED_BY(pairing_mu_)
   std::string pairing_note_;        // the last check's outcome; GUARDED_BY(pairing_mu_)
+  std::map<std::string, std::string> reprotect_errors_;  // last reason per VM; GUARDED_BY(mu_)
 };
 
 }  // namespace lockstep::admin

@@ -204,6 +204,15 @@ int main(int argc, char** argv) {
     });
   }
 
+  // Re-protection after a failover, as soon as the other host is back.
+  std::thread reprotect_thread([&] {
+    while (!stopping.load()) {
+      (*daemon)->ReprotectLostVms();
+      for (int i = 0; i < 20 && !stopping.load(); ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
+
   for (;;) {
     pollfd p[2] = {{*listen_fd, POLLIN, 0}, {sigfd, POLLIN, 0}};
     int r = poll(p, 2, 1000);
@@ -227,6 +236,7 @@ int main(int argc, char** argv) {
   stopping = true;
   if (peer_listener) peer_listener->Abort();
   if (peer_thread.joinable()) peer_thread.join();
+  reprotect_thread.join();
   metrics.reset();
   unlink(socket_path.c_str());
   LogEvent("info", "stopped", {{"vms", "left running"}});

@@ -311,6 +311,9 @@ Result<Json> HostDaemon::Define(const Json& definition) {
 Result<Json> HostDaemon::Undefine(const std::string& name) {
   auto vm = Find(name);
   if (!vm.ok()) return vm.status();
+  if (busy_.count(name)) {
+    return Status::FailedPrecondition("VM '" + name + "' is being protected; wait for that");
+  }
   if (Alive(**vm)) {
     return Status::FailedPrecondition("VM '" + name + "' is running (pid " +
                                       std::to_string((*vm)->pid) + "); stop it first");
@@ -445,7 +448,6 @@ void HostDaemon::ReprotectLostVms() {
     auto pong = ReceiveJson(**ch, 2s);
     if (!pong.ok() || !pong->value("ok", false)) back = Status::PeerLost("no answer to a ping");
   }
-  std::lock_guard<std::mutex> lock(mu_);
   for (const std::string& name : lost) {
     std::string& last = reprotect_errors_[name];
     Result<Json> again = back.ok() ? Protect(name) : Result<Json>(back);
@@ -717,34 +719,44 @@ Status HostDaemon::SetMark(const std::string& name, const char* file, std::strin
   return Status::Ok();
 }
 
+Result<std::string> HostDaemon::PrepareOnPeer(const Pairing& pairing,
+                                              const std::string& definition) {
+  auto ch = ConnectPeer(config_.host_id, pairing, 10s);
+  if (!ch.ok()) return ch.status();
+  LOCKSTEP_RETURN_IF_ERROR(
+      SendJson(**ch, {{"command", "prepare-secondary"}, {"definition", Json::parse(definition)}}));
+  auto prepared = ReceiveJson(**ch, 60s);
+  if (!prepared.ok()) return prepared.status().WithContext("waiting for " + pairing.peer_host);
+  if (!prepared->value("ok", false)) {
+    return Status::FailedPrecondition(pairing.peer_host + " cannot run the secondary: " +
+                                      prepared->value("error", std::string("no reason")));
+  }
+  return prepared->value("listen", std::string());
+}
+
+Status HostDaemon::DiscardOnPeer(const Pairing& pairing, const std::string& name) {
+  auto ch = ConnectPeer(config_.host_id, pairing, 10s);
+  if (!ch.ok()) return ch.status();
+  LOCKSTEP_RETURN_IF_ERROR(SendJson(**ch, {{"command", "discard-secondary"}, {"vm", name}}));
+  auto done = ReceiveJson(**ch, 30s);
+  if (!done.ok()) return done.status();
+  if (!done->value("ok", false)) {
+    return Status::FailedPrecondition(done->value("error", std::string("refused")));
+  }
+  return Status::Ok();
+}
+
 Result<Json> HostDaemon::Protect(const std::string& name) {
+  std::unique_lock<std::mutex> lock(mu_);
   auto found = Find(name);
   if (!found.ok()) return found.status();
   Vm& vm = **found;
   if (!Alive(vm) || !vm.qmp) {
     return Status::FailedPrecondition("VM '" + name + "' is not running here; start it first");
   }
-  auto objects = vm.qmp->Execute("query-lockstep", Json::object(), 5s);
-  if (objects.ok() && objects->is_array() && !objects->empty()) {
-    const std::string state = (*objects)[0].value("state", std::string("?"));
-    if (state == "FENCED" || state == "FAILED") {
-      return Status::FailedPrecondition("VM '" + name + "' here ended " + state +
-                                        ": this copy must not run on; stop it (lockstepctl stop)");
-    }
-    if (state != "ACTIVE" && state != "PRIMARY_ALONE" && state != "STOPPED") {
-      return Status::FailedPrecondition("VM '" + name + "' is already protected (state " + state +
-                                        "); unprotect it first");
-    }
-    // Re-protection: the VM runs here after a failover (ACTIVE), or alone (PRIMARY_ALONE),
-    // or protection was ended. The old engine object goes; a new primary one comes below.
-    auto removed = vm.qmp->Execute("object-del", {{"id", "ft0"}}, 30s);
-    if (!removed.ok()) {
-      return Status::FailedPrecondition("VM '" + name +
-                                        "': removing the engine of its last "
-                                        "protection failed: " +
-                                        removed.status().message());
-    }
-    LogEvent("info", "vm_reprotecting", {{"vm", name}, {"after", state}});
+  if (busy_.count(name)) {
+    return Status::FailedPrecondition("VM '" + name + "' is being protected or unprotected " +
+                                      "already; wait for that to finish");
   }
   auto pairing = CurrentPairing();
   if (!pairing) {
@@ -759,53 +771,83 @@ Result<Json> HostDaemon::Protect(const std::string& name) {
     return Status::FailedPrecondition(
         "this lockstepd has no --witness (and --plugin): protection needs both");
   }
-  // The secondary first: its QEMU, paused, listening on its host's replication address.
-  auto ch = ConnectPeer(config_.host_id, *pairing, 10s);
-  if (!ch.ok()) return ch.status().WithContext("protecting VM '" + name + "'");
-  LOCKSTEP_RETURN_IF_ERROR(SendJson(**ch, {{"command", "prepare-secondary"},
-                                           {"definition", Json::parse(VmDefinitionJson(vm.def))}}));
-  auto prepared = ReceiveJson(**ch, 60s);
-  if (!prepared.ok()) return prepared.status().WithContext("waiting for " + pairing->peer_host);
-  if (!prepared->value("ok", false)) {
-    return Status::FailedPrecondition(pairing->peer_host + " cannot run the secondary: " +
-                                      prepared->value("error", std::string("no reason")));
+  std::string old_engine;  // the state of the engine of an earlier protection, if any
+  auto objects = vm.qmp->Execute("query-lockstep", Json::object(), 5s);
+  if (objects.ok() && objects->is_array() && !objects->empty()) {
+    old_engine = (*objects)[0].value("state", std::string("?"));
+    if (old_engine == "FENCED" || old_engine == "FAILED") {
+      return Status::FailedPrecondition("VM '" + name + "' here ended " + old_engine +
+                                        ": this copy must not run on; stop it (lockstepctl stop)");
+    }
+    if (old_engine != "ACTIVE" && old_engine != "PRIMARY_ALONE" && old_engine != "STOPPED") {
+      return Status::FailedPrecondition("VM '" + name + "' is already protected (state " +
+                                        old_engine + "); unprotect it first");
+    }
   }
-  const std::string listen = prepared->value("listen", std::string());
+  busy_.insert(name);
+  const std::string definition = VmDefinitionJson(vm.def);
+  const std::string settings = EngineSettings(vm.def, *pairing);
+  // The secondary first — its QEMU, paused, listening on its host's replication address —
+  // without the VMs' lock: the other host's daemon may be asking this one meanwhile.
+  lock.unlock();
+  auto listen = PrepareOnPeer(*pairing, definition);
+  lock.lock();
+  busy_.erase(name);
+  if (!listen.ok()) return listen.status().WithContext("protecting VM '" + name + "'");
   // Then the engine in the running primary: it connects, pairs and starts the initial
   // synchronization; the guest runs on.
-  Json object = {{"qom-type", "lockstep"},
-                 {"id", "ft0"},
-                 {"plugin", config_.plugin},
-                 {"role", "primary"},
-                 {"vm", name},
-                 {"host", config_.host_id},
-                 {"peer", listen},
-                 {"witness", config_.witness},
-                 {"settings", EngineSettings(vm.def, *pairing)}};
-  auto added = vm.qmp->Execute("object-add", object, 60s);
+  found = Find(name);
+  Result<Json> added = Status::Aborted("VM '" + name + "' went away meanwhile");
+  if (found.ok() && Alive(**found) && (*found)->qmp && !old_engine.empty()) {
+    // Re-protection: the VM runs here after a failover (ACTIVE), or alone (PRIMARY_ALONE),
+    // or protection was ended. The old engine object goes only now that a secondary waits.
+    added = (*found)->qmp->Execute("object-del", {{"id", "ft0"}}, 30s);
+    if (added.ok()) LogEvent("info", "vm_reprotecting", {{"vm", name}, {"after", old_engine}});
+  }
+  if (found.ok() && Alive(**found) && (*found)->qmp && (added.ok() || old_engine.empty())) {
+    Json object = {{"qom-type", "lockstep"},
+                   {"id", "ft0"},
+                   {"plugin", config_.plugin},
+                   {"role", "primary"},
+                   {"vm", name},
+                   {"host", config_.host_id},
+                   {"peer", *listen},
+                   {"witness", config_.witness},
+                   {"settings", settings}};
+    added = (*found)->qmp->Execute("object-add", object, 60s);
+  }
   if (!added.ok()) {
-    if (auto discard = ConnectPeer(config_.host_id, *pairing, 10s); discard.ok()) {
-      (void)SendJson(**discard, {{"command", "discard-secondary"}, {"vm", name}});
-      (void)ReceiveJson(**discard, 30s);
+    lock.unlock();
+    Status discarded = DiscardOnPeer(*pairing, name);
+    if (!discarded.ok()) {
+      LogEvent("warn", "secondary_left", {{"vm", name}, {"why", discarded.message()}});
     }
     return Status::FailedPrecondition("QEMU refused to start protecting VM '" + name +
                                       "': " + added.status().message());
   }
+  Vm& primary = **found;
   // This copy is the primary now (after a failover it was the other's secondary).
-  Status marked = SetMark(name, "secondary_of", &vm.secondary_of, "");
-  if (marked.ok()) marked = SetMark(name, "protected_with", &vm.protected_with, pairing->peer_host);
+  Status marked = SetMark(name, "secondary_of", &primary.secondary_of, "");
+  if (marked.ok()) {
+    marked = SetMark(name, "protected_with", &primary.protected_with, pairing->peer_host);
+  }
   if (!marked.ok()) LogEvent("warn", "vm_mark_failed", {{"vm", name}, {"why", marked.message()}});
   LogEvent("info", "vm_protecting",
-           {{"vm", name}, {"secondary", pairing->peer_host}, {"listen", listen}});
-  return Describe(name, vm);
+           {{"vm", name}, {"secondary", pairing->peer_host}, {"listen", *listen}});
+  return Describe(name, primary);
 }
 
 Result<Json> HostDaemon::Unprotect(const std::string& name) {
+  std::unique_lock<std::mutex> lock(mu_);
   auto found = Find(name);
   if (!found.ok()) return found.status();
   Vm& vm = **found;
   if (!Alive(vm) || !vm.qmp)
     return Status::FailedPrecondition("VM '" + name + "' is not running here");
+  if (busy_.count(name)) {
+    return Status::FailedPrecondition("VM '" + name + "' is being protected or unprotected " +
+                                      "already; wait for that to finish");
+  }
   const auto [role, state] = EngineRole(vm);
   if (role != "primary") {
     return Status::FailedPrecondition(
@@ -819,23 +861,16 @@ Result<Json> HostDaemon::Unprotect(const std::string& name) {
     return Status::FailedPrecondition("VM '" + name + "' is not protected here (" +
                                       removed.status().message() + ")");
   }
-  std::string secondary_note;
-  if (auto pairing = CurrentPairing()) {
-    auto ch = ConnectPeer(config_.host_id, *pairing, 10s);
-    Result<Json> done =
-        ch.ok() && SendJson(**ch, {{"command", "discard-secondary"}, {"vm", name}}).ok()
-            ? ReceiveJson(**ch, 30s)
-            : Result<Json>(ch.ok() ? Status::PeerLost("the peer closed") : ch.status());
-    if (!done.ok() || !done->value("ok", false)) {
-      secondary_note = "; the secondary's QEMU on " + pairing->peer_host +
-                       " could not be stopped (" +
-                       (done.ok() ? done->value("error", std::string()) : done.status().message()) +
-                       "): stop it there";
-    }
-  }
   LogEvent("info", "vm_unprotected", {{"vm", name}});
   Json out = Describe(name, vm);
-  if (!secondary_note.empty()) out["note"] = secondary_note.substr(2);
+  lock.unlock();  // the secondary's host is asked without the VMs' lock
+  if (auto pairing = CurrentPairing()) {
+    Status discarded = DiscardOnPeer(*pairing, name);
+    if (!discarded.ok()) {
+      out["note"] = "the secondary's QEMU on " + pairing->peer_host + " could not be stopped (" +
+                    discarded.message() + "): stop it there";
+    }
+  }
   return out;
 }
 
@@ -957,6 +992,10 @@ Json HostDaemon::Handle(const Json& request) {
       return done(Unpair());
     } else if (command == "pairing") {
       return done(CheckPairing());
+    } else if (command == "protect" || command == "unprotect") {
+      // They take the VMs' lock themselves, and let go of it while the peer works.
+      auto r = command == "protect" ? Protect(name) : Unprotect(name);
+      return done(r.ok() ? Result<Json>(Json{{"vm", *r}}) : r);
     }
     std::lock_guard<std::mutex> lock(mu_);
     Result<Json> r = Json::object();
@@ -975,12 +1014,6 @@ Json HostDaemon::Handle(const Json& request) {
     } else if (command == "start") {
       auto s = Start(name);
       r = s.ok() ? Result<Json>(Json{{"vm", *s}}) : s;
-    } else if (command == "protect") {
-      auto p = Protect(name);
-      r = p.ok() ? Result<Json>(Json{{"vm", *p}}) : p;
-    } else if (command == "unprotect") {
-      auto u = Unprotect(name);
-      r = u.ok() ? Result<Json>(Json{{"vm", *u}}) : u;
     } else if (command == "stop") {
       r = Stop(name, request.value("force", false));
     } else {

@@ -24,6 +24,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 
 #include "admin/control.h"
@@ -99,8 +100,13 @@ class HostDaemon {
   Result<Json> Start(const std::string& name);
   // Starts QEMU for `vm` with `extra` arguments and connects to its QMP.
   Result<Json> Launch(const std::string& name, Vm& vm, const std::vector<std::string>& extra);
+  // Protect and Unprotect take mu_ themselves (REQUIRES: mu_ not held) and let go of it
+  // while the paired host's daemon works.
   Result<Json> Protect(const std::string& name);
   Result<Json> Unprotect(const std::string& name);
+  // The peer API's calls of protect and unprotect (REQUIRES: mu_ not held).
+  Result<std::string> PrepareOnPeer(const Pairing& pairing, const std::string& definition);
+  Status DiscardOnPeer(const Pairing& pairing, const std::string& name);
   // The peer API's side of protect and unprotect, on the secondary's host.
   Result<Json> PrepareSecondary(const Json& definition, const std::string& primary_host);
   Result<Json> DiscardSecondary(const std::string& name, const std::string& primary_host);
@@ -129,7 +135,9 @@ class HostDaemon {
   std::mutex pairing_mu_;
   std::optional<Pairing> pairing_;  // GUARDED_BY(pairing_mu_)
   std::string pairing_note_;        // the last check's outcome; GUARDED_BY(pairing_mu_)
-  std::map<std::string, std::string> reprotect_errors_;  // last reason per VM; GUARDED_BY(mu_)
+  std::set<std::string> busy_;      // VMs being protected or unprotected; GUARDED_BY(mu_)
+  // The last reason re-protection waits, per VM: ReprotectLostVms's thread only.
+  std::map<std::string, std::string> reprotect_errors_;
 };
 
 }  // namespace lockstep::admin

@@ -470,6 +470,17 @@ TEST_CASE(
   CHECK((*client)->inconsistent() == 0);
   CHECK((*client)->error().empty());
   CHECK(b.daemon->WaitForLog("event=reprotect_waiting vm=web1", 10s));
+  // hostB's daemon kept the engine's role changes: the takeover is in its event log and
+  // counted for Prometheus.
+  json history = CtlJson(b.socket, {"status", "web1"})["vm"]["events"];
+  bool took_over = false;
+  for (const json& e : history) took_over = took_over || e["state"] == "ACTIVE";
+  INFO(history.dump(2));
+  CHECK(took_over);
+  CHECK(Scrape(b.metrics_port, b.netns).find("lockstep_takeovers_total{vm=\"web1\"} 1") !=
+        std::string::npos);
+  CHECK(Ctl(b.socket, {"status", "web1"}).out.find("ACTIVE        took over from hostA") !=
+        std::string::npos);
 
   // hostA comes back (its daemon restarts): hostB re-protects the VM by itself, hostA's
   // old copy becoming the secondary. Then hostB's QEMU dies and the VM comes back to hostA,

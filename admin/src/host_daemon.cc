@@ -181,7 +181,7 @@ Result<std::unique_ptr<HostDaemon>> HostDaemon::Open(const DaemonConfig& config)
       auto q = Qmp::Connect(dir + "/qmp.sock", 5s);
       if (q.ok()) {
         vm.qmp = std::move(*q);
-        vm.qmp->set_keep_events(false);
+        d->WatchEvents(name, vm);
       } else {
         vm.note = "QMP does not answer: " + q.status().message();
       }
@@ -266,6 +266,10 @@ Json HostDaemon::Describe(const std::string& name, Vm& vm) {
   s["memory_mib"] = vm.def.memory_mib;
   s["vcpus"] = vm.def.vcpus;
   s["qemu_log"] = VmDir(name) + "/qemu.log";
+  // The engine's role changes on this host, newest last (at most 20).
+  auto events = Events(name);
+  if (events.size() > 20) events.erase(events.begin(), events.end() - 20);
+  s["events"] = events;
   s["console_log"] = VmDir(name) + "/console.log";
   if (vm.pid != 0) {
     const long ticks = sysconf(_SC_CLK_TCK);
@@ -373,7 +377,7 @@ Result<Json> HostDaemon::Launch(const std::string& name, Vm& vm,
     auto q = Qmp::Connect(qmp, 200ms);
     if (q.ok()) {
       vm.qmp = std::move(*q);
-      vm.qmp->set_keep_events(false);
+      WatchEvents(name, vm);
       break;
     }
     int status = 0;
@@ -461,6 +465,29 @@ void HostDaemon::ReprotectLostVms() {
   }
 }
 
+void HostDaemon::WatchEvents(const std::string& name, Vm& vm) {
+  vm.qmp->set_keep_events(false);
+  const std::string log = VmDir(name) + "/events.log";
+  vm.qmp->set_event_handler([log](const Json& e) {
+    if (e.value("event", std::string()) != "LOCKSTEP_STATE_CHANGE" || !e.contains("data")) return;
+    const Json& d = e["data"];
+    Json line = {{"at", Qmp::EventTime(e)},
+                 {"state", d.value("state", std::string())},
+                 {"reason", d.value("reason", std::string())}};
+    std::ofstream(log, std::ios::app) << line.dump() << "\n";
+  });
+}
+
+std::vector<Json> HostDaemon::Events(const std::string& name) {
+  std::vector<Json> out;
+  std::ifstream in(VmDir(name) + "/events.log");
+  for (std::string line; std::getline(in, line);) {
+    Json e = Json::parse(line, nullptr, false);
+    if (e.is_object()) out.push_back(std::move(e));
+  }
+  return out;
+}
+
 std::string HostDaemon::MetricsText() {
   std::string out;
   auto family = [&out](const char* name, const char* type, const char* help) {
@@ -489,6 +516,18 @@ std::string HostDaemon::MetricsText() {
       if (ls.ok() && ls->is_array() && !ls->empty()) r.engine = (*ls)[0];
     }
     rows.push_back(std::move(r));
+  }
+  family("lockstep_takeovers_total", "counter",
+         "times the VM went on alone here after a fault (ACTIVE or PRIMARY_ALONE), from its "
+         "event log");
+  for (auto& [name, vm] : vms_) {
+    (void)vm;
+    int takeovers = 0;
+    for (const Json& e : Events(name)) {
+      const std::string state = e.value("state", std::string());
+      takeovers += state == "ACTIVE" || state == "PRIMARY_ALONE";
+    }
+    sample("lockstep_takeovers_total", "vm=\"" + name + "\"", takeovers);
   }
   family("lockstepd_paired", "gauge", "1 if this host is paired with another");
   sample("lockstepd_paired", "host=\"" + config_.host_id + "\"", paired ? 1 : 0);

@@ -123,6 +123,11 @@ class HostDaemon {
   std::optional<Pairing> CurrentPairing();
   Json PairingSummary();
   std::string VmDir(const std::string& name) const;
+  // Records the engine's state changes of `vm` (QMP LOCKSTEP_STATE_CHANGE, read whenever
+  // the daemon talks to its QEMU) in vms/<name>/events.log, one JSON line each; and stops
+  // the QMP client from keeping the other events.
+  void WatchEvents(const std::string& name, Vm& vm);
+  std::vector<Json> Events(const std::string& name);
   // The engine's role and state for a running VM ("" if it has no engine object).
   std::pair<std::string, std::string> EngineRole(Vm& vm);
   // Sets `*field` of VM `name` to `value`, kept on disk as vms/<name>/<file> ("" removes it).

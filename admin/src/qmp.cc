@@ -20,6 +20,7 @@ Qmp::Qmp(Qmp&& other) noexcept
       buffer_(std::move(other.buffer_)),
       events_(std::move(other.events_)),
       keep_events_(other.keep_events_),
+      event_handler_(std::move(other.event_handler_)),
       next_id_(other.next_id_) {
   other.fd_ = -1;
 }
@@ -31,6 +32,7 @@ Qmp& Qmp::operator=(Qmp&& other) noexcept {
     buffer_ = std::move(other.buffer_);
     events_ = std::move(other.events_);
     keep_events_ = other.keep_events_;
+    event_handler_ = std::move(other.event_handler_);
     next_id_ = other.next_id_;
     other.fd_ = -1;
   }
@@ -112,6 +114,7 @@ Result<Json> Qmp::Execute(const std::string& command, const Json& arguments,
     auto m = ReadMessage(deadline);
     if (!m.ok()) return m.status().WithContext("waiting for the reply to " + command);
     if (m->contains("event")) {
+      if (event_handler_) event_handler_(*m);
       if (keep_events_) events_.push_back(std::move(*m));
       continue;
     }

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <boost/program_options.hpp>
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -194,6 +195,20 @@ void PrintStatus(const Json& v) {
         num("lag-epochs").c_str(), num("pause-p50-us").c_str(), num("pause-p99-us").c_str(),
         num("last-pause-us").c_str(), num("ack-latency-p50-us").c_str(), num("bytes").c_str(),
         num("epochs").c_str());
+  }
+  if (v.contains("events") && v["events"].is_array() && !v["events"].empty()) {
+    std::printf("  history     (the engine's state changes here, newest last)\n");
+    const Json& events = v["events"];
+    for (size_t i = events.size() > 5 ? events.size() - 5 : 0; i < events.size(); ++i) {
+      const Json& e = events[i];
+      const double at = e.value("at", 0.0);
+      std::time_t secs = static_cast<std::time_t>(at);
+      char when[32];
+      std::strftime(when, sizeof when, "%H:%M:%S", std::localtime(&secs));
+      std::printf("    %s.%03d  %-13s %s\n", when, static_cast<int>((at - secs) * 1000),
+                  e.value("state", std::string()).c_str(),
+                  e.value("reason", std::string()).substr(0, 110).c_str());
+    }
   }
   std::printf("  logs        %s\n              %s\n", v.value("qemu_log", std::string()).c_str(),
               v.value("console_log", std::string()).c_str());

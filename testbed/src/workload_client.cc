@@ -141,7 +141,11 @@ void WorkloadClient::Loop() {
     std::string line = "req" + std::to_string(i);
     std::string msg = line + "\n";
     double sent = WallSeconds();
-    if (write(fd_, msg.data(), msg.size()) != static_cast<ssize_t>(msg.size())) {
+    ssize_t wrote;
+    do {
+      wrote = write(fd_, msg.data(), msg.size());
+    } while (wrote < 0 && errno == EINTR && !stop_.load());
+    if (wrote != static_cast<ssize_t>(msg.size())) {
       fail("write failed after " + std::to_string(counter) + " replies: " + std::strerror(errno));
       return;
     }
@@ -149,6 +153,9 @@ void WorkloadClient::Loop() {
     while ((nl = pending.find('\n')) == std::string::npos) {
       char buf[256];
       ssize_t n = read(fd_, buf, sizeof buf);
+      // A signal this process got (a child it started exiting, a stop and continue) is not
+      // the guest's doing: a socket with SO_RCVTIMEO is never restarted by the kernel.
+      if (n < 0 && errno == EINTR && !stop_.load()) continue;
       if (n <= 0) {
         fail(n == 0
                  ? "the guest closed the connection after " + std::to_string(counter) + " replies"

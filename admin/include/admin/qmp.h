@@ -42,6 +42,11 @@ class Qmp {
   // A long-lived user that never waits for events (lockstepd) turns this off: a protected
   // guest stops and resumes ~100 times a second, and each is an event.
   void set_keep_events(bool keep) { keep_events_ = keep; }
+  // Called with every event read while waiting for a reply (kept or not), on the caller's
+  // thread, inside Execute().
+  void set_event_handler(std::function<void(const Json&)> handler) {
+    event_handler_ = std::move(handler);
+  }
 
  private:
   explicit Qmp(int fd) : fd_(fd) {}
@@ -50,6 +55,7 @@ class Qmp {
   std::string buffer_;
   std::deque<Json> events_;
   bool keep_events_ = true;
+  std::function<void(const Json&)> event_handler_;
   uint64_t next_id_ = 0;
 };
 

@@ -19,6 +19,7 @@
 #include <sstream>
 #include <thread>
 
+#include "common/file_util.h"
 #include "daemon_log.h"
 
 extern char** environ;
@@ -35,23 +36,6 @@ std::string ReadFile(const std::string& path) {
   std::stringstream s;
   s << in.rdbuf();
   return s.str();
-}
-
-// Writes `text` to `path` whole or not at all (temporary file, fsync, rename), mode 0600.
-Status WriteFileAtomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return Status::FromErrno("writing " + tmp, errno);
-  bool ok =
-      write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && fsync(fd) == 0;
-  int err = errno;
-  close(fd);
-  if (!ok) {
-    unlink(tmp.c_str());
-    return Status::FromErrno("writing " + path + " (disk full?)", err);
-  }
-  if (rename(tmp.c_str(), path.c_str()) != 0) return Status::FromErrno("renaming " + tmp, errno);
-  return Status::Ok();
 }
 
 // Field 22 of /proc/PID/stat (start time in clock ticks since boot); 0 if no such process.

@@ -1,5 +1,8 @@
 #include "admin/peer_link.h"
 
+#include <openssl/crypto.h>
+
+#include <cctype>
 #include <vector>
 
 #include "lockstep/pairing_auth.h"
@@ -26,13 +29,24 @@ Digest DigestOf(const std::string& message) {
 }  // namespace
 
 std::string ToHex(const uint8_t* data, size_t n) {
-  static const char* digits = "0123456789abcdef";
-  std::string s;
-  for (size_t i = 0; i < n; ++i) {
-    s += digits[data[i] >> 4];
-    s += digits[data[i] & 15];
+  std::vector<char> text(2 * n + 1);
+  size_t len = 0;
+  if (n == 0 || OPENSSL_buf2hexstr_ex(text.data(), text.size(), &len, data, n, '\0') != 1) {
+    return "";
   }
-  return s;
+  std::string hex(text.data());
+  for (char& c : hex) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return hex;
+}
+
+Status FromHex(const std::string& hex, uint8_t* out, size_t n) {
+  size_t len = 0;
+  if (hex.size() != 2 * n || OPENSSL_hexstr2buf_ex(out, n, &len, hex.c_str(), '\0') != 1 ||
+      len != n) {
+    return Status::InvalidArgument("expected " + std::to_string(2 * n) + " hex digits, not '" +
+                                   hex.substr(0, 80) + "'");
+  }
+  return Status::Ok();
 }
 
 Status SendJson(channel::Channel& ch, const Json& message) {

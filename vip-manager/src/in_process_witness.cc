@@ -4,14 +4,15 @@ namespace lockstep::vip {
 
 using SteadyClock = std::chrono::steady_clock;
 
-InProcessWitness::Token* InProcessWitness::Find(std::string_view vm) {
+Result<InProcessWitness::Token*> InProcessWitness::Ask(std::string_view vm) {
+  ++requests_;
+  if (!reachable_) return Status::TimedOut("witness unreachable");
   auto it = tokens_.find(vm);
-  return it == tokens_.end() ? nullptr : &it->second;
-}
-
-Status InProcessWitness::Unknown(std::string_view vm) {
-  return Status::FailedPrecondition("the witness knows no VM named '" + std::string(vm) +
-                                    "': protection was never registered");
+  if (it == tokens_.end()) {
+    return Status::FailedPrecondition("the witness knows no VM named '" + std::string(vm) +
+                                      "': protection was never registered");
+  }
+  return &it->second;
 }
 
 WitnessDecision InProcessWitness::Answer(bool granted, const Token& t) {
@@ -33,10 +34,9 @@ Result<WitnessDecision> InProcessWitness::RequestActive(std::string_view vm,
                                                         uint64_t expected_term,
                                                         std::chrono::milliseconds confirm_within) {
   std::lock_guard<std::mutex> lock(mu_);
-  ++requests_;
-  if (!reachable_) return Status::TimedOut("witness unreachable");
-  Token* t = Find(vm);
-  if (t == nullptr) return Unknown(vm);
+  auto token = Ask(vm);
+  if (!token.ok()) return token.status();
+  Token* t = *token;
   if (t->term == expected_term) {
     const bool confirmed = confirm_within.count() <= 0;
     *t = Token{t->term + 1, std::string(candidate), confirmed,
@@ -51,10 +51,9 @@ Result<WitnessDecision> InProcessWitness::RequestActive(std::string_view vm,
 Result<WitnessDecision> InProcessWitness::Confirm(std::string_view vm, std::string_view holder,
                                                   uint64_t term) {
   std::lock_guard<std::mutex> lock(mu_);
-  ++requests_;
-  if (!reachable_) return Status::TimedOut("witness unreachable");
-  Token* t = Find(vm);
-  if (t == nullptr) return Unknown(vm);
+  auto token = Ask(vm);
+  if (!token.ok()) return token.status();
+  Token* t = *token;
   if (t->term != term || t->holder != holder) return Answer(false, *t);
   t->confirmed = true;
   t->window = {};
@@ -64,10 +63,9 @@ Result<WitnessDecision> InProcessWitness::Confirm(std::string_view vm, std::stri
 Result<WitnessDecision> InProcessWitness::Reclaim(std::string_view vm, std::string_view candidate,
                                                   uint64_t term) {
   std::lock_guard<std::mutex> lock(mu_);
-  ++requests_;
-  if (!reachable_) return Status::TimedOut("witness unreachable");
-  Token* t = Find(vm);
-  if (t == nullptr) return Unknown(vm);
+  auto token = Ask(vm);
+  if (!token.ok()) return token.status();
+  Token* t = *token;
   if (t->term == term && t->holder != candidate && !t->confirmed &&
       SteadyClock::now() >= t->window_end) {
     *t = Token{term + 1, std::string(candidate), true, {}, {}};

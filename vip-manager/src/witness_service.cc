@@ -21,6 +21,8 @@
 #include <thread>
 #include <vector>
 
+#include "common/file_util.h"
+
 namespace lockstep::vip {
 namespace {
 
@@ -236,27 +238,7 @@ Result<std::vector<TokenRecord>> LoadState(const std::string& path) {
 Status SaveState(const std::string& path, const std::vector<TokenRecord>& tokens) {
   std::string text = std::string(kStateHeader) + "\n";
   for (const auto& t : tokens) text += Line(t);
-  std::string tmp = path + ".tmp";
-  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return Status::FromErrno("writing the witness state " + tmp, errno);
-  bool ok =
-      write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && fsync(fd) == 0;
-  int err = errno;
-  close(fd);
-  if (!ok) return Status::FromErrno("writing the witness state " + tmp + " (disk full?)", err);
-  if (rename(tmp.c_str(), path.c_str()) != 0) {
-    return Status::FromErrno("renaming the witness state into " + path, errno);
-  }
-  std::string dir = std::filesystem::path(path).parent_path().string();
-  int dfd = open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) return Status::FromErrno("opening the witness state's directory " + dir, errno);
-  int synced = fsync(dfd);
-  int sync_err = errno;
-  close(dfd);
-  if (synced != 0) {
-    return Status::FromErrno("syncing the witness state's directory " + dir, sync_err);
-  }
-  return Status::Ok();
+  return WriteFileAtomic(path, text);
 }
 
 // Appends one decision and syncs it: one fdatasync on the failover path instead of a

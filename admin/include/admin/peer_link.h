@@ -58,26 +58,14 @@ Result<std::unique_ptr<channel::Channel>> AcceptPeer(std::unique_ptr<channel::Ch
 Status SendJson(channel::Channel& ch, const Json& message);
 Result<Json> ReceiveJson(channel::Channel& ch, std::chrono::milliseconds timeout);
 
-// Hex of bytes, and back (kInvalidArgument unless exactly `N` bytes of hex).
+// Hex of bytes, and back (OpenSSL's hex codec, as the engine's key file uses):
+// kInvalidArgument unless `hex` is exactly `n` bytes of hex.
 std::string ToHex(const uint8_t* data, size_t n);
+Status FromHex(const std::string& hex, uint8_t* out, size_t n);
 template <size_t N>
 Result<std::array<uint8_t, N>> FromHex(const std::string& hex) {
   std::array<uint8_t, N> out{};
-  auto nibble = [](char c) -> int {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-  };
-  if (hex.size() != 2 * N) {
-    return Status::InvalidArgument("expected " + std::to_string(2 * N) + " hex digits, got " +
-                                   std::to_string(hex.size()) + " characters");
-  }
-  for (size_t i = 0; i < N; ++i) {
-    int hi = nibble(hex[2 * i]), lo = nibble(hex[2 * i + 1]);
-    if (hi < 0 || lo < 0) return Status::InvalidArgument("not hex: '" + hex + "'");
-    out[i] = static_cast<uint8_t>(hi << 4 | lo);
-  }
+  LOCKSTEP_RETURN_IF_ERROR(FromHex(hex, out.data(), N));
   return out;
 }
 

@@ -149,9 +149,9 @@ class InProcessWitness final : public Witness {
     std::chrono::milliseconds window{0};
     std::chrono::steady_clock::time_point window_end{};  // unconfirmed: reclaimable after
   };
-  // REQUIRES: mu_ held. The token of `vm`, or null (then answer Unknown(vm)).
-  Token* Find(std::string_view vm);
-  static Status Unknown(std::string_view vm);
+  // REQUIRES: mu_ held. Counts a request and finds the token of `vm`: an error if the
+  // witness is unreachable (SetReachable) or knows no such VM.
+  Result<Token*> Ask(std::string_view vm);
   static WitnessDecision Answer(bool granted, const Token& t);
 
   mutable std::mutex mu_;

@@ -46,7 +46,8 @@ Result<EpochAssembler::Progress> EpochAssembler::Feed(std::span<const uint8_t> m
     if (!s.ok()) return Fail(s);
   }
   committed_ = committed;
-  return committed ? Progress::kCommitted : Progress::kNeedMore;
+  if (!committed) return Progress::kNeedMore;
+  return precopy_ ? Progress::kRoundCommitted : Progress::kCommitted;
 }
 
 Status EpochAssembler::CheckPage(const RecordView& r) {
@@ -79,6 +80,8 @@ Status EpochAssembler::CheckPage(const RecordView& r) {
       if (!r.payload.empty()) return Status::Corruption("PAGE_ZERO carries a payload");
       break;
     case RecordType::kPageXorRle: {
+      // The secondary's copy is the base of a delta: it has none before a FULL unit.
+      if (full_) return Status::Corruption("PAGE_XOR_RLE in a FULL epoch or round");
       if (r.payload.size() < 4) return Status::Corruption("PAGE_XOR_RLE payload is truncated");
       if (r.payload.size() > wire::kMaxDeltaPayloadBytes) {
         return Status::Corruption("PAGE_XOR_RLE payload of " + std::to_string(r.payload.size()) +
@@ -109,17 +112,33 @@ Status EpochAssembler::FeedRecord(const RecordView& r, bool* committed) {
                                 wire::RecordTypeName(static_cast<uint16_t>(h.type)));
     }
     epoch_ = h.epoch;
-    if (h.epoch != last_applied_ + 1) {
-      return Status::Corruption("epoch " + std::to_string(h.epoch) + " arrived but " +
-                                std::to_string(last_applied_ + 1) + " is next (" +
-                                (h.epoch <= last_applied_ ? "replayed" : "out of order") + ")");
-    }
-    bool full = (h.flags & wire::kFlagFullEpoch) != 0;
-    if (last_applied_ == 0 && !full) {
-      return Status::Corruption("the first epoch must be a FULL synchronization");
+    const bool full = (h.flags & wire::kFlagFullEpoch) != 0;
+    const bool precopy = (h.flags & wire::kFlagPrecopy) != 0;
+    if (precopy) {
+      if (last_applied_ != 0) {
+        return Status::Corruption("a pre-copy round after epoch " + std::to_string(last_applied_) +
+                                  ": rounds come before epoch 1 only");
+      }
+      if (h.epoch != 0) return Status::Corruption("a pre-copy round must carry epoch 0");
+      if (rounds_applied_ == 0 && !full) {
+        return Status::Corruption("the first pre-copy round must be FULL");
+      }
+    } else {
+      if (h.epoch != last_applied_ + 1) {
+        return Status::Corruption("epoch " + std::to_string(h.epoch) + " arrived but " +
+                                  std::to_string(last_applied_ + 1) + " is next (" +
+                                  (h.epoch <= last_applied_ ? "replayed" : "out of order") + ")");
+      }
+      if (last_applied_ == 0 && !full && rounds_applied_ == 0) {
+        return Status::Corruption(
+            "the first epoch must be a FULL synchronization unless pre-copy rounds came first");
+      }
     }
     wire::EpochBeginPayload p;
     LOCKSTEP_RETURN_IF_ERROR(wire::DecodeEpochBegin(r.payload, &p));
+    if (precopy && p.device_bytes != 0) {
+      return Status::Corruption("a pre-copy round announces device state");
+    }
     if (full && p.page_count != total_pages_) {
       return Status::Corruption("FULL epoch announces " + std::to_string(p.page_count) +
                                 " pages; the replica has " + std::to_string(total_pages_));
@@ -135,6 +154,7 @@ Status EpochAssembler::FeedRecord(const RecordView& r, bool* committed) {
     std::fill(seen_.begin(), seen_.end(), 0);
     open_ = true;
     full_ = full;
+    precopy_ = precopy;
     expected_pages_ = p.page_count;
     expected_device_bytes_ = p.device_bytes;
     pages_ = 0;
@@ -162,6 +182,7 @@ Status EpochAssembler::FeedRecord(const RecordView& r, bool* committed) {
       break;
     case RecordType::kDeviceState:
       if (have_device_) return Status::Corruption("a second DEVICE_STATE record");
+      if (precopy_) return Status::Corruption("DEVICE_STATE in a pre-copy round");
       if (r.payload.size() != expected_device_bytes_) {
         return Status::Corruption("DEVICE_STATE has " + std::to_string(r.payload.size()) +
                                   " bytes; EPOCH_BEGIN announced " +
@@ -173,7 +194,9 @@ Status EpochAssembler::FeedRecord(const RecordView& r, bool* committed) {
     case RecordType::kEpochCommit: {
       wire::EpochCommitPayload c;
       LOCKSTEP_RETURN_IF_ERROR(wire::DecodeEpochCommit(r.payload, &c));
-      if (!have_device_) return Status::Corruption("EPOCH_COMMIT without DEVICE_STATE");
+      if (!have_device_ && !precopy_) {
+        return Status::Corruption("EPOCH_COMMIT without DEVICE_STATE");
+      }
       if (c.page_records != pages_ || pages_ != expected_pages_) {
         return Status::Corruption("EPOCH_COMMIT counts " + std::to_string(c.page_records) +
                                   " page records; " + std::to_string(pages_) + " arrived, " +
@@ -227,7 +250,10 @@ std::span<const uint8_t> EpochAssembler::Apply(std::span<const uint8_t> staged) 
     }
     o += wire::kHeaderBytes + len;
   }
-  last_applied_ = epoch_;
+  if (precopy_)
+    ++rounds_applied_;
+  else
+    last_applied_ = epoch_;
   open_ = false;
   committed_ = false;
   return device;

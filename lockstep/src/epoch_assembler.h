@@ -23,7 +23,9 @@ struct ReplicaBlock {
 
 class EpochAssembler {
  public:
-  enum class Progress { kNeedMore, kCommitted };
+  // kRoundCommitted: a pre-copy round (wire_format.h) is complete; Apply() it like an
+  // epoch, but it is no checkpoint: nothing to acknowledge, no device state.
+  enum class Progress { kNeedMore, kCommitted, kRoundCommitted };
 
   // `blocks` is the replica's RAM; `last_applied` the epoch it holds (0: none yet, so the
   // next epoch must be epoch 1 and FULL); device state larger than `max_device_bytes` is
@@ -32,15 +34,17 @@ class EpochAssembler {
                  uint32_t max_device_bytes = wire::kMaxPayloadBytes);
 
   // Verifies the records of one message that is part of the open epoch (or opens the
-  // next one). The message must stay where it is (in the staging arena) until Apply() or
-  // Discard(). Returns kCommitted when the message ended with a valid EPOCH_COMMIT.
+  // next one, or a pre-copy round before epoch 1). The message must stay where it is (in
+  // the staging arena) until Apply() or Discard(). Returns kCommitted (kRoundCommitted for
+  // a pre-copy round) when the message ended with a valid EPOCH_COMMIT.
   // On error nothing is applied; the caller must Discard() and end the stream.
   // No allocation.
   Result<Progress> Feed(std::span<const uint8_t> message);
 
   // Applies the committed epoch whose messages, in order and back to back, are `staged`
   // (the bytes Feed() saw since the epoch opened). Returns the epoch's device state (a view
-  // into `staged`). REQUIRES: the last Feed() returned kCommitted.
+  // into `staged`; empty for a pre-copy round). REQUIRES: the last Feed() returned
+  // kCommitted or kRoundCommitted.
   std::span<const uint8_t> Apply(std::span<const uint8_t> staged);
 
   // Forgets the open epoch, if any.
@@ -50,6 +54,8 @@ class EpochAssembler {
   // The epoch being received; 0 if none is open.
   uint64_t open_epoch() const { return open_ ? epoch_ : 0; }
   uint64_t total_pages() const { return total_pages_; }
+  // Pre-copy rounds applied so far (the first of them FULL).
+  uint64_t rounds_applied() const { return rounds_applied_; }
 
  private:
   Status FeedRecord(const wire::RecordView& r, bool* committed);
@@ -67,6 +73,8 @@ class EpochAssembler {
   bool committed_ = false;
   uint64_t epoch_ = 0;
   bool full_ = false;
+  bool precopy_ = false;  // the open unit is a pre-copy round
+  uint64_t rounds_applied_ = 0;
   uint64_t expected_pages_ = 0;
   uint64_t pages_ = 0;
   uint32_t expected_device_bytes_ = 0;

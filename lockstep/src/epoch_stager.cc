@@ -59,9 +59,7 @@ EpochStager::EpochStager(const std::vector<RamBlock>& blocks, size_t max_device_
   for (const auto& b : blocks_) bitmaps_.emplace_back((b.length / kPageSize + 63) / 64, 0);
 }
 
-Status EpochStager::Capture(Hypervisor& hv, uint64_t epoch, bool full) {
-  epoch_ = epoch;
-  full_ = full;
+Status EpochStager::TakeDirtySet(Hypervisor& hv, bool full) {
   count_ = 0;
   LOCKSTEP_RETURN_IF_ERROR(hv.SyncDirtyLog());
   for (size_t b = 0; b < blocks_.size(); ++b) {
@@ -70,9 +68,7 @@ Status EpochStager::Capture(Hypervisor& hv, uint64_t epoch, bool full) {
     // Always drain the log, so a FULL capture starts the next epoch clean.
     LOCKSTEP_RETURN_IF_ERROR(hv.TakeDirtyBitmap(b, bm));
     const uint64_t npages = blocks_[b].length / kPageSize;
-    const uint8_t* src = blocks_[b].host;
     if (full) {
-      std::memcpy(pages_.data() + count_ * kPageSize, src, npages * kPageSize);
       for (uint64_t p = 0; p < npages; ++p) refs_[count_++] = {static_cast<uint32_t>(b), p};
       continue;
     }
@@ -82,11 +78,43 @@ Status EpochStager::Capture(Hypervisor& hv, uint64_t epoch, bool full) {
         uint64_t p = w * 64 + static_cast<uint64_t>(std::countr_zero(word));
         word &= word - 1;
         if (p >= npages) break;  // bits past the end of the block: ignore
-        std::memcpy(pages_.data() + count_ * kPageSize, src + p * kPageSize, kPageSize);
         refs_[count_++] = {static_cast<uint32_t>(b), p};
       }
     }
   }
+  return Status::Ok();
+}
+
+void EpochStager::CopyTakenPages() {
+  // refs_ is in block and page order: copy runs of consecutive pages with one memcpy each.
+  size_t i = 0;
+  while (i < count_) {
+    size_t j = i + 1;
+    while (j < count_ && refs_[j].block == refs_[i].block &&
+           refs_[j].page == refs_[i].page + (j - i))
+      ++j;
+    std::memcpy(pages_.data() + i * kPageSize,
+                blocks_[refs_[i].block].host + refs_[i].page * kPageSize, (j - i) * kPageSize);
+    i = j;
+  }
+}
+
+Status EpochStager::TakeRound(Hypervisor& hv, bool full) {
+  epoch_ = 0;
+  full_ = full;
+  precopy_ = true;
+  device_len_ = 0;
+  return TakeDirtySet(hv, full);
+}
+
+void EpochStager::CopyRound() { CopyTakenPages(); }
+
+Status EpochStager::Capture(Hypervisor& hv, uint64_t epoch, bool full) {
+  epoch_ = epoch;
+  full_ = full;
+  precopy_ = false;
+  LOCKSTEP_RETURN_IF_ERROR(TakeDirtySet(hv, full));
+  CopyTakenPages();
   Result<size_t> dev = hv.SaveDeviceState({device_.data(), device_.size()});
   if (!dev.ok()) return dev.status().WithContext("saving device state");
   if (*dev > wire::kMaxPayloadBytes) {
@@ -164,7 +192,8 @@ Status EpochStreamer::Send(const EpochStager& stager, channel::Channel& channel,
   {
     wire::RecordHeader h;
     h.type = RecordType::kEpochBegin;
-    h.flags = stager.full() ? wire::kFlagFullEpoch : 0;
+    h.flags = static_cast<uint16_t>((stager.full() ? wire::kFlagFullEpoch : 0) |
+                                    (stager.precopy() ? wire::kFlagPrecopy : 0));
     h.epoch = epoch;
     uint8_t* slot = headers_.data() + nheaders_ * kHeaderSlot;
     wire::EncodeEpochBegin(
@@ -209,7 +238,7 @@ Status EpochStreamer::Send(const EpochStager& stager, channel::Channel& channel,
     if (shadow) std::memcpy(shadow, page, kPageSize);
   }
 
-  {
+  if (!stager.precopy()) {
     wire::RecordHeader h;
     h.type = RecordType::kDeviceState;
     h.epoch = epoch;

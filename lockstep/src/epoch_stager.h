@@ -54,8 +54,17 @@ class EpochStager {
   // previous Capture. No allocation.
   Status Capture(Hypervisor& hv, uint64_t epoch, bool full);
 
-  uint64_t epoch() const { return epoch_; }
+  // A pre-copy round (wire_format.h), in two steps. TakeRound, inside a short pause
+  // (REQUIRES: vCPUs stopped), takes the pages dirtied since the previous call — every page
+  // with `full` — and drains the log, copying nothing. CopyRound then copies those pages
+  // while the guest runs: a page it writes meanwhile may be copied torn, but it is dirty
+  // again and goes out in a later round or epoch. No allocation.
+  Status TakeRound(Hypervisor& hv, bool full);
+  void CopyRound();
+
+  uint64_t epoch() const { return epoch_; }  // 0 for a pre-copy round
   bool full() const { return full_; }
+  bool precopy() const { return precopy_; }
   size_t page_count() const { return count_; }
   const PageRef& ref(size_t i) const { return refs_[i]; }
   const uint8_t* page(size_t i) const { return pages_.data() + i * wire::kPageSize; }
@@ -72,9 +81,14 @@ class EpochStager {
   std::vector<PageRef> refs_;
   PageArena device_;
   size_t device_len_ = 0;
+  // The pages of the dirty log (all of them with `full`) into refs_; drains the log.
+  Status TakeDirtySet(Hypervisor& hv, bool full);
+  void CopyTakenPages();
+
   size_t count_ = 0;
   uint64_t epoch_ = 0;
   bool full_ = false;
+  bool precopy_ = false;
 };
 
 struct StreamStats {
@@ -92,8 +106,9 @@ class EpochStreamer {
   // Registers the streamer's and `stager`'s buffers with `channel` as send sources.
   Status Register(channel::Channel& channel, const EpochStager& stager);
 
-  // Sends the captured epoch as records in messages of about kBatchPages pages. A FULL
-  // epoch resets the shadow, so deltas are always against what the secondary holds.
+  // Sends the captured epoch (or pre-copy round) as records in messages of about
+  // kBatchPages pages. A FULL one resets the shadow, so deltas are always against what
+  // the secondary holds.
   // Accumulates into `stats`. No allocation.
   Status Send(const EpochStager& stager, channel::Channel& channel, StreamStats* stats);
 

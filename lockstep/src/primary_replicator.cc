@@ -23,7 +23,17 @@ struct PrimaryReplicator::Impl {
       : hv(h), witness(w), opt(std::move(o)) {}
 
   void EpochLoop();
+  // The live initial synchronization (wire_format.h): pre-copy rounds while the guest
+  // runs, until one is small enough or stops shrinking. An error with `*local` set is this
+  // host's (the checkpoint machinery), without it the link's.
+  Status Precopy(bool* local);
+  void AddStreamStats(const StreamStats& delta);
   void ControlLoop();
+  // A planned switchover (RequestHandover), on the control thread: HANDOVER goes out once
+  // the epoch to hand over is acknowledged; the secondary's answer; the end when accepted.
+  void MaybeSendHandover();
+  void HandleHandoverReply(const wire::RecordView& r);
+  void FinishHandover();
   // Records the first fault; the control thread acts on it.
   void SignalFault(const Status& s);
   void HandleAck(uint64_t epoch);
@@ -61,6 +71,16 @@ struct PrimaryReplicator::Impl {
   std::condition_variable wake_cv;          // wakes the epoch thread early on stop or fault
   std::atomic<bool> output_pending{false};  // set by OutputPending(), cleared by a pause
 
+  // A planned switchover: asked for; the epoch being handed over (set by the epoch thread
+  // when it captures it: no epoch follows); HANDOVER sent (and when); the secondary's
+  // answer (0 none yet, 1 accepted, -1 declined; the epoch thread resets a decline).
+  std::atomic<bool> handover_requested{false};
+  std::atomic<uint64_t> handover_epoch{0};
+  std::atomic<bool> handover_sent{false};
+  std::atomic<int64_t> handover_sent_ns{0};
+  std::atomic<int> handover_answer{0};
+  std::atomic<uint64_t> sync_rounds{0};
+
   std::mutex fault_mu;
   std::string fault;  // GUARDED_BY(fault_mu); first fault seen
   std::atomic<bool> faulted{false};
@@ -93,13 +113,54 @@ void PrimaryReplicator::Impl::Wake() {
   wake_cv.notify_all();
 }
 
+void PrimaryReplicator::Impl::AddStreamStats(const StreamStats& delta) {
+  std::lock_guard<std::mutex> lock(stats_mu);
+  stream.raw_pages += delta.raw_pages;
+  stream.zero_pages += delta.zero_pages;
+  stream.delta_pages += delta.delta_pages;
+  stream.bytes += delta.bytes;
+}
+
+Status PrimaryReplicator::Impl::Precopy(bool* local) {
+  uint64_t previous = 0;
+  for (int round = 1; round <= opt.precopy_max_rounds; ++round) {
+    if (stopping.load() || faulted.load()) return Status::Ok();
+    const std::string what = "pre-copy round " + std::to_string(round);
+    // A pause only long enough to take the dirty set; the copy runs with the guest.
+    Status s = hv.StopVcpus();
+    if (s.ok()) s = stager->TakeRound(hv, round == 1);
+    Status start = hv.StartVcpus();
+    if (!s.ok() || !start.ok()) {
+      *local = true;
+      return (!s.ok() ? s : start).WithContext(what);
+    }
+    const uint64_t pages = stager->page_count();
+    stager->CopyRound();
+    StreamStats delta;
+    s = streamer->Send(*stager, *ch, &delta);
+    if (!s.ok()) return s.WithContext("sending " + what);
+    heartbeat->NoteSent();
+    AddStreamStats(delta);
+    sync_rounds.fetch_add(1);
+    // Small enough for one pause, or no longer shrinking by a tenth (the guest dirties as
+    // fast as the link carries): epoch 1 takes the rest.
+    if (round > 1 && (pages <= opt.precopy_target_pages || pages * 10 > previous * 9)) break;
+    previous = pages;
+  }
+  return Status::Ok();
+}
+
 void PrimaryReplicator::Impl::EpochLoop() {
   uint64_t epoch = 1;
   Status s = hv.StartDirtyLog();
   bool local = !s.ok();
+  if (s.ok()) s = Precopy(&local);
   while (s.ok() && !stopping.load() && !faulted.load()) {
     auto t0 = SteadyClock::now();
-    const bool full = epoch == 1;
+    // Without pre-copy rounds, epoch 1 carries every page.
+    const bool full = epoch == 1 && sync_rounds.load() == 0;
+    // The last epoch before a planned switchover: none follows until the secondary answers.
+    const bool last = handover_requested.load();
     s = hv.StopVcpus();
     if (!s.ok()) {
       (void)hv.StartVcpus();  // undo a partial stop: the guest must not stay frozen
@@ -109,7 +170,7 @@ void PrimaryReplicator::Impl::EpochLoop() {
     }
     s = stager->Capture(hv, epoch, full);
     if (s.ok()) {
-      if (full) hv.SetOutputMode(OutputMode::kBuffered);
+      if (epoch == 1) hv.SetOutputMode(OutputMode::kBuffered);
       hv.CloseOutputBarrier(epoch);
       // What the guest sends after this pause belongs to the next epoch: its own notice.
       output_pending.store(false);
@@ -121,13 +182,14 @@ void PrimaryReplicator::Impl::EpochLoop() {
       local = true;
       break;
     }
-    // The initial full copy is a different animal from an epoch pause: kept apart.
-    if (full)
+    // The initial synchronization's pause is a different animal from an epoch's: kept apart.
+    if (epoch == 1)
       initial_sync_pause_us.store(std::chrono::duration_cast<Micros>(t1 - t0).count());
     else
       pauses.Add(std::chrono::duration_cast<Micros>(t1 - t0));
     pause_end_ns[epoch % pause_end_ns.size()].store(t1.time_since_epoch().count());
     captured.store(epoch);
+    if (last) handover_epoch.store(epoch);  // before it is sent: its ACK may come at once
 
     StreamStats delta;
     s = streamer->Send(*stager, *ch, &delta);
@@ -137,26 +199,36 @@ void PrimaryReplicator::Impl::EpochLoop() {
     }
     heartbeat->NoteSent();
     sent.store(epoch);
-    {
-      std::lock_guard<std::mutex> lock(stats_mu);
-      stream.raw_pages += delta.raw_pages;
-      stream.zero_pages += delta.zero_pages;
-      stream.delta_pages += delta.delta_pages;
-      stream.bytes += delta.bytes;
-    }
+    AddStreamStats(delta);
     ++epoch;
-    // The next pause: at the interval, or earlier once output is pending (not before the
-    // spacing); the previous epoch has been sent by now, so pauses never queue up.
-    const bool early =
-        opt.output_epoch_spacing.count() > 0 && opt.output_epoch_spacing < opt.epoch_interval;
     std::unique_lock<std::mutex> lock(wake_mu);
     auto ended = [&] { return stopping.load() || faulted.load(); };
+    if (last) {
+      // The control thread sends HANDOVER once this epoch is acknowledged; the guest runs
+      // on meanwhile, its output held (and dropped if the secondary takes over).
+      wake_cv.wait(lock, [&] { return ended() || handover_answer.load() != 0; });
+      if (handover_answer.load() == 1) break;
+      if (handover_answer.load() == -1) {
+        handover_epoch.store(0);
+        handover_sent.store(false);
+        handover_answer.store(0);
+        handover_requested.store(false);
+        continue;  // declined: the next epoch at once
+      }
+      continue;  // stopping or a fault: the loop ends
+    }
+    // The next pause: at the interval, or earlier once output is pending (not before the
+    // spacing) or a handover is asked for; the previous epoch has been sent by now, so
+    // pauses never queue up.
+    const bool early =
+        opt.output_epoch_spacing.count() > 0 && opt.output_epoch_spacing < opt.epoch_interval;
+    auto urgent = [&] { return ended() || handover_requested.load(); };
     if (early) {
-      wake_cv.wait_until(lock, t0 + opt.output_epoch_spacing, ended);
+      wake_cv.wait_until(lock, t0 + opt.output_epoch_spacing, urgent);
       wake_cv.wait_until(lock, t0 + opt.epoch_interval,
-                         [&] { return ended() || output_pending.load(); });
+                         [&] { return urgent() || output_pending.load(); });
     } else {
-      wake_cv.wait_until(lock, t0 + opt.epoch_interval, ended);
+      wake_cv.wait_until(lock, t0 + opt.epoch_interval, urgent);
     }
   }
   if (!s.ok() && local) {
@@ -224,7 +296,8 @@ void PrimaryReplicator::Impl::ControlLoop() {
   // Why the secondary said it left (an ERROR record), even if a failed send on another
   // thread signalled the fault first: the ERROR is the cause, the failed send its echo.
   std::string reported;
-  while (!stopping.load() && !faulted.load() && !local_failed.load()) {
+  while (!stopping.load() && !faulted.load() && !local_failed.load() &&
+         handover_answer.load() != 1) {
     size_t n = 0;
     Status s = ch->Receive(buf, &n, opt.heartbeat_interval);
     if (s.ok()) {
@@ -238,6 +311,9 @@ void PrimaryReplicator::Impl::ControlLoop() {
             HandleAck(r.header.epoch);
             break;
           case wire::RecordType::kHeartbeat:
+            break;
+          case wire::RecordType::kHandoverReply:
+            HandleHandoverReply(r);
             break;
           case wire::RecordType::kError:
             s = Status::Corruption("the secondary reported: " + wire::DecodeReason(r));
@@ -253,6 +329,7 @@ void PrimaryReplicator::Impl::ControlLoop() {
       if (s.ok()) {
         Status progress = CheckAckProgress();
         if (!progress.ok()) SignalFault(progress);
+        MaybeSendHandover();
       }
     } else if (s.code() != Status::Code::kTimedOut) {
       if (!stopping.load()) SignalFault(s);
@@ -271,6 +348,7 @@ void PrimaryReplicator::Impl::ControlLoop() {
       if (!silence.ok()) SignalFault(silence);
       Status progress = CheckAckProgress();
       if (!progress.ok()) SignalFault(progress);
+      MaybeSendHandover();
     }
   }
   // The ERROR may still be unread when another thread's failed send ended the loop.
@@ -287,6 +365,10 @@ void PrimaryReplicator::Impl::ControlLoop() {
         break;
       }
     }
+  }
+  if (handover_answer.load() == 1 && !faulted.load()) {
+    FinishHandover();
+    return;
   }
   bool orderly;
   std::string reason;
@@ -306,6 +388,79 @@ void PrimaryReplicator::Impl::ControlLoop() {
     }
   }
   Teardown(orderly, reason);
+}
+
+void PrimaryReplicator::Impl::MaybeSendHandover() {
+  const uint64_t epoch = handover_epoch.load();
+  if (epoch == 0 || acked.load() < epoch) return;
+  if (handover_sent.load()) {
+    // Accepted or declined, the secondary answers at once after asking the witness; one
+    // that does neither is a fault, and the witness decides who goes on.
+    const auto waited = std::chrono::nanoseconds(SteadyClock::now().time_since_epoch().count() -
+                                                 handover_sent_ns.load());
+    if (handover_answer.load() == 0 && waited > opt.handover_timeout) {
+      SignalFault(
+          Status::PeerLost("the secondary neither took over nor declined the handover of epoch " +
+                           std::to_string(epoch) + " within " +
+                           std::to_string(opt.handover_timeout.count()) + " ms"));
+    }
+    return;
+  }
+  // Every packet of the epoch is released now. Until the secondary answers, this host does
+  // not answer for the VM's address: the other one is about to.
+  if (opt.release_identity) opt.release_identity();
+  uint8_t rec[wire::kControlRecordBytes];
+  ConstSlice slice{rec, wire::EncodeHandover(epoch, rec)};
+  handover_sent_ns.store(SteadyClock::now().time_since_epoch().count());
+  handover_sent.store(true);
+  Status s = ch->Send({&slice, 1});
+  if (!s.ok()) SignalFault(s.WithContext("sending HANDOVER"));
+}
+
+void PrimaryReplicator::Impl::HandleHandoverReply(const wire::RecordView& r) {
+  const uint64_t epoch = handover_epoch.load();
+  if (!handover_sent.load() || r.header.epoch != epoch) {
+    SignalFault(Status::Corruption("a HANDOVER_REPLY for epoch " + std::to_string(r.header.epoch) +
+                                   ", which was not handed over"));
+    return;
+  }
+  if (r.header.flags & wire::kFlagAccepted) {
+    handover_answer.store(1);
+    Wake();
+    return;
+  }
+  std::string note;
+  if (opt.claim_identity) {
+    Status claimed = opt.claim_identity();
+    if (!claimed.ok()) note = "; claiming the identity back failed: " + claimed.ToString();
+  }
+  role.MoveTo(ReplicaState::kProtected, "the secondary declined the handover of epoch " +
+                                            std::to_string(epoch) + ": " + wire::DecodeReason(r) +
+                                            "; protection goes on" + note);
+  handover_answer.store(-1);
+  Wake();
+}
+
+void PrimaryReplicator::Impl::FinishHandover() {
+  const uint64_t epoch = handover_epoch.load();
+  const auto took = std::chrono::nanoseconds(SteadyClock::now().time_since_epoch().count() -
+                                             handover_sent_ns.load());
+  Wake();
+  if (epoch_thread.joinable()) epoch_thread.join();
+  ch->Abort();
+  heartbeat->Stop();
+  (void)hv.StopDirtyLog();
+  // The secondary holds the confirmed token and resumes from `epoch`: what this copy ran
+  // since never leaves the host.
+  (void)hv.Halt();
+  hv.SetOutputMode(OutputMode::kDropped);
+  char ms[32];
+  std::snprintf(ms, sizeof ms, "%.2f", std::chrono::duration<double, std::milli>(took).count());
+  role.MoveTo(ReplicaState::kHandedOver,
+              "handed the guest over to " + secondary_host + " at epoch " + std::to_string(epoch) +
+                  " (a planned switchover; " + ms +
+                  " ms from HANDOVER to its acceptance): it runs the guest now; this copy is "
+                  "stopped and what it sent after that epoch dropped");
 }
 
 bool PrimaryReplicator::Impl::SayGoodbye(const std::string& reason) {
@@ -514,6 +669,21 @@ void PrimaryReplicator::ClearLatencyWindows() {
   impl_->ack_latencies.Clear();
 }
 
+Status PrimaryReplicator::RequestHandover() {
+  Impl& m = *impl_;
+  const ReplicaState state = m.role.get();
+  if (state != ReplicaState::kProtected || m.stopping.load()) {
+    return Status::FailedPrecondition(
+        "VM " + m.opt.vm_id + " is " + ReplicaStateName(state) +
+        " here, not PROTECTED: a handover needs a secondary that holds a complete epoch");
+  }
+  if (m.handover_requested.exchange(true)) {
+    return Status::FailedPrecondition("a handover of VM " + m.opt.vm_id + " is already under way");
+  }
+  m.Wake();
+  return Status::Ok();
+}
+
 void PrimaryReplicator::OutputPending() {
   Impl& m = *impl_;
   if (m.output_pending.exchange(true)) return;  // already noticed for this epoch
@@ -542,6 +712,7 @@ ReplicationStats PrimaryReplicator::stats() const {
   out.ack_latency_p50 = ack.p50;
   out.ack_latency_p99 = ack.p99;
   out.initial_sync_pause = Micros(m.initial_sync_pause_us.load());
+  out.sync_rounds = m.sync_rounds.load();
   return out;
 }
 

@@ -30,6 +30,8 @@ const char* ReplicaStateName(ReplicaState s) {
       return "FENCED";
     case ReplicaState::kStopped:
       return "STOPPED";
+    case ReplicaState::kHandedOver:
+      return "HANDED_OVER";
     case ReplicaState::kFailed:
       return "FAILED";
   }
@@ -168,7 +170,9 @@ bool RoleState::Allowed(ReplicaState from, ReplicaState to) const {
         return to == S::kProtected || to == S::kPrimaryAlone || to == S::kFenced ||
                to == S::kStopped;
       case S::kProtected:
-        return to == S::kPrimaryAlone || to == S::kFenced || to == S::kStopped;
+        // PROTECTED again: a handover the secondary declined (noted in the log).
+        return to == S::kPrimaryAlone || to == S::kFenced || to == S::kStopped ||
+               to == S::kHandedOver || to == S::kProtected;
       case S::kPrimaryAlone:
         return to == S::kStopped;
       default:

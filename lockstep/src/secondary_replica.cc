@@ -72,10 +72,20 @@ struct SecondaryReplica::Impl {
     kGoodbye,   // the primary ended protection and was told we will not take over
     kRejected,  // the stream was bad while the primary is evidently alive: no takeover
     kPeerLost,  // the primary is gone or silent: the witness decides
+    kHandover,  // the primary handed the guest over and the witness granted us the token
   };
   void ReceiveLoop();
   Status SendControl(uint8_t* rec, size_t n);
   void Teardown(Status fault, Ending ending);
+  // On the primary's HANDOVER of `epoch`: asks the witness for the token (a provisional
+  // grant, as on a fault). Returns "" with the grant in `*grant`, or why not.
+  std::string AcceptHandover(uint64_t epoch, vip::WitnessDecision* grant);
+  // HANDOVER_REPLY for `epoch`, best effort. REQUIRES: the receive thread.
+  void ReplyHandover(uint64_t epoch, bool accepted, const std::string& reason);
+  // The takeover once the witness granted the token, on a fault or on a handover (then the
+  // primary is told the outcome, and nothing is fenced: it stopped its output itself).
+  void TakeOver(const vip::WitnessDecision& decision, const std::string& cause, bool handover,
+                TakeoverTimeline timeline, const std::string& lapsed);
 
   Hypervisor& hv;
   vip::Witness& witness;
@@ -103,7 +113,38 @@ struct SecondaryReplica::Impl {
   std::atomic<uint64_t> acked{0};
   std::atomic<uint64_t> applied{0};
   std::atomic<uint64_t> bytes{0};
+  std::atomic<uint64_t> rounds{0};  // pre-copy rounds applied
+
+  // Set by the receive thread on an accepted HANDOVER, read by its Teardown.
+  vip::WitnessDecision handover_grant;
+  uint64_t handover_epoch = 0;
 };
+
+std::string SecondaryReplica::Impl::AcceptHandover(uint64_t epoch, vip::WitnessDecision* grant) {
+  if (role.get() != ReplicaState::kProtected || epoch != acked.load() || epoch != applied.load()) {
+    return "this secondary holds epoch " + std::to_string(applied.load()) + " (" +
+           ReplicaStateName(role.get()) + "), not the epoch " + std::to_string(epoch) +
+           " the HANDOVER names";
+  }
+  auto decision = AskWitness(witness, opt, term, opt.grant_window);
+  if (!decision.ok()) {
+    return "the witness could not be asked (" + decision.status().ToString() + ")";
+  }
+  if (!decision->granted) {
+    return "the witness gave the token to " + decision->holder + " (term " +
+           std::to_string(decision->term) + ")";
+  }
+  *grant = *decision;
+  return "";
+}
+
+void SecondaryReplica::Impl::ReplyHandover(uint64_t epoch, bool accepted,
+                                           const std::string& reason) {
+  auto rec = wire::EncodeReasonRecord(wire::RecordType::kHandoverReply, reason.substr(0, 4096),
+                                      epoch, accepted ? wire::kFlagAccepted : 0);
+  ConstSlice slice{rec.data(), rec.size()};
+  if (ch->Send({&slice, 1}).ok()) heartbeat->NoteSent();
+}
 
 Status SecondaryReplica::Impl::SendControl(uint8_t* rec, size_t n) {
   ConstSlice slice{rec, n};
@@ -154,7 +195,7 @@ void SecondaryReplica::Impl::ReceiveLoop() {
     auto type = n >= 2 ? static_cast<wire::RecordType>(wire::GetU16(msg.data()))
                        : wire::RecordType::kEpochBegin;
     if (type == wire::RecordType::kHeartbeat || type == wire::RecordType::kGoodbye ||
-        type == wire::RecordType::kError) {
+        type == wire::RecordType::kError || type == wire::RecordType::kHandover) {
       wire::RecordReader reader(msg);
       wire::RecordView r;
       fault = reader.Next(&r);
@@ -174,6 +215,19 @@ void SecondaryReplica::Impl::ReceiveLoop() {
         ending = Ending::kRejected;
         break;
       }
+      if (type == wire::RecordType::kHandover) {
+        const std::string why = AcceptHandover(r.header.epoch, &handover_grant);
+        if (!why.empty()) {
+          // Nothing changed: the primary goes on with the next epoch, and so do we.
+          ReplyHandover(r.header.epoch, false, why);
+          continue;
+        }
+        handover_epoch = r.header.epoch;
+        fault = Status::Aborted(primary_host + " handed the guest over at epoch " +
+                                std::to_string(r.header.epoch) + " (a planned switchover)");
+        ending = Ending::kHandover;
+        break;
+      }
       continue;
     }
     auto progress = assembler->Feed(msg);
@@ -184,7 +238,13 @@ void SecondaryReplica::Impl::ReceiveLoop() {
       break;
     }
     used += n;
-    if (*progress == EpochAssembler::Progress::kCommitted) {
+    if (*progress == EpochAssembler::Progress::kRoundCommitted) {
+      // A pre-copy round: straight into the replica's RAM, which is no checkpoint until
+      // epoch 1 commits; nothing to acknowledge.
+      (void)assembler->Apply({arena.data(), used});
+      rounds.fetch_add(1);
+      used = 0;
+    } else if (*progress == EpochAssembler::Progress::kCommitted) {
       uint64_t epoch = assembler->open_epoch();
       // ACK first: the epoch is complete and verified in memory, and the primary's output
       // waits on this. Applying it can overlap with the ACK's flight.
@@ -213,13 +273,20 @@ void SecondaryReplica::Impl::ReceiveLoop() {
 
 // Runs on the receive thread, after its loop.
 void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
+  if (ending == Ending::kHandover && !stopping.load()) {
+    // The channel stays open until the primary is told the outcome.
+    role.MoveTo(ReplicaState::kPromoting, fault.message());
+    TakeoverTimeline timeline;
+    TakeOver(handover_grant, fault.message(), /*handover=*/true, timeline, "");
+    return;
+  }
   ch->Abort();
   heartbeat->Stop();
   if (ending == Ending::kGoodbye) {
     role.MoveTo(ReplicaState::kStopped, fault.message());
     return;
   }
-  if (ending == Ending::kStopped || stopping.load()) {
+  if (ending == Ending::kStopped || ending == Ending::kHandover || stopping.load()) {
     role.MoveTo(ReplicaState::kStopped,
                 fault.ok() ? std::string("stopped by request")
                            : "stopped by request (while: " + fault.ToString() + ")");
@@ -256,21 +323,36 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
     role.MoveTo(ReplicaState::kFenced, why + ": not taking over");
     return;
   }
+  TakeOver(*decision, reason, /*handover=*/false, timeline, lapsed);
+}
+
+void SecondaryReplica::Impl::TakeOver(const vip::WitnessDecision& decision,
+                                      const std::string& reason, bool handover,
+                                      TakeoverTimeline timeline, const std::string& lapsed) {
   const uint64_t epoch = applied.load();
+  // A handing-over primary waits for the outcome; it is told once it is decided, before
+  // anything of the guest leaves this host, and the channel ends with that.
+  auto tell_primary = [&](bool accepted, const std::string& why) {
+    if (!handover) return;
+    ReplyHandover(handover_epoch, accepted, why);
+    ch->Abort();
+    heartbeat->Stop();
+  };
   const std::string unconfirmed =
-      decision->confirmed ? "" : "; the token was never confirmed, so the primary may take it back";
+      decision.confirmed ? "" : "; the token was never confirmed, so the primary may take it back";
   Status s = hv.LoadDeviceState(device);
   timeline.Mark("device state");
   if (!s.ok()) {
-    role.MoveTo(ReplicaState::kFailed,
-                "won the token but could not load the device state of "
-                "epoch " +
-                    std::to_string(epoch) + ": " + s.ToString() + unconfirmed);
+    const std::string why = "won the token but could not load the device state of epoch " +
+                            std::to_string(epoch) + ": " + s.ToString() + unconfirmed;
+    tell_primary(false, why);
+    role.MoveTo(ReplicaState::kFailed, why);
     return;
   }
-  s = FencePeer(opt, primary_host, &timeline);
+  // A handing-over primary stopped its output for good itself: nothing to fence.
+  s = handover ? Status::Ok() : FencePeer(opt, primary_host, &timeline);
   if (!s.ok()) {
-    role.MoveTo(ReplicaState::kFailed, "won the token (term " + std::to_string(decision->term) +
+    role.MoveTo(ReplicaState::kFailed, "won the token (term " + std::to_string(decision.term) +
                                            ") but " + s.ToString() + "; the guest stays stopped" +
                                            unconfirmed);
     return;
@@ -279,24 +361,27 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
     // The last moment to find out whether the primary took the token back: nothing of the
     // guest has left this host yet. Asked even when the grant says it is confirmed (a
     // reclaimed token): one round trip on a failover, and safety never rests on that flag.
-    auto confirmed = ConfirmToken(witness, opt, decision->term);
+    auto confirmed = ConfirmToken(witness, opt, decision.term);
     timeline.Mark("confirm");
     if (!confirmed.ok()) {
-      role.MoveTo(ReplicaState::kFailed, "won the token (term " + std::to_string(decision->term) +
-                                             ") but could not confirm it (" +
-                                             confirmed.status().ToString() +
-                                             "); the guest stays stopped" + unconfirmed);
+      const std::string why = "won the token (term " + std::to_string(decision.term) +
+                              ") but could not confirm it (" + confirmed.status().ToString() +
+                              "); the guest stays stopped" + unconfirmed;
+      tell_primary(false, why);
+      role.MoveTo(ReplicaState::kFailed, why);
       return;
     }
     if (!confirmed->granted || !confirmed->confirmed) {
-      role.MoveTo(ReplicaState::kFenced, "won the token (term " + std::to_string(decision->term) +
-                                             ") but did not confirm it within its window, and " +
-                                             confirmed->holder + " took it back (term " +
-                                             std::to_string(confirmed->term) +
-                                             "): not taking over");
+      const std::string why = "won the token (term " + std::to_string(decision.term) +
+                              ") but did not confirm it within its window, and " +
+                              confirmed->holder + " took it back (term " +
+                              std::to_string(confirmed->term) + "): not taking over";
+      tell_primary(false, why);
+      role.MoveTo(ReplicaState::kFenced, why);
       return;
     }
   }
+  tell_primary(true, "");
   std::string identity_note = ClaimIdentity(opt, &timeline);
   hv.SetOutputMode(OutputMode::kPassThrough);
   Status announced = hv.Announce();
@@ -312,7 +397,8 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
   }
   role.MoveTo(ReplicaState::kActive,
               "took over from " + primary_host + " at epoch " + std::to_string(epoch) + " (term " +
-                  std::to_string(decision->term) + ") after: " + reason + lapsed +
+                  std::to_string(decision.term) + ")" +
+                  (handover ? " by a planned handover" : " after: " + reason) + lapsed +
                   (announced.ok() ? "" : "; announcing failed: " + announced.ToString()) +
                   (identity_note.empty() ? "" : "; " + identity_note) + " (" + timeline.ToString() +
                   ")");
@@ -484,6 +570,7 @@ ReplicationStats SecondaryReplica::stats() const {
   out.acked_epoch = impl_->acked.load();
   out.current_epoch = impl_->applied.load();
   out.bytes = impl_->bytes.load();
+  out.sync_rounds = impl_->rounds.load();
   return out;
 }
 

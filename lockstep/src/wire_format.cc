@@ -36,6 +36,10 @@ std::string RecordTypeName(uint16_t type) {
       return "ERROR";
     case RecordType::kGoodbyeAck:
       return "GOODBYE_ACK";
+    case RecordType::kHandover:
+      return "HANDOVER";
+    case RecordType::kHandoverReply:
+      return "HANDOVER_REPLY";
   }
   return "type " + std::to_string(type);
 }
@@ -66,10 +70,12 @@ class PayloadWriter {
     Append(s.data(), n);
   }
   // Prepends the header and returns the whole record.
-  std::vector<uint8_t> Finish(RecordType type) {
+  std::vector<uint8_t> Finish(RecordType type, uint64_t epoch = 0, uint16_t flags = 0) {
     std::vector<uint8_t> rec(kHeaderBytes + buf_.size());
     RecordHeader h;
     h.type = type;
+    h.epoch = epoch;
+    h.flags = flags;
     h.payload_len = static_cast<uint32_t>(buf_.size());
     EncodeHeader(h, buf_, rec.data());
     std::memcpy(rec.data() + kHeaderBytes, buf_.data(), buf_.size());
@@ -347,10 +353,19 @@ size_t EncodeHeartbeat(uint64_t latest_epoch, uint8_t out[kControlRecordBytes]) 
   return kHeaderBytes + 8;
 }
 
-std::vector<uint8_t> EncodeReasonRecord(RecordType type, std::string_view reason) {
+size_t EncodeHandover(uint64_t epoch, uint8_t out[kControlRecordBytes]) {
+  RecordHeader h;
+  h.type = RecordType::kHandover;
+  h.epoch = epoch;
+  EncodeHeader(h, {}, out);
+  return kHeaderBytes;
+}
+
+std::vector<uint8_t> EncodeReasonRecord(RecordType type, std::string_view reason, uint64_t epoch,
+                                        uint16_t flags) {
   PayloadWriter w;
   w.Str(reason);
-  return w.Finish(type);
+  return w.Finish(type, epoch, flags);
 }
 
 std::string DecodeReason(const RecordView& record) {

@@ -8,7 +8,7 @@
 namespace lockstep::testing {
 
 std::vector<CapturedEpoch> CaptureEpochs(SimulatedGuest& guest, int count, bool delta,
-                                         std::chrono::milliseconds run_for) {
+                                         std::chrono::milliseconds run_for, int precopy_rounds) {
   auto blocks = guest.RamBlocks();
   EpochStager stager(blocks, 1 << 20);
   EpochStreamer streamer(blocks, delta);
@@ -18,15 +18,18 @@ std::vector<CapturedEpoch> CaptureEpochs(SimulatedGuest& guest, int count, bool 
   std::vector<CapturedEpoch> out;
   std::vector<uint8_t> buf(channel::kMaxMessageBytes);
   (void)guest.StartDirtyLog();
-  for (int i = 1; i <= count; ++i) {
+  for (int i = 1 - precopy_rounds; i <= count; ++i) {
     std::this_thread::sleep_for(run_for);
     (void)guest.StopVcpus();
-    Status s = stager.Capture(guest, i, i == 1);
+    const bool round = i <= 0;
+    Status s = round ? stager.TakeRound(guest, i == 1 - precopy_rounds)
+                     : stager.Capture(guest, i, i == 1 && precopy_rounds == 0);
     CapturedEpoch e;
-    e.epoch = i;
+    e.epoch = round ? 0 : i;
     e.ram_hash = guest.RamHash();
     (void)guest.StartVcpus();
     if (!s.ok()) return out;
+    if (round) stager.CopyRound();  // while the guest runs, as the primary does
     StreamStats stats;
     // The loopback link copies on send, so one thread can send then drain.
     if (!streamer.Send(stager, *a, &stats).ok()) return out;
@@ -53,7 +56,7 @@ Result<bool> FeedEpoch(EpochAssembler& a, const CapturedEpoch& e, std::vector<ui
     auto r = a.Feed(m);
     if (!r.ok()) return r.status();
     staged->insert(staged->end(), m.begin(), m.end());
-    committed = *r == EpochAssembler::Progress::kCommitted;
+    committed = *r != EpochAssembler::Progress::kNeedMore;
   }
   return committed;
 }

@@ -286,3 +286,118 @@ TEST_CASE("well-formed but forged records are rejected", "[corruption]") {
   }
   REQUIRE(f.replica.RamHash() == before);
 }
+
+namespace {
+
+// Three pre-copy rounds of a running guest, then epochs 1..3 (epoch 1 not FULL).
+struct PrecopyFixture {
+  SimulatedGuest primary{SmallGuest()};
+  SimulatedGuest replica{SmallGuest()};
+  std::vector<CapturedEpoch> rounds, epochs;
+  std::vector<uint8_t> staged;
+
+  PrecopyFixture() {
+    primary.Boot();
+    auto all = CaptureEpochs(primary, 3, /*delta=*/true, std::chrono::milliseconds(15), 3);
+    REQUIRE(all.size() == 6);
+    rounds.assign(all.begin(), all.begin() + 3);
+    epochs.assign(all.begin() + 3, all.end());
+  }
+};
+
+uint16_t BeginFlags(const CapturedEpoch& e) {
+  wire::RecordReader reader(e.messages.front());
+  wire::RecordView r;
+  REQUIRE(reader.Next(&r).ok());
+  REQUIRE(r.header.type == wire::RecordType::kEpochBegin);
+  return r.header.flags;
+}
+
+uint64_t BeginPages(const CapturedEpoch& e) {
+  wire::RecordReader reader(e.messages.front());
+  wire::RecordView r;
+  REQUIRE(reader.Next(&r).ok());
+  wire::EpochBeginPayload p;
+  REQUIRE(wire::DecodeEpochBegin(r.payload, &p).ok());
+  return p.page_count;
+}
+
+}  // namespace
+
+TEST_CASE("pre-copy rounds then a partial epoch 1 make an exact copy", "[corruption][precopy]") {
+  PrecopyFixture f;
+  EpochAssembler a(ReplicaBlocksOf(f.replica), 0);
+  REQUIRE(BeginFlags(f.rounds[0]) == (wire::kFlagFullEpoch | wire::kFlagPrecopy));
+  REQUIRE(BeginFlags(f.rounds[1]) == wire::kFlagPrecopy);
+  REQUIRE(BeginFlags(f.epochs[0]) == 0);  // epoch 1 carries only what the rounds left
+  REQUIRE(BeginPages(f.epochs[0]) < a.total_pages() / 2);
+  for (const auto& r : f.rounds) {
+    for (const auto& m : r.messages) {
+      auto p = a.Feed(m);
+      REQUIRE(p.ok());
+      f.staged.insert(f.staged.end(), m.begin(), m.end());
+      if (*p == EpochAssembler::Progress::kRoundCommitted) {
+        REQUIRE(a.Apply(f.staged).empty());  // no device state in a round
+        f.staged.clear();
+      } else {
+        REQUIRE(*p == EpochAssembler::Progress::kNeedMore);
+      }
+    }
+  }
+  REQUIRE(a.rounds_applied() == 3);
+  REQUIRE(a.last_applied() == 0);  // a round is no checkpoint
+  for (const auto& e : f.epochs) {
+    auto r = FeedEpoch(a, e, &f.staged);
+    REQUIRE(r.ok());
+    REQUIRE(*r);
+    REQUIRE_FALSE(a.Apply(f.staged).empty());
+    // Torn pages of the rounds were all sent again: the copy is the primary at the pause.
+    REQUIRE(f.replica.RamHash() == e.ram_hash);
+  }
+}
+
+TEST_CASE("pre-copy rounds out of place are refused and nothing is applied",
+          "[corruption][precopy]") {
+  PrecopyFixture f;
+  SECTION("epoch 1 without the rounds it completes") {
+    EpochAssembler a(ReplicaBlocksOf(f.replica), 0);
+    const uint32_t before = f.replica.RamHash();
+    auto r = FeedEpoch(a, f.epochs[0], &f.staged);
+    REQUIRE_FALSE(r.ok());
+    REQUIRE(r.status().message().find("FULL") != std::string::npos);
+    REQUIRE(f.replica.RamHash() == before);
+  }
+  SECTION("a later round without the FULL first one") {
+    EpochAssembler a(ReplicaBlocksOf(f.replica), 0);
+    auto r = FeedEpoch(a, f.rounds[1], &f.staged);
+    REQUIRE_FALSE(r.ok());
+    REQUIRE(r.status().message().find("first pre-copy round must be FULL") != std::string::npos);
+  }
+  SECTION("a round after epoch 1") {
+    EpochAssembler a(ReplicaBlocksOf(f.replica), 0);
+    for (const auto& e : {f.rounds[0], f.rounds[1], f.rounds[2], f.epochs[0]}) {
+      auto r = FeedEpoch(a, e, &f.staged);
+      REQUIRE(r.ok());
+      a.Apply(f.staged);
+    }
+    const uint32_t before = f.replica.RamHash();
+    auto r = FeedEpoch(a, f.rounds[2], &f.staged);
+    REQUIRE_FALSE(r.ok());
+    REQUIRE(r.status().message().find("rounds come before epoch 1") != std::string::npos);
+    REQUIRE(f.replica.RamHash() == before);
+    // The stream is still good for the next real epoch.
+    a.Discard();
+    r = FeedEpoch(a, f.epochs[1], &f.staged);
+    REQUIRE(r.ok());
+  }
+  SECTION("a flipped bit in a round") {
+    EpochAssembler a(ReplicaBlocksOf(f.replica), 0);
+    const uint32_t before = f.replica.RamHash();
+    auto round = f.rounds[0];
+    auto& m = round.messages[round.messages.size() / 2];
+    m[m.size() / 3] ^= 0x04;
+    auto r = FeedEpoch(a, round, &f.staged);
+    REQUIRE_FALSE(r.ok());
+    REQUIRE(f.replica.RamHash() == before);
+  }
+}

@@ -872,3 +872,180 @@ TEST_CASE("a secondary alive but no longer acknowledging is a fault, not a hang"
   REQUIRE(p.sg.running() == secondary_on);
   REQUIRE(p.early_releases == 0);
 }
+
+namespace {
+
+// Records the page count of epoch 1's EPOCH_BEGIN as the primary sends it (link protection
+// none: the records go by in the clear).
+class BeginWatchingChannel final : public ForwardingChannel {
+ public:
+  BeginWatchingChannel(std::unique_ptr<channel::Channel> inner, std::atomic<int64_t>* pages)
+      : ForwardingChannel(std::move(inner)), pages_(pages) {}
+  Status Send(std::span<const channel::ConstSlice> gather, uint64_t* seq) override {
+    if (gather.size() >= 2 && gather[0].size == wire::kHeaderBytes) {
+      const auto* h = static_cast<const uint8_t*>(gather[0].data);
+      if (wire::GetU16(h) == static_cast<uint16_t>(wire::RecordType::kEpochBegin) &&
+          wire::GetU64(h + 8) == 1) {
+        pages_->store(static_cast<int64_t>(
+            wire::GetU64(static_cast<const uint8_t*>(gather[1].data))));
+      }
+    }
+    return inner_->Send(gather, seq);
+  }
+
+ private:
+  std::atomic<int64_t>* pages_;
+};
+
+uint64_t TotalPages(SimulatedGuest& g) {
+  uint64_t n = 0;
+  for (const auto& b : g.RamBlocks()) n += b.length / wire::kPageSize;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("the initial synchronization copies RAM while the guest runs; epoch 1 takes the rest",
+          "[replicator][precopy]") {
+  const int rounds = GENERATE(0, 30);
+  INFO("precopy_max_rounds " << rounds);
+  ReplicationOptions popt = Options("hostA"), sopt = Options("hostB");
+  popt.link_protection = sopt.link_protection = wire::LinkProtection::kNone;
+  popt.precopy_max_rounds = rounds;
+  Pair p(TestGuest(), TestGuest(), popt, sopt);
+  std::atomic<int64_t> epoch1_pages{-1};
+  p.pg.Boot();
+  auto sec = std::async(std::launch::async, [&] { return p.secondary->Start(p.link->TakeB()); });
+  REQUIRE(p.primary->Start(std::make_unique<BeginWatchingChannel>(p.link->TakeA(), &epoch1_pages))
+              .ok());
+  REQUIRE(sec.get().ok());
+  REQUIRE(p.primary->WaitForState(S::kProtected, 10s));
+  while (p.secondary->acked_epoch() < 10) std::this_thread::sleep_for(2ms);
+  const auto st = p.primary->stats();
+  const uint64_t total = TotalPages(p.pg);
+  if (rounds == 0) {
+    REQUIRE(st.sync_rounds == 0);
+    REQUIRE(epoch1_pages.load() == static_cast<int64_t>(total));  // stop-and-copy
+  } else {
+    // The guest dirties a few pages per step: the rounds converge, and epoch 1's pause
+    // copies only what the last round left dirty.
+    REQUIRE(st.sync_rounds >= 2);
+    REQUIRE(epoch1_pages.load() >= 0);
+    REQUIRE(epoch1_pages.load() < static_cast<int64_t>(total / 4));
+  }
+  REQUIRE(p.secondary->stats().sync_rounds == st.sync_rounds);
+  // The copy built from the rounds is exact: a takeover resumes the primary's image.
+  p.KillPrimarySide();
+  p.link->Cut();
+  REQUIRE(p.secondary->WaitForState(S::kActive, 10s));
+  std::lock_guard<std::mutex> lock(p.mu);
+  REQUIRE(p.resume_invariant_ok);
+  REQUIRE(p.resume_hash == p.hashes[p.secondary->applied_epoch()]);
+  REQUIRE(p.early_releases == 0);
+}
+
+TEST_CASE("a planned handover loses no output: the secondary goes on from the last epoch",
+          "[replicator][handover]") {
+  Pair p;
+  std::mutex out_mu;
+  std::vector<Packet> secondary_out;
+  p.sg.SetEmitHook([&](const Packet& pkt) {
+    std::lock_guard<std::mutex> lock(out_mu);
+    secondary_out.push_back(pkt);
+  });
+  REQUIRE(p.primary->RequestHandover().code() == Status::Code::kFailedPrecondition);  // idle
+  p.StartProtected();
+  while (p.secondary->acked_epoch() < 10) std::this_thread::sleep_for(2ms);
+  REQUIRE(p.primary->RequestHandover().ok());
+  REQUIRE_FALSE(p.primary->RequestHandover().ok());  // under way, or already done
+  REQUIRE(p.primary->WaitForState(S::kHandedOver, 10s));
+  REQUIRE(p.secondary->WaitForState(S::kActive, 10s));
+  INFO("primary:\n" << Log(p.primary->transitions()) << "secondary:\n"
+                    << Log(p.secondary->transitions()));
+  REQUIRE(p.secondary->fault_reason().find("planned handover") != std::string::npos);
+  // The old primary is stopped for good, outside any pause, and says nothing more.
+  REQUIRE(p.pg.halted());
+  REQUIRE(p.pg.open_pauses() == 0);
+  REQUIRE(p.pg.output_mode() == OutputMode::kDropped);
+  // Only the secondary asked the witness, and confirmed before it started the guest.
+  REQUIRE(p.pw.requests_ == 0);
+  REQUIRE(p.sw.requests_ == 1);
+  REQUIRE(p.sw.confirms_ == 1);
+  while (true) {
+    std::lock_guard<std::mutex> lock(out_mu);
+    if (!secondary_out.empty()) break;
+  }
+  std::lock_guard<std::mutex> lock(p.mu);
+  const uint64_t epoch = p.secondary->applied_epoch();
+  REQUIRE(p.resume_invariant_ok);
+  REQUIRE(p.resume_hash == p.hashes[epoch]);
+  REQUIRE(p.early_releases == 0);
+  REQUIRE(p.released_without_ack == 0);
+  // Zero lost output: the primary released every packet up to the epoch handed over and
+  // none after it, and the secondary's first packet is the very next one.
+  uint64_t last_step = 0;
+  for (const auto& pkt : p.released) {
+    REQUIRE(pkt.epoch <= epoch);
+    REQUIRE(pkt.step <= p.resume_step);
+    last_step = std::max(last_step, pkt.step);
+  }
+  REQUIRE(p.resume_step - last_step < TestGuest().output_every);
+  std::lock_guard<std::mutex> out_lock(out_mu);
+  REQUIRE(secondary_out.front().step == last_step + TestGuest().output_every);
+}
+
+TEST_CASE("a handover the secondary declines leaves protection as it was",
+          "[replicator][handover]") {
+  Pair p;
+  p.StartProtected();
+  while (p.secondary->acked_epoch() < 5) std::this_thread::sleep_for(2ms);
+  p.sw.reachable_ = false;  // the secondary cannot get the token
+  REQUIRE(p.primary->RequestHandover().ok());
+  auto declined = [&] {
+    for (const auto& t : p.primary->transitions()) {
+      if (t.to == S::kProtected && t.reason.find("declined the handover") != std::string::npos)
+        return true;
+    }
+    return false;
+  };
+  for (int i = 0; i < 2000 && !declined(); ++i) std::this_thread::sleep_for(5ms);
+  INFO(Log(p.primary->transitions()));
+  REQUIRE(declined());
+  // Epochs go on, and both sides are as they were.
+  const uint64_t at = p.secondary->acked_epoch();
+  while (p.secondary->acked_epoch() < at + 5) std::this_thread::sleep_for(2ms);
+  REQUIRE(p.primary->state() == S::kProtected);
+  REQUIRE(p.secondary->state() == S::kProtected);
+  REQUIRE_FALSE(p.sg.running());
+  REQUIRE_FALSE(p.pg.halted());
+  // Once the witness answers, the same request goes through.
+  p.sw.reachable_ = true;
+  REQUIRE(p.primary->RequestHandover().ok());
+  REQUIRE(p.primary->WaitForState(S::kHandedOver, 10s));
+  REQUIRE(p.secondary->WaitForState(S::kActive, 10s));
+  std::lock_guard<std::mutex> lock(p.mu);
+  REQUIRE(p.resume_hash == p.hashes[p.secondary->applied_epoch()]);
+  REQUIRE(p.early_releases == 0);
+}
+
+TEST_CASE("a handover nobody answers is a fault: the witness decides, one side goes on",
+          "[replicator][handover]") {
+  ReplicationOptions popt = Options("hostA");
+  popt.handover_timeout = 200ms;
+  Pair p(TestGuest(), TestGuest(), popt);
+  p.StartProtected();
+  while (p.secondary->acked_epoch() < 5) std::this_thread::sleep_for(2ms);
+  p.sw.ask_late_ms_ = 2000;  // the secondary's witness request hangs past the timeout
+  REQUIRE(p.primary->RequestHandover().ok());
+  REQUIRE(p.primary->WaitForState(S::kPrimaryAlone, 10s));
+  REQUIRE(p.secondary->WaitForFaultHandled(20s));
+  INFO("primary:\n" << Log(p.primary->transitions()) << "secondary:\n"
+                    << Log(p.secondary->transitions()));
+  REQUIRE(p.primary->fault_reason().find("neither took over nor declined") != std::string::npos);
+  REQUIRE(p.secondary->state() == S::kFenced);
+  REQUIRE_FALSE(p.sg.running());
+  REQUIRE_FALSE(p.pg.halted());
+  REQUIRE(p.pg.output_mode() == OutputMode::kPassThrough);
+  std::lock_guard<std::mutex> lock(p.mu);
+  REQUIRE(p.early_releases == 0);
+}

@@ -67,6 +67,16 @@ struct ReplicationOptions {
   // loser waits at most this long (plus some slack) before it gives up for good.
   std::chrono::milliseconds grant_window{2'000};
   bool delta_encoding = true;  // XOR+RLE deltas against the last copy sent
+  // The live initial synchronization (wire_format.h): before epoch 1, up to this many
+  // pre-copy rounds copy the guest's RAM while it runs, so that epoch 1's pause carries
+  // only what the last round left dirty, not all of RAM. Rounds end early once one carries
+  // at most `precopy_target_pages` or shrinks by less than a tenth. 0: no pre-copy, epoch 1
+  // copies every page in its pause (stop-and-copy).
+  int precopy_max_rounds = 30;
+  uint64_t precopy_target_pages = 256;
+  // A planned switchover (RequestHandover) the secondary neither completes nor declines
+  // this long after HANDOVER is a fault: the witness decides.
+  std::chrono::milliseconds handover_timeout{10'000};
   size_t max_device_state_bytes = 4u << 20;
   std::chrono::milliseconds handshake_timeout{5'000};
   // Called after every state change, on an engine thread, outside the engine's locks.
@@ -101,6 +111,8 @@ enum class ReplicaState {
   kActive,        // secondary won and runs the guest
   kFenced,        // lost the token (or could not ask): emits nothing for this VM
   kStopped,       // protection ended on purpose (Stop() or the primary's GOODBYE)
+  kHandedOver,    // primary: handed the guest over to its secondary on purpose (a planned
+                  // switchover); its own copy is stopped for good, its later output dropped
   kFailed,        // cannot go on (e.g. the primary died before the initial sync finished)
 };
 const char* ReplicaStateName(ReplicaState s);
@@ -118,8 +130,11 @@ struct ReplicationStats {
   uint64_t current_epoch = 0;  // primary: last epoch captured
   uint64_t bytes = 0;          // record bytes sent (primary) or received (secondary)
   uint64_t raw_pages = 0, zero_pages = 0, delta_pages = 0;
-  Micros initial_sync_pause{0};  // primary: the stop-and-copy of the initial full sync
-  Micros last_pause{0};          // primary: the last checkpoint pause (after the first)
+  // primary: the pause of epoch 1 (after pre-copy rounds, only what the last one left
+  // dirty; without them every page)
+  Micros initial_sync_pause{0};
+  uint64_t sync_rounds = 0;  // pre-copy rounds sent (primary) or applied (secondary)
+  Micros last_pause{0};      // primary: the last checkpoint pause (after the first)
   Micros pause_p50{0}, pause_p99{0}, pause_max{0};  // over the recent pauses
   // primary: from the end of an epoch's pause to its ACK (the output-release delay)
   Micros ack_latency_p50{0}, ack_latency_p99{0};
@@ -173,6 +188,16 @@ class PrimaryReplicator : public Replica {
   // ReplicationOptions::output_epoch_spacing). Cheap; safe from any thread, also before
   // Start() and after Stop() (then it does nothing).
   void OutputPending();
+
+  // A planned switchover with no output lost: ends the open epoch at once, waits for its
+  // ACK (so every packet the guest sent up to it is released), sends no further epoch and
+  // asks the secondary to take over from exactly that epoch. Returns at once; the outcome
+  // is a state change: kHandedOver (the secondary runs the guest; this copy is stopped,
+  // what it sent after the last epoch dropped) or, if the secondary declines (e.g. it
+  // cannot reach the witness), back to kProtected with the reason in the transition.
+  // A handover the secondary neither completes nor declines in time is a fault like a lost
+  // peer: the witness decides. kFailedPrecondition unless kProtected.
+  Status RequestHandover();
 
  private:
   struct Impl;

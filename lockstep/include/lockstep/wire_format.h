@@ -1,6 +1,7 @@
-// lockstep's replication wire format, version 3. This header is its one description.
+// lockstep's replication wire format, version 4. This header is its one description.
 // (Version 2 added the pairing-key proof to the handshake: nonces, proofs, AUTH. Version 3
-// added link protection after it: HELLO's protection byte, sealed messages.)
+// added link protection after it: HELLO's protection byte, sealed messages. Version 4 added
+// the live initial synchronization — pre-copy rounds — and the planned HANDOVER.)
 //
 // Everything on the replication channel is a RECORD. A channel message carries one or
 // more whole records back to back; a record never spans two messages. All integers are
@@ -59,9 +60,10 @@
 // (u64 LE, from 0; the first message after AUTH is 0). A message whose tag does not check
 // out is refused with the connection, like a bad CRC.
 //
-// An epoch N (N = 1, 2, ... with no gaps; epoch 1 is the initial full synchronization):
-//   EPOCH_BEGIN   flags bit 0 = FULL (every page of every block follows).
-//                 Payload: u64 page count, u32 device-state bytes, u32 reserved (0).
+// An epoch N (N = 1, 2, ... with no gaps; epoch 1 completes the initial synchronization):
+//   EPOCH_BEGIN   flags bit 0 = FULL (every page of every block follows), bit 1 = PRECOPY
+//                 (a pre-copy round, below). Payload: u64 page count, u32 device-state
+//                 bytes, u32 reserved (0).
 //   PAGE_RAW      payload: the page (page_size bytes).
 //   PAGE_ZERO     no payload: the page is all zeros.
 //   PAGE_XOR_RLE  the page XORed with the copy the secondary holds (its state as of
@@ -79,6 +81,18 @@
 // Every page appears at most once in an epoch. Records of one epoch are never interleaved
 // with another epoch's; control records (below) may appear between them.
 //
+// The live initial synchronization. Before epoch 1 the primary may send PRE-COPY ROUNDS,
+// copied from the guest's RAM while it runs: framed like an epoch (BEGIN with PRECOPY set,
+// pages, COMMIT; record epoch fields 0; no DEVICE_STATE, so COMMIT counts 0 device bytes),
+// applied by the secondary as they commit and never acknowledged. A round is not a
+// checkpoint: pages copied from a running guest may be torn, and the dirty log sends them
+// again. The first round is FULL|PRECOPY (every page, deltas not allowed); each later one
+// carries the pages dirtied since the previous round was taken, deltas allowed against what
+// the secondary holds. Epoch 1 is then not FULL: it carries the pages dirtied since the
+// last round, with the device state, and makes the secondary's copy a checkpoint. Without
+// pre-copy, epoch 1 is FULL. A receiver refuses a round after epoch 1, a first round that
+// is not FULL, and a non-FULL epoch 1 that no FULL round preceded.
+//
 // Control records:
 //   ACK        secondary -> primary: epoch N is complete and verified at the secondary.
 //   HEARTBEAT  both ways; payload u64: the sender's latest epoch (primary: last sent;
@@ -87,6 +101,16 @@
 //              Payload: str reason. The primary releases held output only after
 //              GOODBYE_ACK; without it, ending protection is handled as a fault.
 //   GOODBYE_ACK  secondary -> primary: "I will not take over". No payload.
+//   HANDOVER   primary -> secondary, a planned switchover: "take over from epoch N (the
+//              record's epoch)". Sent only once epoch N is acknowledged and no epoch
+//              after it will be sent; the primary's guest output after N is never
+//              released. No payload. The secondary answers with
+//   HANDOVER_REPLY  secondary -> primary, epoch N; flags bit 0 = accepted. Payload: str
+//              reason (why not, or empty). Accepted: the secondary holds the witness's
+//              confirmed token and starts the guest from epoch N; the primary stops its
+//              copy for good. Declined: nothing changed (e.g. the witness could not be
+//              asked); the primary goes on with epoch N+1. A receiver refuses a HANDOVER
+//              for another epoch than the last it acknowledged.
 //   ERROR      either way: the sender found the stream bad and is closing. Payload: str.
 //
 // What a receiver rejects (and never applies): an unknown type, a bad CRC, a payload that
@@ -110,7 +134,7 @@
 
 namespace lockstep::wire {
 
-inline constexpr uint32_t kWireVersion = 3;
+inline constexpr uint32_t kWireVersion = 4;
 inline constexpr uint64_t kMagic = 0x50455453'4B434F4CULL;  // "LOCKSTEP" read as LE u64
 inline constexpr size_t kHeaderBytes = 32;
 inline constexpr uint32_t kPageSize = 4096;
@@ -132,9 +156,13 @@ enum class RecordType : uint16_t {
   kGoodbye = 22,
   kError = 23,
   kGoodbyeAck = 24,
+  kHandover = 25,
+  kHandoverReply = 26,
 };
 
 inline constexpr uint16_t kFlagFullEpoch = 1;
+inline constexpr uint16_t kFlagPrecopy = 2;
+inline constexpr uint16_t kFlagAccepted = 1;  // HANDOVER_REPLY
 // Largest PAGE_XOR_RLE payload: the result CRC and half a page of runs.
 inline constexpr uint32_t kMaxDeltaPayloadBytes = 4 + kPageSize / 2;
 
@@ -252,8 +280,10 @@ inline constexpr size_t kControlRecordBytes = kHeaderBytes + 8;
 size_t EncodeAck(uint64_t epoch, uint8_t out[kControlRecordBytes]);
 size_t EncodeGoodbyeAck(uint8_t out[kControlRecordBytes]);
 size_t EncodeHeartbeat(uint64_t latest_epoch, uint8_t out[kControlRecordBytes]);
-// GOODBYE and ERROR with a reason (allocates; not a hot-path record).
-std::vector<uint8_t> EncodeReasonRecord(RecordType type, std::string_view reason);
+size_t EncodeHandover(uint64_t epoch, uint8_t out[kControlRecordBytes]);
+// GOODBYE, ERROR and HANDOVER_REPLY with a reason (allocates; not a hot-path record).
+std::vector<uint8_t> EncodeReasonRecord(RecordType type, std::string_view reason,
+                                        uint64_t epoch = 0, uint16_t flags = 0);
 std::string DecodeReason(const RecordView& record);
 
 // ---- little-endian helpers ------------------------------------------------------------

@@ -4,6 +4,10 @@
 //   - the guest's workload throughput (requests/s from a client on another "host") with
 //     the guest unprotected and protected by lockstep;
 //   - lockstep's checkpoint pause (p50/p99) and epochs/s, idle and under that load;
+//   - lockstep's initial synchronization of the guest under the client's load, twice: as a
+//     stop-and-copy (precopy_rounds=0: epoch 1 copies all RAM in its pause) and live (the
+//     default: pre-copy rounds while the guest runs): epoch 1's pause, the rounds, and the
+//     longest the client waited for a reply meanwhile;
 //   - COLO's checkpoint pause and checkpoints/s on the same idle guest, twice: as upstream
 //     (only the BQL fix that lets it run under TCG, qemu-patches 0004) and with
 //     TCP_NODELAY (-global migration.x-colo-nodelay=on, 0005).
@@ -42,6 +46,12 @@ struct Row {
   std::string system, load;
   double epochs_per_s = 0, pause_p50_ms = 0, pause_p99_ms = 0, throughput_rps = 0;
   uint64_t pauses = 0;  // pauses the percentiles are over
+};
+
+struct SyncRow {
+  std::string mode;  // "stop-and-copy" or "pre-copy"
+  int rounds = 0;
+  double epoch1_pause_ms = 0, client_longest_wait_ms = 0, sync_s = 0;
 };
 
 struct Options {
@@ -143,6 +153,64 @@ Status RunLockstep(const Options& o, std::vector<Row>* rows) {
     r.pauses = std::min<uint64_t>(epochs, 1024);  // the engine keeps the last 1024 pauses
     rows->push_back(r);
   }
+  return Status::Ok();
+}
+
+// Protects the running guest while the client sends requests, with (`live`) or without
+// pre-copy rounds; how long epoch 1 paused the guest comes from the engine's PROTECTED
+// event ("... N pre-copy rounds ...; epoch 1 paused it X ms)").
+Status RunInitialSync(const Options& o, bool live, std::vector<SyncRow>* rows) {
+  std::unique_ptr<Topology> net;
+  BENCH_TRY(Assign(Topology::Create("lsb"), &net));
+  LockstepConfig pc, sc;
+  pc.role = "primary";
+  pc.host = "hostA";
+  sc.role = "secondary";
+  sc.host = "hostB";
+  pc.address = sc.address = std::string(Topology::kSecondaryLinkIp) + ":7700";
+  pc.settings = sc.settings = "interval_ms=" + std::to_string(o.interval_ms) + ";threshold_ms=300" +
+                              (live ? "" : ";precopy_rounds=0");
+  VmOptions po, so;
+  po.name = "sync-pri";
+  po.netns = net->primary_ns();
+  so.name = "sync-sec";
+  so.netns = net->secondary_ns();
+  po.tap = so.tap = Topology::kTap;
+  so.start_paused = true;
+  so.extra = {"-object", LockstepObjectArg(o.parts, sc)};
+  std::unique_ptr<QemuVm> primary, secondary;
+  BENCH_TRY(Assign(QemuVm::Launch(o.parts, po), &primary));
+  if (!primary->WaitForLog("LOCKSTEP-GUEST-READY", 60s)) {
+    return Status::TimedOut("the guest did not boot: " + primary->Log());
+  }
+  std::unique_ptr<WorkloadClient> c;
+  BENCH_TRY(Assign(WorkloadClient::Start(net->client_ns(), Topology::kGuestIp, 7000, 60s), &c));
+  if (!c->WaitForReplies(20, 30s)) return Status::TimedOut("the guest does not answer");
+  BENCH_TRY(Assign(QemuVm::Launch(o.parts, so), &secondary));
+  std::printf("initial synchronization, %s, client on...\n", live ? "pre-copy" : "stop-and-copy");
+  c->Mark();
+  const auto t0 = std::chrono::steady_clock::now();
+  Json ignored, protected_event;
+  BENCH_TRY(Assign(primary->qmp().Execute("object-add", LockstepObjectAdd(o.parts, pc)), &ignored));
+  BENCH_TRY(Assign(primary->WaitForState("PROTECTED", 120s), &protected_event));
+  SyncRow r;
+  r.mode = live ? "pre-copy" : "stop-and-copy";
+  r.sync_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const std::string reason = protected_event["data"].value("reason", std::string());
+  const size_t rounds_at = reason.find('('), pause_at = reason.find("paused it ");
+  if (rounds_at == std::string::npos || pause_at == std::string::npos) {
+    return Status::FailedPrecondition("the PROTECTED event does not say epoch 1's pause: " +
+                                      reason);
+  }
+  r.rounds = std::atoi(reason.c_str() + rounds_at + 1);
+  r.epoch1_pause_ms = std::strtod(reason.c_str() + pause_at + 10, nullptr);
+  std::this_thread::sleep_for(1s);  // the client's next replies, after the pause
+  r.client_longest_wait_ms = c->LongestGapAfterMark() * 1000;
+  c->Stop();
+  if (c->inconsistent() != 0) {
+    return Status::Corruption("the workload's replies do not chain: measurement void");
+  }
+  rows->push_back(r);
   return Status::Ok();
 }
 
@@ -293,8 +361,11 @@ int main(int argc, char** argv) {
   }
 
   std::vector<Row> rows;
-  for (int phase = 0; phase < 3; ++phase) {
-    Status s = phase == 0 ? RunLockstep(o, &rows) : RunColo(o, phase == 2, &rows);
+  std::vector<SyncRow> syncs;
+  for (int phase = 0; phase < 5; ++phase) {
+    Status s = phase == 0   ? RunLockstep(o, &rows)
+               : phase <= 2 ? RunInitialSync(o, /*live=*/phase == 2, &syncs)
+                            : RunColo(o, phase == 4, &rows);
     if (!s.ok()) {
       std::fprintf(stderr, "qemu_bench: %s\n", s.ToString().c_str());
       return 1;
@@ -325,7 +396,31 @@ int main(int argc, char** argv) {
         none->throughput_rps > 0 ? 100 * busy->throughput_rps / none->throughput_rps : 0.0);
   }
 
+  std::printf("\ninitial synchronization of the 256 MiB guest under the client's load:\n");
+  std::printf("%-14s %7s %15s %20s %10s\n", "mode", "rounds", "epoch 1 pause",
+              "client's longest wait", "sync took");
+  for (const SyncRow& r : syncs) {
+    std::printf("%-14s %7d %12.1f ms %17.1f ms %8.2f s\n", r.mode.c_str(), r.rounds,
+                r.epoch1_pause_ms, r.client_longest_wait_ms, r.sync_s);
+  }
+
   std::filesystem::create_directories(o.out_dir);
+  {
+    const std::string sync_csv = o.out_dir + "/qemu_bench_initial_sync.csv";
+    FILE* sf = std::fopen(sync_csv.c_str(), "w");
+    if (sf == nullptr) {
+      std::fprintf(stderr, "qemu_bench: cannot write %s: %s\n", sync_csv.c_str(),
+                   std::strerror(errno));
+      return 1;
+    }
+    std::fprintf(sf, "mode,precopy_rounds,epoch1_pause_ms,client_longest_wait_ms,sync_s\n");
+    for (const SyncRow& r : syncs) {
+      std::fprintf(sf, "%s,%d,%.3f,%.1f,%.3f\n", r.mode.c_str(), r.rounds, r.epoch1_pause_ms,
+                   r.client_longest_wait_ms, r.sync_s);
+    }
+    std::fclose(sf);
+    std::printf("wrote %s\n", sync_csv.c_str());
+  }
   std::string csv = o.out_dir + "/qemu_bench.csv";
   FILE* f = std::fopen(csv.c_str(), "w");
   if (f == nullptr) {

@@ -520,3 +520,114 @@ TEST_CASE(
   (*client)->Stop();
   std::filesystem::remove_all(witness_dir);
 }
+
+TEST_CASE(
+    "failover with lockstepctl: a drill there and back loses no reply; a forced failover; "
+    "reprotect",
+    "[admin][qemu][failover]") {
+  using lockstep::testbed::Topology;
+  auto net = Topology::Create("lso");
+  INFO(net.status().ToString());
+  REQUIRE(net.ok());
+  const std::string witness_dir = "/tmp/lso-witness-" + std::to_string(getpid());
+  std::filesystem::create_directories(witness_dir);
+  auto witness = ChildProcess::Start(
+      {LOCKSTEP_WITNESS_PATH, "--listen", std::string(Topology::kWitnessIp) + ":7700", "--state",
+       witness_dir + "/state"},
+      (*net)->witness_ns(), witness_dir + "/witness.log");
+  REQUIRE(witness.ok());
+  REQUIRE((*witness)->WaitForLog("listening on", 10s));
+  const std::string witness_flag = std::string("tcp:") + Topology::kWitnessIp + ":7700";
+  auto flags = [&](const char* ip, const char* link_ip) {
+    return std::vector<std::string>{
+        "--peer-listen", std::string(ip) + ":7400", "--replication-address", link_ip, "--witness",
+        witness_flag};
+  };
+  Host a("hostA", (*net)->primary_ns(), flags(Topology::kPrimaryHostIp, Topology::kPrimaryLinkIp));
+  Host b("hostB", (*net)->secondary_ns(),
+         flags(Topology::kSecondaryHostIp, Topology::kSecondaryLinkIp));
+  a.StartDaemon();
+  b.StartDaemon();
+  REQUIRE(Ctl(a.socket, {"pair", a.socket, b.socket}).exit == 0);
+  json def = {{"name", "db1"},
+              {"memory_mib", 256},
+              {"kernel", std::string(LOCKSTEP_GUEST_DIR) + "/vmlinuz"},
+              {"initrd", std::string(LOCKSTEP_GUEST_DIR) + "/initrd.gz"},
+              {"append", std::string("console=ttyS0 quiet panic=-1 idle=halt lockstep.ip=") +
+                             Topology::kGuestCidr},
+              {"nics", {{{"mac", "52:54:00:12:34:57"}, {"tap", Topology::kTap}}}},
+              {"protection", {{"settings", "interval_ms=20;threshold_ms=300"}}}};
+  std::ofstream(a.dir + "/db1.json") << def.dump(2);
+  REQUIRE(Ctl(a.socket, {"define", a.dir + "/db1.json"}).exit == 0);
+  REQUIRE(Ctl(a.socket, {"start", "db1"}).exit == 0);
+  auto client = WorkloadClient::Start((*net)->client_ns(), Topology::kGuestIp, 7000, 60s);
+  INFO(client.status().ToString());
+  REQUIRE(client.ok());
+  REQUIRE((*client)->WaitForReplies(5, 60s));
+
+  // Refusals that change nothing: not protected yet; a reprotect of a VM never protected.
+  Ran early = Ctl(a.socket, {"failover", "db1"});
+  CHECK(early.exit == 1);
+  CHECK(early.out.find("not protected") != std::string::npos);
+  Ran never = Ctl(a.socket, {"reprotect", "db1"});
+  CHECK(never.exit == 1);
+  CHECK(never.out.find("never protected") != std::string::npos);
+  Ran both = Ctl(a.socket, {"failover", "db1", "--drill", "--forced"});
+  CHECK(both.exit == 2);
+
+  REQUIRE(Ctl(a.socket, {"protect", "db1"}).exit == 0);
+  REQUIRE(WaitForProtection(b, "db1", "PROTECTED", 30s));
+  // The secondary's host cannot start one: the primary, and its VM, stay as they are.
+  Ran wrong_host = Ctl(b.socket, {"failover", "db1"});
+  CHECK(wrong_host.exit == 1);
+  CHECK(wrong_host.out.find("starts on the host that runs it as the primary") !=
+        std::string::npos);
+  CHECK(ProtectionState(a, "db1") == "PROTECTED");
+
+  // The drill: over to hostB with no reply lost, re-protected there, back, re-protected here.
+  const uint64_t before = (*client)->replies();
+  (*client)->Mark();
+  Ran drill = Ctl(a.socket, {"failover", "db1", "--drill"});
+  INFO(drill.out << "\nA:\n" << a.daemon->Log() << "\nB:\n" << b.daemon->Log());
+  REQUIRE(drill.exit == 0);
+  CHECK(drill.out.find("hostA -> hostB") != std::string::npos);
+  CHECK(drill.out.find("hostB -> hostA") != std::string::npos);
+  CHECK(drill.out.find("drill done") != std::string::npos);
+  CHECK(ProtectionState(a, "db1") == "PROTECTED");
+  CHECK(ProtectionState(b, "db1") == "PROTECTED");
+  CHECK(CtlJson(a.socket, {"status", "db1"})["vm"]["lockstep"][0]["role"] == "primary");
+  REQUIRE((*client)->WaitForReplies(before + 20, 60s));
+  INFO("longest wait for a reply during the drill: " << (*client)->LongestGapAfterMark() << " s");
+  CHECK((*client)->inconsistent() == 0);  // no reply lost, repeated or rolled back
+  CHECK((*client)->error().empty());      // the same TCP connection throughout
+  CHECK((*client)->LongestGapAfterMark() < 10.0);  // sanity bound: two initial syncs under TCG
+  CHECK(a.daemon->WaitForLog("event=vm_handed_over vm=db1", 1s));
+  CHECK(b.daemon->WaitForLog("event=vm_handed_over vm=db1", 1s));
+
+  // Forced: hostA's QEMU is killed, hostB takes over and re-protects the VM to hostA.
+  const uint64_t before_forced = (*client)->replies();
+  Ran forced = Ctl(a.socket, {"--json", "failover", "db1", "--forced"});
+  INFO(forced.out);
+  REQUIRE(forced.exit == 0);
+  json f = json::parse(forced.out);
+  CHECK(f["to"] == "hostB");
+  CHECK(f["reason"].get<std::string>().find("timeline") != std::string::npos);
+  REQUIRE((*client)->WaitForReplies(before_forced + 20, 60s));
+  CHECK((*client)->inconsistent() == 0);
+  CHECK((*client)->error().empty());
+  REQUIRE(WaitForProtection(a, "db1", "PROTECTED", 60s));  // hostA's copy: the secondary now
+  REQUIRE(WaitForProtection(b, "db1", "PROTECTED", 10s));
+
+  // Unprotected on purpose, then protected again with reprotect.
+  REQUIRE(Ctl(b.socket, {"unprotect", "db1"}).exit == 0);
+  Ran again = Ctl(b.socket, {"reprotect", "db1"});
+  INFO(again.out);
+  CHECK(again.exit == 0);
+  CHECK(WaitForProtection(a, "db1", "PROTECTED", 30s));
+  const uint64_t before_last = (*client)->replies();
+  REQUIRE((*client)->WaitForReplies(before_last + 10, 30s));
+  CHECK((*client)->inconsistent() == 0);
+  CHECK((*client)->error().empty());
+  (*client)->Stop();
+  std::filesystem::remove_all(witness_dir);
+}

@@ -279,6 +279,53 @@ TEST_CASE("peers of another wire-format version are refused at the handshake", "
   }
 }
 
+TEST_CASE("lockstep-handover is refused where there is nothing to hand over, with the reason",
+          "[qemu]") {
+  std::string addr = "127.0.0.1:" + std::to_string(FreePort());
+  VmOptions so = UserNet("sec-handover", FreePort());
+  so.start_paused = true;
+  so.extra = {"-object", LockstepObjectArg(kParts, Config("secondary", addr, "hostB")), "-object",
+              "iothread,id=io0"};
+  auto secondary = Launch(so);
+  INFO(secondary->Log());
+  auto Handover = [&](QemuVm& vm, const std::string& id) {
+    auto r = vm.qmp().Execute("lockstep-handover", {{"id", id}});
+    INFO(r.status().ToString());
+    REQUIRE(!r.ok());
+    return r.status().message();
+  };
+  SECTION("a secondary: the engine says it is asked of the primary") {
+    std::string why = Handover(*secondary, "ft0");
+    CHECK(why.find("this replica is the secondary of VM vm1") != std::string::npos);
+    CHECK(why.find("asked of the primary") != std::string::npos);
+  }
+  SECTION("an id that is no object, or no lockstep object") {
+    CHECK(Handover(*secondary, "ft9").find("there is no object 'ft9'") != std::string::npos);
+    std::string why = Handover(*secondary, "io0");
+    CHECK(why.find("'io0' is not a lockstep object (its type is iothread)") != std::string::npos);
+  }
+  SECTION("a primary that is not PROTECTED (its secondary is not there): the engine refuses") {
+    std::string nobody = "127.0.0.1:" + std::to_string(FreePort());
+    VmOptions po = UserNet("pri-handover", FreePort());
+    po.extra = {"-object", LockstepObjectArg(kParts, Config("primary", nobody, "hostA"))};
+    auto primary = Launch(po);
+    INFO(primary->Log());
+    std::string why = Handover(*primary, "ft0");
+    CHECK(why.find("handover refused") != std::string::npos);
+    CHECK(why.find("not PROTECTED") != std::string::npos);
+    auto pst = primary->LockstepStatus();
+    REQUIRE(pst.ok());
+    CHECK((*pst)["state"] != "HANDED_OVER");
+    REQUIRE(primary->WaitForLog("LOCKSTEP-GUEST-READY", 60s));
+    CHECK(Running(*primary));
+  }
+  // A refusal changes nothing: the secondary still waits for its primary, guest paused.
+  auto st = secondary->LockstepStatus();
+  REQUIRE(st.ok());
+  CHECK((*st)["state"] == "IDLE");
+  CHECK(!Running(*secondary));
+}
+
 namespace {
 
 using lockstep::testbed::PairOptions;

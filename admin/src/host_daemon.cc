@@ -704,6 +704,21 @@ void HostDaemon::ServePeerUnchecked(std::unique_ptr<channel::Channel> link,
     auto pairing = CurrentPairing();
     answer = reply(DiscardSecondary(request->value("vm", std::string()),
                                     pairing ? pairing->peer_host : std::string()));
+  } else if (command == "vm-state") {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto vm = Find(request->value("vm", std::string()));
+    Result<Json> st = vm.status();
+    if (vm.ok()) {
+      const Json summary = Summary(request->value("vm", std::string()), **vm);
+      const auto [role, state] = EngineRole(**vm);
+      st = Json{{"role", role},
+                {"state", state},
+                {"reason", summary["protection"].value("reason", std::string())}};
+    }
+    answer = reply(st);
+  } else if (command == "handover") {
+    // The way back of a drill the paired host runs: this host is the primary now.
+    answer = reply(HandOver(request->value("vm", std::string())));
   } else {
     answer = {{"ok", false}, {"error", "unknown peer command '" + command + "'"}};
   }
@@ -769,7 +784,7 @@ Status HostDaemon::DiscardOnPeer(const Pairing& pairing, const std::string& name
   return Status::Ok();
 }
 
-Result<Json> HostDaemon::Protect(const std::string& name) {
+Result<Json> HostDaemon::Protect(const std::string& name, bool again) {
   std::unique_lock<std::mutex> lock(mu_);
   auto found = Find(name);
   if (!found.ok()) return found.status();
@@ -798,7 +813,7 @@ Result<Json> HostDaemon::Protect(const std::string& name) {
   auto objects = vm.qmp->Execute("query-lockstep", Json::object(), 5s);
   if (objects.ok() && objects->is_array() && !objects->empty()) {
     old_engine = (*objects)[0].value("state", std::string("?"));
-    if (old_engine == "FENCED" || old_engine == "FAILED") {
+    if (old_engine == "FENCED" || old_engine == "FAILED" || old_engine == "HANDED_OVER") {
       return Status::FailedPrecondition("VM '" + name + "' here ended " + old_engine +
                                         ": this copy must not run on; stop it (lockstepctl stop)");
     }
@@ -806,6 +821,10 @@ Result<Json> HostDaemon::Protect(const std::string& name) {
       return Status::FailedPrecondition("VM '" + name + "' is already protected (state " +
                                         old_engine + "); unprotect it first");
     }
+  }
+  if (again && old_engine.empty() && vm.protected_with.empty()) {
+    return Status::FailedPrecondition("VM '" + name +
+                                      "' was never protected from this host: use protect");
   }
   busy_.insert(name);
   const std::string definition = VmDefinitionJson(vm.def);
@@ -895,6 +914,207 @@ Result<Json> HostDaemon::Unprotect(const std::string& name) {
     }
   }
   return out;
+}
+
+Status HostDaemon::BeginFailover(const std::string& name, Vm& vm) {
+  if (!Alive(vm) || !vm.qmp)
+    return Status::FailedPrecondition("VM '" + name + "' is not running here");
+  if (busy_.count(name)) {
+    return Status::FailedPrecondition("VM '" + name + "' is being protected, unprotected or " +
+                                      "failed over already; wait for that to finish");
+  }
+  const auto [role, state] = EngineRole(vm);
+  if (role != "primary" || state != "PROTECTED") {
+    return Status::FailedPrecondition(
+        "VM '" + name + "' here is " +
+        (role.empty() ? std::string("not protected") : "the " + role + " (" + state + ")") +
+        ": a failover starts on the host that runs it as the primary, once it is PROTECTED "
+        "(lockstepctl status " +
+        name + ")");
+  }
+  if (!CurrentPairing()) {
+    return Status::FailedPrecondition(config_.host_id + " is not paired with another host");
+  }
+  busy_.insert(name);
+  return Status::Ok();
+}
+
+Result<Json> HostDaemon::AwaitOutcome(const std::function<Result<std::optional<Json>>()>& probe,
+                                      std::chrono::milliseconds every,
+                                      std::chrono::milliseconds timeout, const std::string& what) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    auto r = probe();
+    if (!r.ok()) return r.status();
+    if (*r) return **r;
+    if (std::chrono::steady_clock::now() > deadline) {
+      return Status::TimedOut(what + ": no outcome after " +
+                              std::to_string(timeout.count() / 1000) + " s");
+    }
+    std::this_thread::sleep_for(every);
+  }
+}
+
+Result<Json> HostDaemon::PeerVmState(const Pairing& pairing, const std::string& name) {
+  auto ch = ConnectPeer(config_.host_id, pairing, 5s);
+  if (!ch.ok()) return ch.status();
+  LOCKSTEP_RETURN_IF_ERROR(SendJson(**ch, {{"command", "vm-state"}, {"vm", name}}));
+  auto answer = ReceiveJson(**ch, 10s);
+  if (!answer.ok()) return answer.status();
+  if (!answer->value("ok", false)) {
+    return Status::FailedPrecondition(pairing.peer_host + ": " +
+                                      answer->value("error", std::string("refused")));
+  }
+  return *answer;
+}
+
+Result<Json> HostDaemon::HandOver(const std::string& name) {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto found = Find(name);
+  if (!found.ok()) return found.status();
+  LOCKSTEP_RETURN_IF_ERROR(BeginFailover(name, **found));
+  const Pairing pairing = *CurrentPairing();
+  const size_t seen = Events(name).size();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto finish = [&](Result<Json> r) {
+    busy_.erase(name);
+    return r;
+  };
+  auto asked = (*found)->qmp->Execute("lockstep-handover", {{"id", "ft0"}}, 10s);
+  if (!asked.ok()) {
+    return finish(Status::FailedPrecondition("QEMU refused the handover of VM '" + name +
+                                             "': " + asked.status().message()));
+  }
+  LogEvent("info", "vm_handing_over", {{"vm", name}, {"to", pairing.peer_host}});
+  // The engine ends the epoch, waits for its ACK, and the secondary asks the witness: a
+  // few epochs' time, or the engine's handover timeout if the secondary does not answer.
+  auto outcome = AwaitOutcome(
+      [&]() -> Result<std::optional<Json>> {
+        lock.unlock();
+        std::this_thread::sleep_for(20ms);
+        lock.lock();
+        auto vm = Find(name);
+        if (!vm.ok() || !Alive(**vm) || !(*vm)->qmp) {
+          return Status::Aborted("VM '" + name + "' stopped during the handover");
+        }
+        auto ls = (*vm)->qmp->Execute("query-lockstep", Json::object(), 5s);
+        if (!ls.ok() || !ls->is_array() || ls->empty()) return std::optional<Json>();
+        const std::string state = (*ls)[0].value("state", std::string());
+        const std::string reason = (*ls)[0].value("reason", std::string());
+        if (state == "HANDED_OVER") return std::optional<Json>(Json{{"reason", reason}});
+        if (state != "PROTECTED") {
+          return Status::FailedPrecondition("the handover of VM '" + name + "' became a fault (" +
+                                            state + "): " + reason);
+        }
+        auto events = Events(name);
+        for (size_t i = seen; i < events.size(); ++i) {
+          const std::string why = events[i].value("reason", std::string());
+          if (why.find("declined the handover") != std::string::npos) {
+            return Status::FailedPrecondition(pairing.peer_host + " " +
+                                              why.substr(why.find("declined")));
+          }
+        }
+        return std::optional<Json>();
+      },
+      0ms, 60s, "handing VM '" + name + "' over");
+  if (!outcome.ok()) return finish(outcome.status());
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  // This copy is stopped for good: shut it down, so the other host can make it its
+  // secondary when it re-protects the VM.
+  auto vm = Find(name);
+  if (vm.ok() && Alive(**vm)) {
+    auto stopped = Stop(name, /*force=*/true);
+    if (!stopped.ok()) {
+      LogEvent("warn", "vm_stop_failed", {{"vm", name}, {"why", stopped.status().message()}});
+    }
+  }
+  LogEvent("info", "vm_handed_over", {{"vm", name}, {"to", pairing.peer_host}});
+  return finish(Json{{"from", config_.host_id},
+                     {"to", pairing.peer_host},
+                     {"handover_ms", ms},
+                     {"reason", (*outcome)["reason"]}});
+}
+
+Result<Json> HostDaemon::ForceFailover(const std::string& name) {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto found = Find(name);
+  if (!found.ok()) return found.status();
+  LOCKSTEP_RETURN_IF_ERROR(BeginFailover(name, **found));
+  const Pairing pairing = *CurrentPairing();
+  const auto t0 = std::chrono::steady_clock::now();
+  // What a host crash does to the VM: no GOODBYE, no last epoch; the secondary notices the
+  // silence and takes over from the last acknowledged epoch.
+  auto killed = Stop(name, /*force=*/true);
+  busy_.erase(name);
+  lock.unlock();
+  if (!killed.ok()) return killed.status();
+  LogEvent("info", "vm_failover_forced", {{"vm", name}, {"to", pairing.peer_host}});
+  auto outcome = AwaitOutcome(
+      [&]() -> Result<std::optional<Json>> {
+        auto st = PeerVmState(pairing, name);
+        if (!st.ok()) return std::optional<Json>();  // its daemon may be busy: ask again
+        const std::string state = st->value("state", std::string());
+        if (state == "ACTIVE") return std::optional<Json>(*st);
+        if (state == "FENCED" || state == "FAILED" || state == "STOPPED") {
+          return Status::FailedPrecondition("VM '" + name + "' did not fail over to " +
+                                            pairing.peer_host + " (" + state +
+                                            "): " + st->value("reason", std::string()));
+        }
+        return std::optional<Json>();
+      },
+      50ms, 60s, "waiting for " + pairing.peer_host + " to take VM '" + name + "' over");
+  if (!outcome.ok()) return outcome.status();
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  return Json{{"from", config_.host_id},
+              {"to", pairing.peer_host},
+              {"failover_ms", ms},
+              {"reason", (*outcome)["reason"]}};
+}
+
+Result<Json> HostDaemon::Drill(const std::string& name) {
+  auto pairing = CurrentPairing();
+  if (!pairing) return Status::FailedPrecondition(config_.host_id + " is not paired");
+  auto there = HandOver(name);
+  if (!there.ok()) return there.status().WithContext("drill, switching over");
+  // The other host re-protects the VM by itself (automatic re-protection), with this
+  // host's copy as its secondary; the way back starts once that is PROTECTED.
+  auto reprotected = AwaitOutcome(
+      [&]() -> Result<std::optional<Json>> {
+        auto st = PeerVmState(*pairing, name);
+        if (st.ok() && st->value("role", std::string()) == "primary" &&
+            st->value("state", std::string()) == "PROTECTED") {
+          return std::optional<Json>(*st);
+        }
+        return std::optional<Json>();
+      },
+      200ms, 10min,
+      "drill: waiting for " + pairing->peer_host + " to re-protect VM '" + name + "'");
+  if (!reprotected.ok()) return reprotected.status();
+  auto ch = ConnectPeer(config_.host_id, *pairing, 10s);
+  if (!ch.ok()) return ch.status().WithContext("drill, switching back");
+  LOCKSTEP_RETURN_IF_ERROR(SendJson(**ch, {{"command", "handover"}, {"vm", name}}));
+  auto back = ReceiveJson(**ch, 90s);
+  if (!back.ok()) return back.status().WithContext("drill, switching back");
+  if (!back->value("ok", false)) {
+    return Status::FailedPrecondition("drill, switching back: " + pairing->peer_host + ": " +
+                                      back->value("error", std::string("refused")));
+  }
+  back->erase("ok");
+  // Home again: this host re-protects it (automatic re-protection) with the other's copy.
+  auto home = AwaitOutcome(
+      [&]() -> Result<std::optional<Json>> {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto vm = Find(name);
+        if (!vm.ok()) return vm.status();
+        const auto [role, state] = EngineRole(**vm);
+        if (role == "primary" && state == "PROTECTED") return std::optional<Json>(Json{});
+        return std::optional<Json>();
+      },
+      200ms, 10min, "drill: waiting for VM '" + name + "' to be protected here again");
+  if (!home.ok()) return home.status();
+  return Json{{"legs", {*there, *back}}, {"protected_on", config_.host_id}};
 }
 
 Result<Json> HostDaemon::PrepareSecondary(const Json& definition, const std::string& primary_host) {
@@ -1017,8 +1237,15 @@ Json HostDaemon::Handle(const Json& request) {
       return done(CheckPairing());
     } else if (command == "protect" || command == "unprotect") {
       // They take the VMs' lock themselves, and let go of it while the peer works.
-      auto r = command == "protect" ? Protect(name) : Unprotect(name);
+      auto r =
+          command == "protect" ? Protect(name, request.value("again", false)) : Unprotect(name);
       return done(r.ok() ? Result<Json>(Json{{"vm", *r}}) : r);
+    } else if (command == "failover") {
+      const std::string how = request.value("how", std::string("planned"));
+      if (how == "drill") return done(Drill(name));
+      if (how == "planned") return done(HandOver(name));
+      if (how == "forced") return done(ForceFailover(name));
+      return Fail("failover \"how\" is planned, forced or drill, not '" + how + "'");
     }
     std::lock_guard<std::mutex> lock(mu_);
     Result<Json> r = Json::object();
@@ -1042,7 +1269,7 @@ Json HostDaemon::Handle(const Json& request) {
     } else {
       return Fail("unknown command '" + command +
                   "' (identity, pair, unpair, pairing, list, status, define, undefine, start, "
-                  "stop, protect, unprotect)");
+                  "stop, protect, unprotect, failover)");
     }
     return done(r);
   } catch (const std::exception& e) {  // a malformed member (nlohmann type errors)

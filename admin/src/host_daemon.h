@@ -20,6 +20,7 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -102,8 +103,29 @@ class HostDaemon {
   Result<Json> Launch(const std::string& name, Vm& vm, const std::vector<std::string>& extra);
   // Protect and Unprotect take mu_ themselves (REQUIRES: mu_ not held) and let go of it
   // while the paired host's daemon works.
-  Result<Json> Protect(const std::string& name);
+  // `again`: only a re-protection (refused if this VM's QEMU never had an engine).
+  Result<Json> Protect(const std::string& name, bool again = false);
   Result<Json> Unprotect(const std::string& name);
+  // Failovers (REQUIRES: mu_ not held; they let go of it while they wait).
+  // HandOver: a planned switchover of a PROTECTED VM whose primary runs here to the paired
+  // host (the engine's HANDOVER: no output lost); this host's copy, stopped for good, is
+  // then shut down, and the other host's daemon re-protects the VM with this one.
+  Result<Json> HandOver(const std::string& name);
+  // ForceFailover: this host's QEMU of the VM is killed (SIGKILL); returns once the
+  // paired host's secondary runs it (ACTIVE), with its takeover's timeline.
+  Result<Json> ForceFailover(const std::string& name);
+  // Drill: HandOver, then once the other host has re-protected the VM, the same back, and
+  // once this host has re-protected it again, the timings of both legs.
+  Result<Json> Drill(const std::string& name);
+  // A primary here, PROTECTED: what a failover starts from. Marks the VM busy.
+  // REQUIRES: mu_ held.
+  Status BeginFailover(const std::string& name, Vm& vm);
+  // The paired host's view of VM `name` (peer API "vm-state"): role, state, reason.
+  Result<Json> PeerVmState(const Pairing& pairing, const std::string& name);
+  // Polls `probe` every `every` until it returns a value or an error, or `timeout` passes.
+  Result<Json> AwaitOutcome(const std::function<Result<std::optional<Json>>()>& probe,
+                            std::chrono::milliseconds every, std::chrono::milliseconds timeout,
+                            const std::string& what);
   // The peer API's calls of protect and unprotect (REQUIRES: mu_ not held).
   Result<std::string> PrepareOnPeer(const Pairing& pairing, const std::string& definition);
   Status DiscardOnPeer(const Pairing& pairing, const std::string& name);

@@ -72,7 +72,7 @@ Status CheckTuning(const std::string& settings) {
       "interval_ms",     "output_spacing_ms", "heartbeat_ms",
       "threshold_ms",    "sync_threshold_ms", "ack_timeout_ms",
       "grant_window_ms", "fence_timeout_ms",  "delta",
-      "link_protection"};
+      "link_protection", "precopy_rounds",    "handover_timeout_ms"};
   size_t at = 0;
   while (at < settings.size()) {
     size_t end = settings.find(';', at);

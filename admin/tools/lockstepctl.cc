@@ -48,6 +48,12 @@ const Command kCommands[] = {
     {"protect", "VM",
      "protect a running VM: a secondary on the paired host, the initial sync, then epochs"},
     {"unprotect", "VM", "end protection on purpose (no failover); the secondary is removed"},
+    {"reprotect", "VM",
+     "protect a VM again now (after a failover or unprotect) instead of waiting for the "
+     "automatic re-protection"},
+    {"failover", "VM [--drill|--forced]",
+     "move a protected VM to the paired host: planned (no output lost), --drill (there and "
+     "back, timed) or --forced (its QEMU here is killed, as a host crash would)"},
 };
 
 std::string Usage() {
@@ -55,7 +61,7 @@ std::string Usage() {
   o << "usage: lockstepctl [--socket PATH] [--json] COMMAND [ARGS] [--help]\n\ncommands:\n";
   for (const auto& c : kCommands) {
     char line[160];
-    std::snprintf(line, sizeof line, "  %-10s %-14s %s\n", c.name, c.args, c.help);
+    std::snprintf(line, sizeof line, "  %-10s %-22s %s\n", c.name, c.args, c.help);
     o << line;
   }
   o << "\nglobal options:\n  --socket PATH  lockstepd's control socket (default "
@@ -259,7 +265,15 @@ int main(int argc, char** argv) {
   std::vector<std::string> positional;
   opts.add_options()("help,h", "this help")("json", "print the daemon's answer as JSON");
   if (command == "stop") opts.add_options()("force", "kill QEMU instead of asking it to quit");
-  if (command == "protect") {
+  if (command == "failover") {
+    opts.add_options()("drill",
+                       "a drill: switch over to the paired host, wait until it protects the "
+                       "VM, switch back, wait until it is protected here again; prints both "
+                       "legs' timings")("forced",
+                                        "kill the VM's QEMU here (SIGKILL) and let the "
+                                        "secondary detect it and take over, as on a host crash");
+  }
+  if (command == "protect" || command == "reprotect") {
     opts.add_options()("no-wait",
                        "return once protection started, without waiting for the initial "
                        "synchronization (by default: wait, with a progress bar, until "
@@ -316,13 +330,31 @@ int main(int argc, char** argv) {
     request["vm"] = positional[0];
   }
   if (command == "stop") request["force"] = vm.count("force") > 0;
+  if (command == "reprotect")
+    request = {{"command", "protect"}, {"vm", positional[0]}, {"again", true}};
+  if (command == "failover") {
+    if (vm.count("drill") && vm.count("forced")) {
+      std::cerr << "lockstepctl failover: --drill and --forced do not go together\n";
+      return kUsage;
+    }
+    request["how"] = vm.count("drill") ? "drill" : vm.count("forced") ? "forced" : "planned";
+  }
 
   // protect waits for the paired host's daemon (its QEMU started) and for QEMU's object-add.
-  const auto timeout = command == "protect" || command == "unprotect" ? std::chrono::seconds(180)
-                                                                      : std::chrono::seconds(60);
+  // A drill waits for two re-protections (two initial synchronizations).
+  const auto timeout = command == "failover" ? std::chrono::seconds(1500)
+                       : command == "protect" || command == "unprotect" || command == "reprotect"
+                           ? std::chrono::seconds(180)
+                           : std::chrono::seconds(60);
+  if (command == "failover" && !json) {
+    std::fprintf(stderr, "%s\n",
+                 vm.count("drill") ? "failover drill: there and back, waiting for each "
+                                     "re-protection (minutes for a large VM)..."
+                                   : "failing over...");
+  }
   auto answer = CallDaemon(socket_path, request, timeout);
   if (!answer.ok()) return Report(command, answer.status());
-  if (command == "protect" && !vm.count("no-wait")) {
+  if ((command == "protect" || command == "reprotect") && !vm.count("no-wait")) {
     auto done = WaitUntilProtected(socket_path, positional[0], !json && isatty(STDERR_FILENO));
     if (!done.ok()) return Report(command, done.status());
     answer = Json{{"vm", *done}};
@@ -348,8 +380,22 @@ int main(int argc, char** argv) {
     std::printf("%-20s %-11s %-8s %-14s %s\n", "VM", "STATE", "PID", "PROTECTION", "WHY");
     for (const Json& v : (*answer)["vms"]) PrintVmLine(v);
   } else if (command == "status" || command == "start" || command == "protect" ||
-             command == "unprotect") {
+             command == "unprotect" || command == "reprotect") {
     PrintStatus((*answer)["vm"]);
+  } else if (command == "failover") {
+    auto leg = [](const Json& l) {
+      const double ms = l.value("handover_ms", l.value("failover_ms", 0.0));
+      std::printf("%s -> %s in %.1f ms\n  %s\n", l.value("from", std::string()).c_str(),
+                  l.value("to", std::string()).c_str(), ms,
+                  l.value("reason", std::string()).c_str());
+    };
+    if (answer->contains("legs")) {
+      for (const Json& l : (*answer)["legs"]) leg(l);
+      std::printf("drill done: VM %s is protected on %s again\n", positional[0].c_str(),
+                  answer->value("protected_on", std::string()).c_str());
+    } else {
+      leg(*answer);
+    }
   } else if (command == "pairing") {
     // printed above
   } else if (command == "define") {

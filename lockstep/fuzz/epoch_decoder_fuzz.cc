@@ -165,7 +165,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     auto r = assembler.Feed(m);
     if (!r.ok()) break;
     staged.insert(staged.end(), m.begin(), m.end());
-    if (*r == EpochAssembler::Progress::kCommitted) {
+    if (*r != EpochAssembler::Progress::kNeedMore) {  // an epoch, or a pre-copy round
       assembler.Apply(staged);
       return 0;
     }

@@ -143,6 +143,7 @@ struct PluginReplica {
   std::unique_ptr<channel::Transport> tcp = channel::MakeTcpTransport();
   std::unique_ptr<channel::Listener> listener;
   std::thread starter;
+  bool started = false;  // Start() succeeded (host thread only: the API's single caller)
   std::mutex mu;
   std::string start_error;  // GUARDED_BY(mu)
 
@@ -244,6 +245,15 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
     } else if (k == "delta") {
       if (v != "on" && v != "off") return "delta must be on or off";
       r->options.delta_encoding = v == "on";
+    } else if (k == "precopy_rounds") {
+      char* end = nullptr;
+      const long n = std::strtol(v.c_str(), &end, 10);
+      if (v.empty() || *end != '\0' || n < 0 || n > 1000) return "precopy_rounds must be 0..1000";
+      r->options.precopy_max_rounds = static_cast<int>(n);
+    } else if (k == "handover_timeout_ms") {
+      Micros t{0};
+      if (!ParseMillis(v, &t)) return "handover_timeout_ms must be 1..600000";
+      r->options.handover_timeout = std::chrono::duration_cast<std::chrono::milliseconds>(t);
     } else {
       return "unknown setting '" + k + "'";
     }
@@ -406,6 +416,7 @@ int Start(void* handle, char* err, size_t err_len) {
         r->ops.state_changed(r->ops.opaque, "FAILED", r->start_error.c_str());
     }
   });
+  r->started = true;
   return 0;
 }
 
@@ -464,14 +475,41 @@ void OutputPending(void* handle) {
   if (r->primary) r->primary_replica->OutputPending();
 }
 
+int Handover(void* handle, char* err, size_t err_len) {
+  auto* r = static_cast<PluginReplica*>(handle);
+  if (!r->primary) {
+    CopyError("lockstep: this replica is the secondary of VM " + r->options.vm_id +
+                  "; a handover is asked of the primary",
+              err, err_len);
+    return -1;
+  }
+  if (!r->started) {
+    CopyError("lockstep: protection of VM " + r->options.vm_id +
+                  " was never started; there is nothing to hand over",
+              err, err_len);
+    return -1;
+  }
+  if (Status s = r->primary_replica->RequestHandover(); !s.ok()) {
+    CopyError("lockstep: handover refused: " + s.ToString(), err, err_len);
+    return -1;
+  }
+  return 0;
+}
+
 void Destroy(void* handle) {
   auto* r = static_cast<PluginReplica*>(handle);
   Stop(r);
   delete r;
 }
 
-const lockstep_plugin_api kApi = {
-    LOCKSTEP_PLUGIN_ABI_VERSION, Create, Start, Stop, QueryStatus, Destroy, OutputPending};
+const lockstep_plugin_api kApi = {.abi_version = LOCKSTEP_PLUGIN_ABI_VERSION,
+                                  .create = Create,
+                                  .start = Start,
+                                  .stop = Stop,
+                                  .query_status = QueryStatus,
+                                  .destroy = Destroy,
+                                  .output_pending = OutputPending,
+                                  .handover = Handover};
 
 }  // namespace
 }  // namespace lockstep

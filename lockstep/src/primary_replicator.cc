@@ -264,7 +264,12 @@ void PrimaryReplicator::Impl::HandleAck(uint64_t epoch) {
     ack_latencies.Add(std::chrono::duration_cast<Micros>(std::chrono::nanoseconds(now - end)));
   }
   if (role.get() == ReplicaState::kSyncing) {
-    role.MoveTo(ReplicaState::kProtected, "the secondary acknowledged the initial synchronization");
+    char pause[32];
+    std::snprintf(pause, sizeof pause, "%.1f", initial_sync_pause_us.load() / 1000.0);
+    role.MoveTo(ReplicaState::kProtected,
+                "the secondary acknowledged the initial synchronization (" +
+                    std::to_string(sync_rounds.load()) + " pre-copy rounds while the guest ran; " +
+                    "epoch 1 paused it " + pause + " ms)");
   }
 }
 

@@ -10,6 +10,7 @@
 #include <catch2/catch.hpp>
 #include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <mutex>
 #include <string>
@@ -233,5 +234,49 @@ TEST_CASE("a secondary given an address it cannot listen on says so at once", "[
   REQUIRE(s != nullptr);
   REQUIRE(api->start(s, err, sizeof err) == -1);
   REQUIRE(std::string(err).find("cannot listen on nonsense") != std::string::npos);
+  api->destroy(s);
+}
+
+TEST_CASE("a handover is refused where there is nothing to hand over, with the reason",
+          "[plugin]") {
+  const lockstep_plugin_api* api = LoadPlugin();
+  Host host(SmallGuest());
+  lockstep_host_ops ops = host.Ops();
+  const std::string common = ",vm=vm7,witness=this-process,key_file=" + KeyFile();
+  char err[512];
+  void* s = api->create(&ops, ("role=secondary,host=b,listen=127.0.0.1:0" + common).c_str(), err,
+                        sizeof err);
+  INFO(err);
+  REQUIRE(s != nullptr);
+  SECTION("a secondary: asked of the primary") {
+    REQUIRE(api->handover(s, err, sizeof err) == -1);
+    CHECK(std::string(err) ==
+          "lockstep: this replica is the secondary of VM vm7; a handover is asked of the primary");
+  }
+  SECTION("an error buffer too small: cut short, terminated") {
+    char small[16];
+    std::memset(small, 'x', sizeof small);
+    REQUIRE(api->handover(s, small, sizeof small) == -1);
+    CHECK(std::string(small) == "lockstep: this ");
+    REQUIRE(api->handover(s, nullptr, 0) == -1);  // no buffer: refused all the same
+  }
+  SECTION("a primary never started") {
+    Host primary_host(SmallGuest());
+    lockstep_host_ops pops = primary_host.Ops();
+    void* p = api->create(&pops, ("role=primary,host=a,peer=127.0.0.1:1" + common).c_str(), err,
+                          sizeof err);
+    REQUIRE(p != nullptr);
+    REQUIRE(api->handover(p, err, sizeof err) == -1);
+    CHECK(std::string(err).find("protection of VM vm7 was never started") != std::string::npos);
+    {
+      std::lock_guard<std::mutex> lock(primary_host.mu);
+      CHECK(primary_host.states.empty());  // a refusal changes nothing
+    }
+    api->destroy(p);
+  }
+  {
+    std::lock_guard<std::mutex> lock(host.mu);
+    CHECK(host.states.empty());  // a refusal changes nothing
+  }
   api->destroy(s);
 }

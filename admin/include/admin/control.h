@@ -27,6 +27,17 @@
 //   protect   "vm"               → "vm": status; starts the secondary on the paired host
 //                                   and the engine here (also re-protects after a failover)
 //   unprotect "vm"               → "vm": status; only on the primary's host
+//             (protect with "again": true is a re-protection only: refused for a VM whose
+//             QEMU never had an engine)
+//   failover  "vm", "how"        → on the primary's host, the VM PROTECTED. "how":
+//             "planned" (default): the engine's HANDOVER to the paired host, no output lost;
+//               this host's copy is then shut down → "from", "to", "handover_ms", "reason"
+//             "forced": this host's QEMU is killed; returns once the paired host runs the
+//               VM (ACTIVE) → "from", "to", "failover_ms", "reason" (its takeover timeline)
+//             "drill": planned there, then (once the other host re-protected it) planned
+//               back, then waits until it is protected here again → "legs": [two planned
+//               results], "protected_on"
+//             The other host re-protects the VM by itself after any of them.
 // VM summary: "name", "state" ("stopped" | "running" | "paused" | "unreachable"), "pid"
 // (when running), "protection": {"state": "UNPROTECTED" or the engine's state,
 // "reason": why it is not protected}. VM status adds "memory_mib", "vcpus", "qemu_log",

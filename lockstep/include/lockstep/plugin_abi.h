@@ -28,7 +28,7 @@
 extern "C" {
 #endif
 
-#define LOCKSTEP_PLUGIN_ABI_VERSION 3u
+#define LOCKSTEP_PLUGIN_ABI_VERSION 4u
 
 enum lockstep_output_mode {
   LOCKSTEP_OUTPUT_PASS_THROUGH = 0,
@@ -106,6 +106,14 @@ struct lockstep_plugin_api {
    * engine may end the epoch early. Call it at least for the first packet held after each
    * close_output_barrier; it is cheap and never blocks on I/O. A secondary ignores it. */
   void (*output_pending)(void* replica);
+  /* Starts a planned switchover (primary only): the open epoch ends at once and, once the
+   * secondary has acknowledged it, the secondary runs the guest from exactly that epoch
+   * (no output lost) while this replica's guest stops for good. Returns at once: 0, or -1
+   * with the reason in err (not a primary, not PROTECTED, protection never started). The
+   * outcome is reported through state_changed (HANDED_OVER, or PROTECTED again with the
+   * secondary's reason) and query_status. Never blocks on the guest or the network, so it
+   * may be called with the host's lock (QEMU: the BQL) held. */
+  int (*handover)(void* replica, char* err, size_t err_len);
 };
 
 /* The one exported symbol. NULL if the host's `abi_version` is not spoken. */

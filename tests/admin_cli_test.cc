@@ -278,7 +278,7 @@ TEST_CASE("one lockstepd per state directory and per socket", "[admin]") {
   CHECK(CtlJson(h.socket, {"list"})["host"] == "hostA");  // the first goes on
 }
 
-TEST_CASE("pairing: one new key on both hosts, each proves it; a wrong key is refused by both",
+TEST_CASE("pairing: one new key on both hosts, each proves it, a wrong key is refused by both",
           "[admin]") {
   Host a("hostA"), b("hostB"), c("hostC");
   a.StartDaemon();
@@ -373,8 +373,8 @@ bool WaitForProtection(const Host& host, const std::string& vm, const std::strin
 }  // namespace
 
 TEST_CASE(
-    "protect with lockstepctl; kill -9 of the primary host's daemon and QEMU; automatic "
-    "re-protection when it is back; kill -9 again; unprotect: the client goes on",
+    "protect with lockstepctl, kill -9 of the primary host's daemon and QEMU, automatic "
+    "re-protection when it is back, kill -9 again, unprotect: the client goes on",
     "[admin][qemu][protect]") {
   using lockstep::testbed::Topology;
   auto net = Topology::Create("lsa");
@@ -522,7 +522,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "failover with lockstepctl: a drill there and back loses no reply; a forced failover; "
+    "failover with lockstepctl: a drill there and back loses no reply, a forced failover, "
     "reprotect",
     "[admin][qemu][failover]") {
   using lockstep::testbed::Topology;
@@ -580,8 +580,7 @@ TEST_CASE(
   // The secondary's host cannot start one: the primary, and its VM, stay as they are.
   Ran wrong_host = Ctl(b.socket, {"failover", "db1"});
   CHECK(wrong_host.exit == 1);
-  CHECK(wrong_host.out.find("starts on the host that runs it as the primary") !=
-        std::string::npos);
+  CHECK(wrong_host.out.find("starts on the host that runs it as the primary") != std::string::npos);
   CHECK(ProtectionState(a, "db1") == "PROTECTED");
 
   // The drill: over to hostB with no reply lost, re-protected there, back, re-protected here.
@@ -598,8 +597,8 @@ TEST_CASE(
   CHECK(CtlJson(a.socket, {"status", "db1"})["vm"]["lockstep"][0]["role"] == "primary");
   REQUIRE((*client)->WaitForReplies(before + 20, 60s));
   INFO("longest wait for a reply during the drill: " << (*client)->LongestGapAfterMark() << " s");
-  CHECK((*client)->inconsistent() == 0);  // no reply lost, repeated or rolled back
-  CHECK((*client)->error().empty());      // the same TCP connection throughout
+  CHECK((*client)->inconsistent() == 0);           // no reply lost, repeated or rolled back
+  CHECK((*client)->error().empty());               // the same TCP connection throughout
   CHECK((*client)->LongestGapAfterMark() < 10.0);  // sanity bound: two initial syncs under TCG
   CHECK(a.daemon->WaitForLog("event=vm_handed_over vm=db1", 1s));
   CHECK(b.daemon->WaitForLog("event=vm_handed_over vm=db1", 1s));

@@ -15,9 +15,9 @@
 #include <thread>
 
 #include "epoch_stager.h"
+#include "lockstep/sealed_channel.h"
 #include "replica_common.h"
 #include "replication_channel/tcp.h"
-#include "lockstep/sealed_channel.h"
 #include "simulated_guest.h"
 
 namespace {

@@ -886,8 +886,8 @@ class BeginWatchingChannel final : public ForwardingChannel {
       const auto* h = static_cast<const uint8_t*>(gather[0].data);
       if (wire::GetU16(h) == static_cast<uint16_t>(wire::RecordType::kEpochBegin) &&
           wire::GetU64(h + 8) == 1) {
-        pages_->store(static_cast<int64_t>(
-            wire::GetU64(static_cast<const uint8_t*>(gather[1].data))));
+        pages_->store(
+            static_cast<int64_t>(wire::GetU64(static_cast<const uint8_t*>(gather[1].data))));
       }
     }
     return inner_->Send(gather, seq);
@@ -905,7 +905,7 @@ uint64_t TotalPages(SimulatedGuest& g) {
 
 }  // namespace
 
-TEST_CASE("the initial synchronization copies RAM while the guest runs; epoch 1 takes the rest",
+TEST_CASE("the initial synchronization copies RAM while the guest runs, epoch 1 takes the rest",
           "[replicator][precopy]") {
   const int rounds = GENERATE(0, 30);
   INFO("precopy_max_rounds " << rounds);
@@ -960,8 +960,9 @@ TEST_CASE("a planned handover loses no output: the secondary goes on from the la
   REQUIRE_FALSE(p.primary->RequestHandover().ok());  // under way, or already done
   REQUIRE(p.primary->WaitForState(S::kHandedOver, 10s));
   REQUIRE(p.secondary->WaitForState(S::kActive, 10s));
-  INFO("primary:\n" << Log(p.primary->transitions()) << "secondary:\n"
-                    << Log(p.secondary->transitions()));
+  INFO("primary:\n"
+       << Log(p.primary->transitions()) << "secondary:\n"
+       << Log(p.secondary->transitions()));
   REQUIRE(p.secondary->fault_reason().find("planned handover") != std::string::npos);
   // The old primary is stopped for good, outside any pause, and says nothing more.
   REQUIRE(p.pg.halted());
@@ -1039,8 +1040,9 @@ TEST_CASE("a handover nobody answers is a fault: the witness decides, one side g
   REQUIRE(p.primary->RequestHandover().ok());
   REQUIRE(p.primary->WaitForState(S::kPrimaryAlone, 10s));
   REQUIRE(p.secondary->WaitForFaultHandled(20s));
-  INFO("primary:\n" << Log(p.primary->transitions()) << "secondary:\n"
-                    << Log(p.secondary->transitions()));
+  INFO("primary:\n"
+       << Log(p.primary->transitions()) << "secondary:\n"
+       << Log(p.secondary->transitions()));
   REQUIRE(p.primary->fault_reason().find("neither took over nor declined") != std::string::npos);
   REQUIRE(p.secondary->state() == S::kFenced);
   REQUIRE_FALSE(p.sg.running());

@@ -103,7 +103,7 @@ TEST_CASE("sealed messages arrive whole and in order, both ways", "[sealed]") {
   }
 }
 
-TEST_CASE("on the wire: a tag on every message; encrypted, the text is gone", "[sealed]") {
+TEST_CASE("on the wire: a tag on every message, encrypted, the text is gone", "[sealed]") {
   const auto protection = GENERATE(LinkProtection::kMac, LinkProtection::kEncrypt);
   INFO(wire::LinkProtectionName(protection));
   Relay r(protection);

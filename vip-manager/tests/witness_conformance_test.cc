@@ -241,7 +241,7 @@ TEST_CASE("conformance: a provisional grant is confirmed by its holder only, the
   CHECK(!w.Confirm("vm1", "hostA", term)->granted);
 }
 
-TEST_CASE("conformance: a grant whose window lapsed is taken back; its winner then cannot confirm",
+TEST_CASE("conformance: a grant whose window lapsed is taken back, its winner then cannot confirm",
           "[witness-conformance]") {
   const std::string kind = GENERATE(as<std::string>{}, "in-process", "embedded", "etcd");
   INFO("witness: " << kind);

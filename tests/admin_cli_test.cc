@@ -577,6 +577,24 @@ TEST_CASE(
 
   REQUIRE(Ctl(a.socket, {"protect", "db1"}).exit == 0);
   REQUIRE(WaitForProtection(b, "db1", "PROTECTED", 30s));
+  // With the witness away the secondary cannot take the token: it declines, and the VM
+  // stays PROTECTED where it was.
+  (*witness)->Kill(SIGKILL);
+  int witness_status = 0;
+  REQUIRE((*witness)->WaitExit(5s, &witness_status));
+  Ran declined = Ctl(a.socket, {"failover", "db1"});
+  INFO(declined.out);
+  CHECK(declined.exit == 1);
+  CHECK(declined.out.find("declined the handover") != std::string::npos);
+  CHECK(declined.out.find("witness could not be asked") != std::string::npos);
+  CHECK(ProtectionState(a, "db1") == "PROTECTED");
+  CHECK(ProtectionState(b, "db1") == "PROTECTED");
+  witness = ChildProcess::Start(
+      {LOCKSTEP_WITNESS_PATH, "--listen", std::string(Topology::kWitnessIp) + ":7700", "--state",
+       witness_dir + "/state"},
+      (*net)->witness_ns(), witness_dir + "/witness2.log");
+  REQUIRE(witness.ok());
+  REQUIRE((*witness)->WaitForLog("listening on", 10s));
   // The secondary's host cannot start one: the primary, and its VM, stay as they are.
   Ran wrong_host = Ctl(b.socket, {"failover", "db1"});
   CHECK(wrong_host.exit == 1);

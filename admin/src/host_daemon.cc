@@ -509,7 +509,9 @@ std::string HostDaemon::MetricsText() {
     int takeovers = 0;
     for (const Json& e : Events(name)) {
       const std::string state = e.value("state", std::string());
-      takeovers += state == "ACTIVE" || state == "PRIMARY_ALONE";
+      const bool planned =
+          e.value("reason", std::string()).find("planned handover") != std::string::npos;
+      takeovers += (state == "ACTIVE" && !planned) || state == "PRIMARY_ALONE";
     }
     sample("lockstep_takeovers_total", "vm=\"" + name + "\"", takeovers);
   }
@@ -981,7 +983,8 @@ Result<Json> HostDaemon::HandOver(const std::string& name) {
     return r;
   };
   auto asked = (*found)->qmp->Execute("lockstep-handover", {{"id", "ft0"}}, 10s);
-  if (!asked.ok()) {
+  // A refusal changed nothing; an unanswered request may have started one: look.
+  if (!asked.ok() && asked.status().code() != Status::Code::kTimedOut) {
     return finish(Status::FailedPrecondition("QEMU refused the handover of VM '" + name +
                                              "': " + asked.status().message()));
   }
@@ -1002,9 +1005,17 @@ Result<Json> HostDaemon::HandOver(const std::string& name) {
         const std::string state = (*ls)[0].value("state", std::string());
         const std::string reason = (*ls)[0].value("reason", std::string());
         if (state == "HANDED_OVER") return std::optional<Json>(Json{{"reason", reason}});
+        if (state == "FENCED") {
+          // The VM went to the other host by the fault path: this copy must not run on.
+          (void)Stop(name, /*force=*/true);
+          return Status::FailedPrecondition(
+              "the handover of VM '" + name + "' became a fault, and the witness gave the VM to " +
+              pairing.peer_host + ", where it runs now; this host's copy ended FENCED and was " +
+              "stopped (" + reason + ")");
+        }
         if (state != "PROTECTED") {
           return Status::FailedPrecondition("the handover of VM '" + name + "' became a fault (" +
-                                            state + "): " + reason);
+                                            state + "), and the VM runs on here: " + reason);
         }
         auto events = Events(name);
         for (size_t i = seen; i < events.size(); ++i) {
@@ -1016,7 +1027,8 @@ Result<Json> HostDaemon::HandOver(const std::string& name) {
         }
         return std::optional<Json>();
       },
-      0ms, 60s, "handing VM '" + name + "' over");
+      // The engine's handover_timeout (at most 10 min) and grant window bound the outcome.
+      0ms, 12min, "handing VM '" + name + "' over");
   if (!outcome.ok()) return finish(outcome.status());
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -1055,7 +1067,10 @@ Result<Json> HostDaemon::ForceFailover(const std::string& name) {
         auto st = PeerVmState(pairing, name);
         if (!st.ok()) return std::optional<Json>();  // its daemon may be busy: ask again
         const std::string state = st->value("state", std::string());
-        if (state == "ACTIVE") return std::optional<Json>(*st);
+        // ACTIVE, or already protected again by that host's automatic re-protection.
+        if (state == "ACTIVE" || st->value("role", std::string()) == "primary") {
+          return std::optional<Json>(*st);
+        }
         if (state == "FENCED" || state == "FAILED" || state == "STOPPED") {
           return Status::FailedPrecondition("VM '" + name + "' did not fail over to " +
                                             pairing.peer_host + " (" + state +
@@ -1095,7 +1110,7 @@ Result<Json> HostDaemon::Drill(const std::string& name) {
   auto ch = ConnectPeer(config_.host_id, *pairing, 10s);
   if (!ch.ok()) return ch.status().WithContext("drill, switching back");
   LOCKSTEP_RETURN_IF_ERROR(SendJson(**ch, {{"command", "handover"}, {"vm", name}}));
-  auto back = ReceiveJson(**ch, 90s);
+  auto back = ReceiveJson(**ch, 15min);  // that host's HandOver, with its own bounds
   if (!back.ok()) return back.status().WithContext("drill, switching back");
   if (!back->value("ok", false)) {
     return Status::FailedPrecondition("drill, switching back: " + pairing->peer_host + ": " +

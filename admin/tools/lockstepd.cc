@@ -17,6 +17,8 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <list>
+#include <memory>
 #include <thread>
 
 #include "control_io.h"
@@ -213,6 +215,7 @@ int main(int argc, char** argv) {
     }
   });
 
+  std::list<std::pair<std::thread, std::shared_ptr<std::atomic<bool>>>> workers;
   for (;;) {
     pollfd p[2] = {{*listen_fd, POLLIN, 0}, {sigfd, POLLIN, 0}};
     int r = poll(p, 2, 1000);
@@ -227,11 +230,30 @@ int main(int argc, char** argv) {
     }
     if (p[0].revents & POLLIN) {
       int fd = accept4(*listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
-      // One request at a time: each is short (a client gets 5 s to say it, a start waits
-      // at most 30 s for QEMU), and the VMs' state changes in one place only.
-      if (fd >= 0) Serve(**daemon, fd);
+      // A thread per request: a failover drill takes minutes, and status must answer
+      // meanwhile. HostDaemon serializes what needs it (its lock, and a VM being busy).
+      if (fd >= 0) {
+        auto done = std::make_shared<std::atomic<bool>>(false);
+        workers.push_back({std::thread([&daemon, fd, done] {
+                             Serve(**daemon, fd);
+                             done->store(true);
+                           }),
+                           done});
+      }
+    }
+    for (auto it = workers.begin(); it != workers.end();) {
+      if (!it->second->load()) {
+        ++it;
+        continue;
+      }
+      it->first.join();
+      it = workers.erase(it);
     }
   }
+  if (!workers.empty()) {
+    LogEvent("info", "stopping", {{"waiting_for", std::to_string(workers.size()) + " requests"}});
+  }
+  for (auto& w : workers) w.first.join();  // a failover in progress is seen through
   // The VMs run on: they are in sessions of their own, and a new daemon adopts them.
   stopping = true;
   if (peer_listener) peer_listener->Abort();

@@ -80,6 +80,7 @@ struct PrimaryReplicator::Impl {
   std::atomic<int64_t> handover_sent_ns{0};
   std::atomic<int> handover_answer{0};
   std::atomic<uint64_t> sync_rounds{0};
+  std::atomic<uint64_t> rounds_acked{0};  // ACK(0)s: pre-copy rounds the secondary applied
 
   std::mutex fault_mu;
   std::string fault;  // GUARDED_BY(fault_mu); first fault seen
@@ -142,6 +143,15 @@ Status PrimaryReplicator::Impl::Precopy(bool* local) {
     heartbeat->NoteSent();
     AddStreamStats(delta);
     sync_rounds.fetch_add(1);
+    {
+      // The next round (or epoch 1) only once the secondary applied this one: epoch 1's
+      // ACK — which the guest's output waits for — must not queue behind a backlog of
+      // rounds (the first one is all of RAM, first-touched at the secondary).
+      std::unique_lock<std::mutex> lock(wake_mu);
+      wake_cv.wait(lock, [&] {
+        return stopping.load() || faulted.load() || rounds_acked.load() >= sync_rounds.load();
+      });
+    }
     // Small enough for one pause, or no longer shrinking by a tenth (the guest dirties as
     // fast as the link carries): epoch 1 takes the rest.
     if (round > 1 && (pages <= opt.precopy_target_pages || pages * 10 > previous * 9)) break;
@@ -209,11 +219,10 @@ void PrimaryReplicator::Impl::EpochLoop() {
       wake_cv.wait(lock, [&] { return ended() || handover_answer.load() != 0; });
       if (handover_answer.load() == 1) break;
       if (handover_answer.load() == -1) {
-        handover_epoch.store(0);
-        handover_sent.store(false);
+        // Declined (the control thread cleared the epoch and the sent mark already).
         handover_answer.store(0);
         handover_requested.store(false);
-        continue;  // declined: the next epoch at once
+        continue;  // the next epoch at once
       }
       continue;  // stopping or a fault: the loop ends
     }
@@ -313,7 +322,12 @@ void PrimaryReplicator::Impl::ControlLoop() {
         if (!s.ok()) break;
         switch (r.header.type) {
           case wire::RecordType::kAck:
-            HandleAck(r.header.epoch);
+            if (r.header.epoch == 0) {  // a pre-copy round applied
+              rounds_acked.fetch_add(1);
+              Wake();
+            } else {
+              HandleAck(r.header.epoch);
+            }
             break;
           case wire::RecordType::kHeartbeat:
             break;
@@ -334,7 +348,7 @@ void PrimaryReplicator::Impl::ControlLoop() {
       if (s.ok()) {
         Status progress = CheckAckProgress();
         if (!progress.ok()) SignalFault(progress);
-        MaybeSendHandover();
+        if (!faulted.load()) MaybeSendHandover();
       }
     } else if (s.code() != Status::Code::kTimedOut) {
       if (!stopping.load()) SignalFault(s);
@@ -353,7 +367,7 @@ void PrimaryReplicator::Impl::ControlLoop() {
       if (!silence.ok()) SignalFault(silence);
       Status progress = CheckAckProgress();
       if (!progress.ok()) SignalFault(progress);
-      MaybeSendHandover();
+      if (!faulted.load()) MaybeSendHandover();
     }
   }
   // The ERROR may still be unread when another thread's failed send ended the loop.
@@ -442,6 +456,9 @@ void PrimaryReplicator::Impl::HandleHandoverReply(const wire::RecordView& r) {
   role.MoveTo(ReplicaState::kProtected, "the secondary declined the handover of epoch " +
                                             std::to_string(epoch) + ": " + wire::DecodeReason(r) +
                                             "; protection goes on" + note);
+  // Cleared here, on the thread that sends HANDOVER, so it is never sent twice.
+  handover_epoch.store(0);
+  handover_sent.store(false);
   handover_answer.store(-1);
   Wake();
 }
@@ -514,6 +531,8 @@ void PrimaryReplicator::Impl::Teardown(bool orderly, std::string reason) {
   (void)hv.StopDirtyLog();
 
   if (orderly) {
+    // A handover in flight gave the identity up; the guest goes on here after all.
+    if (handover_sent.load() && opt.claim_identity) (void)opt.claim_identity();
     hv.SetOutputMode(OutputMode::kPassThrough);
     role.MoveTo(ReplicaState::kStopped, reason);
     return;

@@ -118,6 +118,8 @@ struct SecondaryReplica::Impl {
   // Set by the receive thread on an accepted HANDOVER, read by its Teardown.
   vip::WitnessDecision handover_grant;
   uint64_t handover_epoch = 0;
+  // A HANDOVER was declined because the witness did not answer (AcceptHandover).
+  bool grant_may_be_stale = false;
 };
 
 std::string SecondaryReplica::Impl::AcceptHandover(uint64_t epoch, vip::WitnessDecision* grant) {
@@ -128,6 +130,12 @@ std::string SecondaryReplica::Impl::AcceptHandover(uint64_t epoch, vip::WitnessD
   }
   auto decision = AskWitness(witness, opt, term, opt.grant_window);
   if (!decision.ok()) {
+    // The request may have been applied with every answer lost: a grant to this side
+    // whose window runs out unseen. Should a fault come later, the retry rule hands it
+    // back without a fresh window, and the primary may reclaim it at once; so the
+    // takeover then confirms before it fences (TakeOver), never fencing a primary that
+    // took the token back.
+    grant_may_be_stale = true;
     return "the witness could not be asked (" + decision.status().ToString() + ")";
   }
   if (!decision->granted) {
@@ -240,10 +248,15 @@ void SecondaryReplica::Impl::ReceiveLoop() {
     used += n;
     if (*progress == EpochAssembler::Progress::kRoundCommitted) {
       // A pre-copy round: straight into the replica's RAM, which is no checkpoint until
-      // epoch 1 commits; nothing to acknowledge.
+      // epoch 1 commits. ACK(0) says it is applied: the primary paces rounds on it.
       (void)assembler->Apply({arena.data(), used});
       rounds.fetch_add(1);
       used = 0;
+      fault = SendControl(control, wire::EncodeAck(0, control));
+      if (!fault.ok()) {
+        ending = Ending::kPeerLost;
+        break;
+      }
     } else if (*progress == EpochAssembler::Progress::kCommitted) {
       uint64_t epoch = assembler->open_epoch();
       // ACK first: the epoch is complete and verified in memory, and the primary's output
@@ -331,10 +344,16 @@ void SecondaryReplica::Impl::TakeOver(const vip::WitnessDecision& decision,
                                       TakeoverTimeline timeline, const std::string& lapsed) {
   const uint64_t epoch = applied.load();
   // A handing-over primary waits for the outcome; it is told once it is decided, before
-  // anything of the guest leaves this host, and the channel ends with that.
+  // anything of the guest leaves this host, and the channel ends with that. A failure
+  // after the grant is no decline (the token may be ours): an ERROR, so the primary
+  // handles it as a fault and the witness decides.
   auto tell_primary = [&](bool accepted, const std::string& why) {
     if (!handover) return;
-    ReplyHandover(handover_epoch, accepted, why);
+    if (accepted) {
+      ReplyHandover(handover_epoch, true, "");
+    } else {
+      SendError(*ch, "the handover failed after the witness granted the token: " + why);
+    }
     ch->Abort();
     heartbeat->Stop();
   };
@@ -349,18 +368,10 @@ void SecondaryReplica::Impl::TakeOver(const vip::WitnessDecision& decision,
     role.MoveTo(ReplicaState::kFailed, why);
     return;
   }
-  // A handing-over primary stopped its output for good itself: nothing to fence.
-  s = handover ? Status::Ok() : FencePeer(opt, primary_host, &timeline);
-  if (!s.ok()) {
-    role.MoveTo(ReplicaState::kFailed, "won the token (term " + std::to_string(decision.term) +
-                                           ") but " + s.ToString() + "; the guest stays stopped" +
-                                           unconfirmed);
-    return;
-  }
-  {
-    // The last moment to find out whether the primary took the token back: nothing of the
-    // guest has left this host yet. Asked even when the grant says it is confirmed (a
-    // reclaimed token): one round trip on a failover, and safety never rests on that flag.
+  // The last moment to find out whether the primary took the token back: nothing of the
+  // guest has left this host yet. Asked even when the grant says it is confirmed (a
+  // reclaimed token): one round trip on a failover, and safety never rests on that flag.
+  auto confirm = [&]() {
     auto confirmed = ConfirmToken(witness, opt, decision.term);
     timeline.Mark("confirm");
     if (!confirmed.ok()) {
@@ -369,7 +380,7 @@ void SecondaryReplica::Impl::TakeOver(const vip::WitnessDecision& decision,
                               "); the guest stays stopped" + unconfirmed;
       tell_primary(false, why);
       role.MoveTo(ReplicaState::kFailed, why);
-      return;
+      return false;
     }
     if (!confirmed->granted || !confirmed->confirmed) {
       const std::string why = "won the token (term " + std::to_string(decision.term) +
@@ -378,9 +389,23 @@ void SecondaryReplica::Impl::TakeOver(const vip::WitnessDecision& decision,
                               std::to_string(confirmed->term) + "): not taking over";
       tell_primary(false, why);
       role.MoveTo(ReplicaState::kFenced, why);
-      return;
+      return false;
     }
+    return true;
+  };
+  // A grant that may date from a declined handover (AcceptHandover) may have no window
+  // left: confirm it before fencing, so a primary that took it back is never fenced.
+  const bool confirm_first = grant_may_be_stale && !handover;
+  if (confirm_first && !confirm()) return;
+  // A handing-over primary stopped its output for good itself: nothing to fence.
+  s = handover ? Status::Ok() : FencePeer(opt, primary_host, &timeline);
+  if (!s.ok()) {
+    role.MoveTo(ReplicaState::kFailed, "won the token (term " + std::to_string(decision.term) +
+                                           ") but " + s.ToString() + "; the guest stays stopped" +
+                                           unconfirmed);
+    return;
   }
+  if (!confirm_first && !confirm()) return;
   tell_primary(true, "");
   std::string identity_note = ClaimIdentity(opt, &timeline);
   hv.SetOutputMode(OutputMode::kPassThrough);

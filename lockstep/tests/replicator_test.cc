@@ -972,9 +972,12 @@ TEST_CASE("a planned handover loses no output: the secondary goes on from the la
   REQUIRE(p.pw.requests_ == 0);
   REQUIRE(p.sw.requests_ == 1);
   REQUIRE(p.sw.confirms_ == 1);
-  while (true) {
-    std::lock_guard<std::mutex> lock(out_mu);
-    if (!secondary_out.empty()) break;
+  for (int i = 0; i < 1000; ++i) {  // the resumed guest's first packet, within 5 s
+    {
+      std::lock_guard<std::mutex> lock(out_mu);
+      if (!secondary_out.empty()) break;
+    }
+    std::this_thread::sleep_for(5ms);
   }
   std::lock_guard<std::mutex> lock(p.mu);
   const uint64_t epoch = p.secondary->applied_epoch();
@@ -992,6 +995,7 @@ TEST_CASE("a planned handover loses no output: the secondary goes on from the la
   }
   REQUIRE(p.resume_step - last_step < TestGuest().output_every);
   std::lock_guard<std::mutex> out_lock(out_mu);
+  REQUIRE_FALSE(secondary_out.empty());
   REQUIRE(secondary_out.front().step == last_step + TestGuest().output_every);
 }
 

@@ -84,9 +84,10 @@
 // The live initial synchronization. Before epoch 1 the primary may send PRE-COPY ROUNDS,
 // copied from the guest's RAM while it runs: framed like an epoch (BEGIN with PRECOPY set,
 // pages, COMMIT; record epoch fields 0; no DEVICE_STATE, so COMMIT counts 0 device bytes),
-// applied by the secondary as they commit and never acknowledged. A round is not a
-// checkpoint: pages copied from a running guest may be torn, and the dirty log sends them
-// again. The first round is FULL|PRECOPY (every page, deltas not allowed); each later one
+// applied by the secondary as they commit, each answered with ACK(0) once applied (the
+// primary sends the next round, or epoch 1, only then). A round is not a checkpoint and
+// its ACK(0) releases nothing: pages copied from a running guest may be torn, and the
+// dirty log sends them again. The first round is FULL|PRECOPY (every page, deltas not allowed); each later one
 // carries the pages dirtied since the previous round was taken, deltas allowed against what
 // the secondary holds. Epoch 1 is then not FULL: it carries the pages dirtied since the
 // last round, with the device state, and makes the secondary's copy a checkpoint. Without
@@ -95,6 +96,7 @@
 //
 // Control records:
 //   ACK        secondary -> primary: epoch N is complete and verified at the secondary.
+//              ACK(0): a pre-copy round is applied (above).
 //   HEARTBEAT  both ways; payload u64: the sender's latest epoch (primary: last sent;
 //              secondary: last acknowledged).
 //   GOODBYE    primary -> secondary: protection ends on purpose; do not take over.
@@ -102,15 +104,17 @@
 //              GOODBYE_ACK; without it, ending protection is handled as a fault.
 //   GOODBYE_ACK  secondary -> primary: "I will not take over". No payload.
 //   HANDOVER   primary -> secondary, a planned switchover: "take over from epoch N (the
-//              record's epoch)". Sent only once epoch N is acknowledged and no epoch
-//              after it will be sent; the primary's guest output after N is never
-//              released. No payload. The secondary answers with
+//              record's epoch)". Sent only once epoch N is acknowledged; no epoch follows
+//              until the answer. No payload. The secondary answers with
 //   HANDOVER_REPLY  secondary -> primary, epoch N; flags bit 0 = accepted. Payload: str
 //              reason (why not, or empty). Accepted: the secondary holds the witness's
 //              confirmed token and starts the guest from epoch N; the primary stops its
-//              copy for good. Declined: nothing changed (e.g. the witness could not be
-//              asked); the primary goes on with epoch N+1. A receiver refuses a HANDOVER
-//              for another epoch than the last it acknowledged.
+//              copy for good and never releases its output after N. Declined: the
+//              secondary did not get the token (e.g. the witness could not be asked) and
+//              nothing changed; the primary goes on with epoch N+1. A secondary that got
+//              the token but then fails (the device state does not load, the
+//              confirmation is refused) sends ERROR instead: a fault, the witness decides.
+//              A HANDOVER for another epoch than the last one acknowledged is declined.
 //   ERROR      either way: the sender found the stream bad and is closing. Payload: str.
 //
 // What a receiver rejects (and never applies): an unknown type, a bad CRC, a payload that

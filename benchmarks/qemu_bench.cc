@@ -97,31 +97,48 @@ Status MeasureThroughput(const Topology& net, int seconds, double* rps) {
   return Status::Ok();
 }
 
+// A lockstep pair in the namespaces of `net`: the primary's engine settings (`*pc`, for
+// object-add later) and both QEMUs' options, the secondary paused with its engine.
+struct PairSetup {
+  LockstepConfig pc, sc;
+  VmOptions po, so;
+};
+PairSetup LockstepPair(const Options& o, const Topology& net, const std::string& name,
+                       const std::string& extra_settings) {
+  PairSetup p;
+  p.pc.role = "primary";
+  p.pc.host = "hostA";
+  p.sc.role = "secondary";
+  p.sc.host = "hostB";
+  p.pc.address = p.sc.address = std::string(Topology::kSecondaryLinkIp) + ":7700";
+  p.pc.settings = p.sc.settings =
+      "interval_ms=" + std::to_string(o.interval_ms) + ";threshold_ms=300" + extra_settings;
+  p.po.name = name + "-pri";
+  p.po.netns = net.primary_ns();
+  p.so.name = name + "-sec";
+  p.so.netns = net.secondary_ns();
+  p.po.tap = p.so.tap = Topology::kTap;
+  p.so.start_paused = true;
+  p.so.extra = {"-object", LockstepObjectArg(o.parts, p.sc)};
+  return p;
+}
+
+// Launches the primary's QEMU and waits for its guest.
+Status BootPrimary(const Options& o, const VmOptions& po, std::unique_ptr<QemuVm>* primary) {
+  BENCH_TRY(Assign(QemuVm::Launch(o.parts, po), primary));
+  if (!(*primary)->WaitForLog("LOCKSTEP-GUEST-READY", 60s)) {
+    return Status::TimedOut("the guest did not boot: " + (*primary)->Log());
+  }
+  return Status::Ok();
+}
+
 // Unprotected, then protected by lockstep (idle, then under the client's load).
 Status RunLockstep(const Options& o, std::vector<Row>* rows) {
   std::unique_ptr<Topology> net;
   BENCH_TRY(Assign(Topology::Create("lsb"), &net));
-  const std::string addr = std::string(Topology::kSecondaryLinkIp) + ":7700";
-  LockstepConfig pc, sc;
-  pc.role = "primary";
-  pc.host = "hostA";
-  sc.role = "secondary";
-  sc.host = "hostB";
-  pc.address = sc.address = addr;
-  pc.settings = sc.settings = "interval_ms=" + std::to_string(o.interval_ms) + ";threshold_ms=300";
-  VmOptions po, so;
-  po.name = "bench-pri";
-  po.netns = net->primary_ns();
-  so.name = "bench-sec";
-  so.netns = net->secondary_ns();
-  po.tap = so.tap = Topology::kTap;
-  so.start_paused = true;
-  so.extra = {"-object", LockstepObjectArg(o.parts, sc)};
+  auto [pc, sc, po, so] = LockstepPair(o, *net, "bench", "");
   std::unique_ptr<QemuVm> primary, secondary;
-  BENCH_TRY(Assign(QemuVm::Launch(o.parts, po), &primary));
-  if (!primary->WaitForLog("LOCKSTEP-GUEST-READY", 60s)) {
-    return Status::TimedOut("the guest did not boot: " + primary->Log());
-  }
+  BENCH_TRY(BootPrimary(o, po, &primary));
   Row unprotected{"none", "client", 0, 0, 0, 0, 0};
   std::printf("unprotected guest: client for %d s...\n", o.seconds);
   BENCH_TRY(MeasureThroughput(*net, o.seconds, &unprotected.throughput_rps));
@@ -158,31 +175,14 @@ Status RunLockstep(const Options& o, std::vector<Row>* rows) {
 
 // Protects the running guest while the client sends requests, with (`live`) or without
 // pre-copy rounds; how long epoch 1 paused the guest comes from the engine's PROTECTED
-// event ("... N pre-copy rounds ...; epoch 1 paused it X ms)").
+// event ("initial synchronization done (N pre-copy rounds, then epoch 1 paused the guest
+// X ms)").
 Status RunInitialSync(const Options& o, bool live, std::vector<SyncRow>* rows) {
   std::unique_ptr<Topology> net;
   BENCH_TRY(Assign(Topology::Create("lsb"), &net));
-  LockstepConfig pc, sc;
-  pc.role = "primary";
-  pc.host = "hostA";
-  sc.role = "secondary";
-  sc.host = "hostB";
-  pc.address = sc.address = std::string(Topology::kSecondaryLinkIp) + ":7700";
-  pc.settings = sc.settings = "interval_ms=" + std::to_string(o.interval_ms) + ";threshold_ms=300" +
-                              (live ? "" : ";precopy_rounds=0");
-  VmOptions po, so;
-  po.name = "sync-pri";
-  po.netns = net->primary_ns();
-  so.name = "sync-sec";
-  so.netns = net->secondary_ns();
-  po.tap = so.tap = Topology::kTap;
-  so.start_paused = true;
-  so.extra = {"-object", LockstepObjectArg(o.parts, sc)};
+  auto [pc, sc, po, so] = LockstepPair(o, *net, "sync", live ? "" : ";precopy_rounds=0");
   std::unique_ptr<QemuVm> primary, secondary;
-  BENCH_TRY(Assign(QemuVm::Launch(o.parts, po), &primary));
-  if (!primary->WaitForLog("LOCKSTEP-GUEST-READY", 60s)) {
-    return Status::TimedOut("the guest did not boot: " + primary->Log());
-  }
+  BENCH_TRY(BootPrimary(o, po, &primary));
   std::unique_ptr<WorkloadClient> c;
   BENCH_TRY(Assign(WorkloadClient::Start(net->client_ns(), Topology::kGuestIp, 7000, 60s), &c));
   if (!c->WaitForReplies(20, 30s)) return Status::TimedOut("the guest does not answer");
@@ -197,13 +197,13 @@ Status RunInitialSync(const Options& o, bool live, std::vector<SyncRow>* rows) {
   r.mode = live ? "pre-copy" : "stop-and-copy";
   r.sync_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const std::string reason = protected_event["data"].value("reason", std::string());
-  const size_t rounds_at = reason.find('('), pause_at = reason.find("paused it ");
+  const size_t rounds_at = reason.find('('), pause_at = reason.find("paused the guest ");
   if (rounds_at == std::string::npos || pause_at == std::string::npos) {
     return Status::FailedPrecondition("the PROTECTED event does not say epoch 1's pause: " +
                                       reason);
   }
   r.rounds = std::atoi(reason.c_str() + rounds_at + 1);
-  r.epoch1_pause_ms = std::strtod(reason.c_str() + pause_at + 10, nullptr);
+  r.epoch1_pause_ms = std::strtod(reason.c_str() + pause_at + 17, nullptr);
   std::this_thread::sleep_for(1s);  // the client's next replies, after the pause
   r.client_longest_wait_ms = c->LongestGapAfterMark() * 1000;
   c->Stop();

@@ -352,6 +352,73 @@ TEST_CASE("pairing: one new key on both hosts, each proves it, a wrong key is re
 
 namespace {
 
+using lockstep::testbed::Topology;
+
+// Two hosts' daemons in network namespaces (hostA and hostB, each with its replication
+// link address) and the witness on a third, for the tests that protect a VM.
+struct NamespacedHosts {
+  explicit NamespacedHosts(const std::string& prefix)
+      : witness_dir("/tmp/" + prefix + "-witness-" + std::to_string(getpid())) {
+    auto t = Topology::Create(prefix);
+    INFO(t.status().ToString());
+    REQUIRE(t.ok());
+    net = std::move(*t);
+    std::filesystem::create_directories(witness_dir);
+    StartWitness();
+    auto flags = [&](const char* ip, const char* link_ip) {
+      return std::vector<std::string>{"--peer-listen",
+                                      std::string(ip) + ":7400",
+                                      "--replication-address",
+                                      link_ip,
+                                      "--witness",
+                                      std::string("tcp:") + Topology::kWitnessIp + ":7700"};
+    };
+    a = std::make_unique<Host>("hostA", net->primary_ns(),
+                               flags(Topology::kPrimaryHostIp, Topology::kPrimaryLinkIp));
+    b = std::make_unique<Host>("hostB", net->secondary_ns(),
+                               flags(Topology::kSecondaryHostIp, Topology::kSecondaryLinkIp));
+    a->StartDaemon();
+    b->StartDaemon();
+    Ran paired = Ctl(a->socket, {"pair", a->socket, b->socket});
+    INFO(paired.out);
+    REQUIRE(paired.exit == 0);
+  }
+  ~NamespacedHosts() { std::filesystem::remove_all(witness_dir); }
+
+  // (Again, after a test killed it: the same state.)
+  void StartWitness() {
+    auto w = ChildProcess::Start(
+        {LOCKSTEP_WITNESS_PATH, "--listen", std::string(Topology::kWitnessIp) + ":7700", "--state",
+         witness_dir + "/state"},
+        net->witness_ns(), witness_dir + "/witness-" + std::to_string(++witness_starts) + ".log");
+    REQUIRE(w.ok());
+    witness = std::move(*w);
+    REQUIRE(witness->WaitForLog("listening on", 10s));
+  }
+
+  // Defines the test guest on hostA: on each host's tap0, reached by the client through
+  // the switch.
+  void DefineOnA(const std::string& name, const std::string& mac) {
+    json def = {{"name", name},
+                {"memory_mib", 256},
+                {"kernel", std::string(LOCKSTEP_GUEST_DIR) + "/vmlinuz"},
+                {"initrd", std::string(LOCKSTEP_GUEST_DIR) + "/initrd.gz"},
+                {"append", std::string("console=ttyS0 quiet panic=-1 idle=halt lockstep.ip=") +
+                               Topology::kGuestCidr},
+                {"nics", {{{"mac", mac}, {"tap", Topology::kTap}}}},
+                {"protection", {{"settings", "interval_ms=20;threshold_ms=300"}}}};
+    const std::string path = a->dir + "/" + name + ".json";
+    std::ofstream(path) << def.dump(2);
+    REQUIRE(Ctl(a->socket, {"define", path}).exit == 0);
+  }
+
+  std::string witness_dir;
+  int witness_starts = 0;
+  std::unique_ptr<Topology> net;
+  std::unique_ptr<ChildProcess> witness;
+  std::unique_ptr<Host> a, b;
+};
+
 // The engine's state of `vm` as `host`'s daemon reports it ("" if none).
 std::string ProtectionState(const Host& host, const std::string& vm) {
   Ran r = Ctl(host.socket, {"--json", "status", vm});
@@ -376,49 +443,14 @@ TEST_CASE(
     "protect with lockstepctl, kill -9 of the primary host's daemon and QEMU, automatic "
     "re-protection when it is back, kill -9 again, unprotect: the client goes on",
     "[admin][qemu][protect]") {
-  using lockstep::testbed::Topology;
-  auto net = Topology::Create("lsa");
-  INFO(net.status().ToString());
-  REQUIRE(net.ok());
-  // The witness on its own host.
-  const std::string witness_dir = "/tmp/lsa-witness-" + std::to_string(getpid());
-  std::filesystem::create_directories(witness_dir);
-  auto witness = ChildProcess::Start(
-      {LOCKSTEP_WITNESS_PATH, "--listen", std::string(Topology::kWitnessIp) + ":7700", "--state",
-       witness_dir + "/state"},
-      (*net)->witness_ns(), witness_dir + "/witness.log");
-  REQUIRE(witness.ok());
-  REQUIRE((*witness)->WaitForLog("listening on", 10s));
-  const std::string witness_flag = std::string("tcp:") + Topology::kWitnessIp + ":7700";
-  auto flags = [&](const char* ip, const char* link_ip) {
-    return std::vector<std::string>{
-        "--peer-listen", std::string(ip) + ":7400", "--replication-address", link_ip, "--witness",
-        witness_flag};
-  };
-  Host a("hostA", (*net)->primary_ns(), flags(Topology::kPrimaryHostIp, Topology::kPrimaryLinkIp));
-  Host b("hostB", (*net)->secondary_ns(),
-         flags(Topology::kSecondaryHostIp, Topology::kSecondaryLinkIp));
-  a.StartDaemon();
-  b.StartDaemon();
-  Ran paired = Ctl(a.socket, {"pair", a.socket, b.socket});
-  INFO(paired.out);
-  REQUIRE(paired.exit == 0);
-
-  // The VM: the test guest on each host's tap0, reached by the client through the switch.
-  json def = {{"name", "web1"},
-              {"memory_mib", 256},
-              {"kernel", std::string(LOCKSTEP_GUEST_DIR) + "/vmlinuz"},
-              {"initrd", std::string(LOCKSTEP_GUEST_DIR) + "/initrd.gz"},
-              {"append", std::string("console=ttyS0 quiet panic=-1 idle=halt lockstep.ip=") +
-                             Topology::kGuestCidr},
-              {"nics", {{{"mac", "52:54:00:12:34:56"}, {"tap", Topology::kTap}}}},
-              {"protection", {{"settings", "interval_ms=20;threshold_ms=300"}}}};
-  std::ofstream(a.dir + "/web1.json") << def.dump(2);
-  REQUIRE(Ctl(a.socket, {"define", a.dir + "/web1.json"}).exit == 0);
+  NamespacedHosts hosts("lsa");
+  Host& a = *hosts.a;
+  Host& b = *hosts.b;
+  hosts.DefineOnA("web1", "52:54:00:12:34:56");
   json started = CtlJson(a.socket, {"start", "web1"});
   const pid_t primary_qemu = started["vm"]["pid"].get<pid_t>();
   a.qemu_pids.push_back(primary_qemu);
-  auto client = WorkloadClient::Start((*net)->client_ns(), Topology::kGuestIp, 7000, 60s);
+  auto client = WorkloadClient::Start(hosts.net->client_ns(), Topology::kGuestIp, 7000, 60s);
   INFO(client.status().ToString());
   REQUIRE(client.ok());
   REQUIRE((*client)->WaitForReplies(5, 60s));
@@ -518,49 +550,18 @@ TEST_CASE(
   CHECK((*client)->inconsistent() == 0);
   CHECK((*client)->error().empty());
   (*client)->Stop();
-  std::filesystem::remove_all(witness_dir);
 }
 
 TEST_CASE(
     "failover with lockstepctl: a drill there and back loses no reply, a forced failover, "
     "reprotect",
     "[admin][qemu][failover]") {
-  using lockstep::testbed::Topology;
-  auto net = Topology::Create("lso");
-  INFO(net.status().ToString());
-  REQUIRE(net.ok());
-  const std::string witness_dir = "/tmp/lso-witness-" + std::to_string(getpid());
-  std::filesystem::create_directories(witness_dir);
-  auto witness = ChildProcess::Start(
-      {LOCKSTEP_WITNESS_PATH, "--listen", std::string(Topology::kWitnessIp) + ":7700", "--state",
-       witness_dir + "/state"},
-      (*net)->witness_ns(), witness_dir + "/witness.log");
-  REQUIRE(witness.ok());
-  REQUIRE((*witness)->WaitForLog("listening on", 10s));
-  const std::string witness_flag = std::string("tcp:") + Topology::kWitnessIp + ":7700";
-  auto flags = [&](const char* ip, const char* link_ip) {
-    return std::vector<std::string>{
-        "--peer-listen", std::string(ip) + ":7400", "--replication-address", link_ip, "--witness",
-        witness_flag};
-  };
-  Host a("hostA", (*net)->primary_ns(), flags(Topology::kPrimaryHostIp, Topology::kPrimaryLinkIp));
-  Host b("hostB", (*net)->secondary_ns(),
-         flags(Topology::kSecondaryHostIp, Topology::kSecondaryLinkIp));
-  a.StartDaemon();
-  b.StartDaemon();
-  REQUIRE(Ctl(a.socket, {"pair", a.socket, b.socket}).exit == 0);
-  json def = {{"name", "db1"},
-              {"memory_mib", 256},
-              {"kernel", std::string(LOCKSTEP_GUEST_DIR) + "/vmlinuz"},
-              {"initrd", std::string(LOCKSTEP_GUEST_DIR) + "/initrd.gz"},
-              {"append", std::string("console=ttyS0 quiet panic=-1 idle=halt lockstep.ip=") +
-                             Topology::kGuestCidr},
-              {"nics", {{{"mac", "52:54:00:12:34:57"}, {"tap", Topology::kTap}}}},
-              {"protection", {{"settings", "interval_ms=20;threshold_ms=300"}}}};
-  std::ofstream(a.dir + "/db1.json") << def.dump(2);
-  REQUIRE(Ctl(a.socket, {"define", a.dir + "/db1.json"}).exit == 0);
+  NamespacedHosts hosts("lso");
+  Host& a = *hosts.a;
+  Host& b = *hosts.b;
+  hosts.DefineOnA("db1", "52:54:00:12:34:57");
   REQUIRE(Ctl(a.socket, {"start", "db1"}).exit == 0);
-  auto client = WorkloadClient::Start((*net)->client_ns(), Topology::kGuestIp, 7000, 60s);
+  auto client = WorkloadClient::Start(hosts.net->client_ns(), Topology::kGuestIp, 7000, 60s);
   INFO(client.status().ToString());
   REQUIRE(client.ok());
   REQUIRE((*client)->WaitForReplies(5, 60s));
@@ -579,9 +580,9 @@ TEST_CASE(
   REQUIRE(WaitForProtection(b, "db1", "PROTECTED", 30s));
   // With the witness away the secondary cannot take the token: it declines, and the VM
   // stays PROTECTED where it was.
-  (*witness)->Kill(SIGKILL);
+  hosts.witness->Kill(SIGKILL);
   int witness_status = 0;
-  REQUIRE((*witness)->WaitExit(5s, &witness_status));
+  REQUIRE(hosts.witness->WaitExit(5s, &witness_status));
   Ran declined = Ctl(a.socket, {"failover", "db1"});
   INFO(declined.out);
   CHECK(declined.exit == 1);
@@ -589,12 +590,7 @@ TEST_CASE(
   CHECK(declined.out.find("witness could not be asked") != std::string::npos);
   CHECK(ProtectionState(a, "db1") == "PROTECTED");
   CHECK(ProtectionState(b, "db1") == "PROTECTED");
-  witness = ChildProcess::Start(
-      {LOCKSTEP_WITNESS_PATH, "--listen", std::string(Topology::kWitnessIp) + ":7700", "--state",
-       witness_dir + "/state"},
-      (*net)->witness_ns(), witness_dir + "/witness2.log");
-  REQUIRE(witness.ok());
-  REQUIRE((*witness)->WaitForLog("listening on", 10s));
+  hosts.StartWitness();
   // The secondary's host cannot start one: the primary, and its VM, stay as they are.
   Ran wrong_host = Ctl(b.socket, {"failover", "db1"});
   CHECK(wrong_host.exit == 1);
@@ -646,5 +642,4 @@ TEST_CASE(
   CHECK((*client)->inconsistent() == 0);
   CHECK((*client)->error().empty());
   (*client)->Stop();
-  std::filesystem::remove_all(witness_dir);
 }

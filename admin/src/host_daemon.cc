@@ -886,19 +886,8 @@ Result<Json> HostDaemon::Unprotect(const std::string& name) {
   auto found = Find(name);
   if (!found.ok()) return found.status();
   Vm& vm = **found;
-  if (!Alive(vm) || !vm.qmp)
-    return Status::FailedPrecondition("VM '" + name + "' is not running here");
-  if (busy_.count(name)) {
-    return Status::FailedPrecondition("VM '" + name + "' is being protected or unprotected " +
-                                      "already; wait for that to finish");
-  }
-  const auto [role, state] = EngineRole(vm);
-  if (role != "primary") {
-    return Status::FailedPrecondition(
-        "VM '" + name + "' here is " +
-        (role.empty() ? std::string("not protected") : "the " + role + " (" + state + ")") +
-        ": unprotect it on the host that runs it as the primary");
-  }
+  LOCKSTEP_RETURN_IF_ERROR(CheckPrimaryHere(
+      name, vm, /*protected_only=*/false, "unprotect it on the host that runs it as the primary"));
   // The engine says GOODBYE: the secondary promises not to take over, held output goes.
   auto removed = vm.qmp->Execute("object-del", {{"id", "ft0"}}, 30s);
   if (!removed.ok()) {
@@ -918,7 +907,8 @@ Result<Json> HostDaemon::Unprotect(const std::string& name) {
   return out;
 }
 
-Status HostDaemon::BeginFailover(const std::string& name, Vm& vm) {
+Status HostDaemon::CheckPrimaryHere(const std::string& name, Vm& vm, bool protected_only,
+                                    const std::string& otherwise) {
   if (!Alive(vm) || !vm.qmp)
     return Status::FailedPrecondition("VM '" + name + "' is not running here");
   if (busy_.count(name)) {
@@ -926,19 +916,26 @@ Status HostDaemon::BeginFailover(const std::string& name, Vm& vm) {
                                       "failed over already; wait for that to finish");
   }
   const auto [role, state] = EngineRole(vm);
-  if (role != "primary" || state != "PROTECTED") {
+  if (role != "primary" || (protected_only && state != "PROTECTED")) {
     return Status::FailedPrecondition(
         "VM '" + name + "' here is " +
-        (role.empty() ? std::string("not protected") : "the " + role + " (" + state + ")") +
-        ": a failover starts on the host that runs it as the primary, once it is PROTECTED "
-        "(lockstepctl status " +
-        name + ")");
+        (role.empty() ? std::string("not protected") : "the " + role + " (" + state + ")") + ": " +
+        otherwise);
   }
-  if (!CurrentPairing()) {
+  return Status::Ok();
+}
+
+Result<Pairing> HostDaemon::BeginFailover(const std::string& name, Vm& vm) {
+  LOCKSTEP_RETURN_IF_ERROR(CheckPrimaryHere(name, vm, /*protected_only=*/true,
+                                            "a failover starts on the host that runs it as the "
+                                            "primary, once it is PROTECTED (lockstepctl status " +
+                                                name + ")"));
+  auto pairing = CurrentPairing();
+  if (!pairing) {
     return Status::FailedPrecondition(config_.host_id + " is not paired with another host");
   }
   busy_.insert(name);
-  return Status::Ok();
+  return *pairing;
 }
 
 Result<Json> HostDaemon::AwaitOutcome(const std::function<Result<std::optional<Json>>()>& probe,
@@ -974,19 +971,22 @@ Result<Json> HostDaemon::HandOver(const std::string& name) {
   std::unique_lock<std::mutex> lock(mu_);
   auto found = Find(name);
   if (!found.ok()) return found.status();
-  LOCKSTEP_RETURN_IF_ERROR(BeginFailover(name, **found));
-  const Pairing pairing = *CurrentPairing();
+  auto begun = BeginFailover(name, **found);
+  if (!begun.ok()) return begun.status();
+  const Pairing pairing = *begun;
+  // Busy until this returns, however it does (mu_ is held again at every return).
+  struct Unbusy {
+    std::set<std::string>& busy;
+    const std::string& name;
+    ~Unbusy() { busy.erase(name); }
+  } unbusy{busy_, name};
   const size_t seen = Events(name).size();
   const auto t0 = std::chrono::steady_clock::now();
-  auto finish = [&](Result<Json> r) {
-    busy_.erase(name);
-    return r;
-  };
   auto asked = (*found)->qmp->Execute("lockstep-handover", {{"id", "ft0"}}, 10s);
   // A refusal changed nothing; an unanswered request may have started one: look.
   if (!asked.ok() && asked.status().code() != Status::Code::kTimedOut) {
-    return finish(Status::FailedPrecondition("QEMU refused the handover of VM '" + name +
-                                             "': " + asked.status().message()));
+    return Status::FailedPrecondition("QEMU refused the handover of VM '" + name +
+                                      "': " + asked.status().message());
   }
   LogEvent("info", "vm_handing_over", {{"vm", name}, {"to", pairing.peer_host}});
   // The engine ends the epoch, waits for its ACK, and the secondary asks the witness: a
@@ -1029,7 +1029,7 @@ Result<Json> HostDaemon::HandOver(const std::string& name) {
       },
       // The engine's handover_timeout (at most 10 min) and grant window bound the outcome.
       0ms, 12min, "handing VM '" + name + "' over");
-  if (!outcome.ok()) return finish(outcome.status());
+  if (!outcome.ok()) return outcome.status();
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   // This copy is stopped for good: shut it down, so the other host can make it its
@@ -1042,18 +1042,19 @@ Result<Json> HostDaemon::HandOver(const std::string& name) {
     }
   }
   LogEvent("info", "vm_handed_over", {{"vm", name}, {"to", pairing.peer_host}});
-  return finish(Json{{"from", config_.host_id},
-                     {"to", pairing.peer_host},
-                     {"handover_ms", ms},
-                     {"reason", (*outcome)["reason"]}});
+  return Json{{"from", config_.host_id},
+              {"to", pairing.peer_host},
+              {"handover_ms", ms},
+              {"reason", (*outcome)["reason"]}};
 }
 
 Result<Json> HostDaemon::ForceFailover(const std::string& name) {
   std::unique_lock<std::mutex> lock(mu_);
   auto found = Find(name);
   if (!found.ok()) return found.status();
-  LOCKSTEP_RETURN_IF_ERROR(BeginFailover(name, **found));
-  const Pairing pairing = *CurrentPairing();
+  auto begun = BeginFailover(name, **found);
+  if (!begun.ok()) return begun.status();
+  const Pairing pairing = *begun;
   const auto t0 = std::chrono::steady_clock::now();
   // What a host crash does to the VM: no GOODBYE, no last epoch; the secondary notices the
   // silence and takes over from the last acknowledged epoch.

@@ -117,9 +117,14 @@ class HostDaemon {
   // Drill: HandOver, then once the other host has re-protected the VM, the same back, and
   // once this host has re-protected it again, the timings of both legs.
   Result<Json> Drill(const std::string& name);
-  // A primary here, PROTECTED: what a failover starts from. Marks the VM busy.
-  // REQUIRES: mu_ held.
-  Status BeginFailover(const std::string& name, Vm& vm);
+  // What only the primary's host may do needs: the VM runs here, is not busy, and its
+  // engine here is the primary (PROTECTED too, with `protected_only`); else the refusal,
+  // ending in `otherwise` (what to do). REQUIRES: mu_ held.
+  Status CheckPrimaryHere(const std::string& name, Vm& vm, bool protected_only,
+                          const std::string& otherwise);
+  // A primary here, PROTECTED, and a pairing: what a failover starts from. Marks the VM
+  // busy and returns the pairing. REQUIRES: mu_ held.
+  Result<Pairing> BeginFailover(const std::string& name, Vm& vm);
   // The paired host's view of VM `name` (peer API "vm-state"): role, state, reason.
   Result<Json> PeerVmState(const Pairing& pairing, const std::string& name);
   // Polls `probe` every `every` until it returns a value or an error, or `timeout` passes.
@@ -162,7 +167,7 @@ class HostDaemon {
   std::mutex pairing_mu_;
   std::optional<Pairing> pairing_;  // GUARDED_BY(pairing_mu_)
   std::string pairing_note_;        // the last check's outcome; GUARDED_BY(pairing_mu_)
-  std::set<std::string> busy_;      // VMs being protected or unprotected; GUARDED_BY(mu_)
+  std::set<std::string> busy_;  // VMs being protected, unprotected or failed over; GUARDED_BY(mu_)
   // The last reason re-protection waits, per VM: ReprotectLostVms's thread only.
   std::map<std::string, std::string> reprotect_errors_;
 };

@@ -17,7 +17,6 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
-#include <list>
 #include <memory>
 #include <thread>
 
@@ -26,6 +25,7 @@
 #include "host_daemon.h"
 #include "metrics_server.h"
 #include "replication_channel/tcp.h"
+#include "request_workers.h"
 
 #ifndef LOCKSTEP_PLUGIN_PATH
 #define LOCKSTEP_PLUGIN_PATH "/usr/lib/lockstep/liblockstep_plugin.so"
@@ -199,9 +199,16 @@ int main(int argc, char** argv) {
   std::thread peer_thread;
   if (peer_listener) {
     peer_thread = std::thread([&] {
+      // A thread per connection: one that says nothing (or a failover's way back, which
+      // takes seconds) holds up no other; past the limit a connection is closed at once.
+      RequestWorkers peers(16);
       while (!stopping.load()) {
         auto link = peer_listener->Accept(std::chrono::milliseconds(500));
-        if (link.ok()) (*daemon)->ServePeer(std::move(*link));
+        peers.Reap();
+        if (!link.ok()) continue;
+        // Past the limit the lambda, and with it the connection, is dropped: closed.
+        (void)peers.Run(
+            [&daemon, l = std::move(*link)]() mutable { (*daemon)->ServePeer(std::move(l)); });
       }
     });
   }
@@ -215,7 +222,7 @@ int main(int argc, char** argv) {
     }
   });
 
-  std::list<std::pair<std::thread, std::shared_ptr<std::atomic<bool>>>> workers;
+  RequestWorkers workers(32);
   for (;;) {
     pollfd p[2] = {{*listen_fd, POLLIN, 0}, {sigfd, POLLIN, 0}};
     int r = poll(p, 2, 1000);
@@ -232,28 +239,22 @@ int main(int argc, char** argv) {
       int fd = accept4(*listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
       // A thread per request: a failover drill takes minutes, and status must answer
       // meanwhile. HostDaemon serializes what needs it (its lock, and a VM being busy).
-      if (fd >= 0) {
-        auto done = std::make_shared<std::atomic<bool>>(false);
-        workers.push_back({std::thread([&daemon, fd, done] {
-                             Serve(**daemon, fd);
-                             done->store(true);
-                           }),
-                           done});
+      if (fd >= 0 && !workers.Run([&daemon, fd] { Serve(**daemon, fd); })) {
+        (void)WriteLine(fd,
+                        Json{{"api", kControlApi},
+                             {"ok", false},
+                             {"error", "lockstepd is serving too many requests; try again"}}
+                            .dump(),
+                        std::chrono::steady_clock::now() + std::chrono::seconds(1));
+        close(fd);
       }
     }
-    for (auto it = workers.begin(); it != workers.end();) {
-      if (!it->second->load()) {
-        ++it;
-        continue;
-      }
-      it->first.join();
-      it = workers.erase(it);
-    }
+    workers.Reap();
   }
-  if (!workers.empty()) {
-    LogEvent("info", "stopping", {{"waiting_for", std::to_string(workers.size()) + " requests"}});
+  if (workers.active() > 0) {
+    LogEvent("info", "stopping", {{"waiting_for", std::to_string(workers.active()) + " requests"}});
   }
-  for (auto& w : workers) w.first.join();  // a failover in progress is seen through
+  workers.JoinAll();  // a failover in progress is seen through
   // The VMs run on: they are in sessions of their own, and a new daemon adopts them.
   stopping = true;
   if (peer_listener) peer_listener->Abort();

@@ -276,9 +276,8 @@ void PrimaryReplicator::Impl::HandleAck(uint64_t epoch) {
     char pause[32];
     std::snprintf(pause, sizeof pause, "%.1f", initial_sync_pause_us.load() / 1000.0);
     role.MoveTo(ReplicaState::kProtected,
-                "the secondary acknowledged the initial synchronization (" +
-                    std::to_string(sync_rounds.load()) + " pre-copy rounds while the guest ran; " +
-                    "epoch 1 paused it " + pause + " ms)");
+                "initial synchronization done (" + std::to_string(sync_rounds.load()) +
+                    " pre-copy rounds, then epoch 1 paused the guest " + pause + " ms)");
   }
 }
 

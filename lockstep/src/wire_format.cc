@@ -330,19 +330,23 @@ Status DecodeEpochCommit(std::span<const uint8_t> payload, EpochCommitPayload* o
   return Status::Ok();
 }
 
-size_t EncodeAck(uint64_t epoch, uint8_t out[kControlRecordBytes]) {
+namespace {
+// A control record with no payload.
+size_t EncodeBare(RecordType type, uint64_t epoch, uint8_t out[kControlRecordBytes]) {
   RecordHeader h;
-  h.type = RecordType::kAck;
+  h.type = type;
   h.epoch = epoch;
   EncodeHeader(h, {}, out);
   return kHeaderBytes;
 }
+}  // namespace
+
+size_t EncodeAck(uint64_t epoch, uint8_t out[kControlRecordBytes]) {
+  return EncodeBare(RecordType::kAck, epoch, out);
+}
 
 size_t EncodeGoodbyeAck(uint8_t out[kControlRecordBytes]) {
-  RecordHeader h;
-  h.type = RecordType::kGoodbyeAck;
-  EncodeHeader(h, {}, out);
-  return kHeaderBytes;
+  return EncodeBare(RecordType::kGoodbyeAck, 0, out);
 }
 
 size_t EncodeHeartbeat(uint64_t latest_epoch, uint8_t out[kControlRecordBytes]) {
@@ -354,11 +358,7 @@ size_t EncodeHeartbeat(uint64_t latest_epoch, uint8_t out[kControlRecordBytes]) 
 }
 
 size_t EncodeHandover(uint64_t epoch, uint8_t out[kControlRecordBytes]) {
-  RecordHeader h;
-  h.type = RecordType::kHandover;
-  h.epoch = epoch;
-  EncodeHeader(h, {}, out);
-  return kHeaderBytes;
+  return EncodeBare(RecordType::kHandover, epoch, out);
 }
 
 std::vector<uint8_t> EncodeReasonRecord(RecordType type, std::string_view reason, uint64_t epoch,

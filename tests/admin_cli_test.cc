@@ -641,5 +641,26 @@ TEST_CASE(
   REQUIRE((*client)->WaitForReplies(before_last + 10, 30s));
   CHECK((*client)->inconsistent() == 0);
   CHECK((*client)->error().empty());
+
+  // Unprotected while the secondary's host daemon is down: hostA's copy ends STOPPED and
+  // nobody can discard it. Once hostA's daemon is back it shuts the copy down itself, so
+  // hostB can protect the VM there again (refused while the old copy runs).
+  a.daemon->Kill(SIGKILL);
+  int daemon_status = 0;
+  REQUIRE(a.daemon->WaitExit(5s, &daemon_status));
+  Ran unprotect = Ctl(b.socket, {"--json", "unprotect", "db1"});
+  INFO(unprotect.out);
+  REQUIRE(unprotect.exit == 0);
+  CHECK(unprotect.out.find("could not be stopped") != std::string::npos);
+  a.StartDaemon();
+  CHECK(a.daemon->WaitForLog("event=secondary_reaped vm=db1 engine=STOPPED", 15s));
+  CHECK(ProtectionState(b, "db1") == "UNPROTECTED");
+  CHECK(CtlJson(a.socket, {"status", "db1"})["vm"]["state"] == "stopped");
+  Ran protect_again = Ctl(b.socket, {"protect", "db1"});
+  INFO(protect_again.out);
+  CHECK(protect_again.exit == 0);
+  CHECK(WaitForProtection(a, "db1", "PROTECTED", 30s));
+  CHECK((*client)->inconsistent() == 0);
+  CHECK((*client)->error().empty());
   (*client)->Stop();
 }

@@ -425,6 +425,19 @@ void HostDaemon::ReprotectLostVms() {
     for (auto& [name, vm] : vms_) {
       const auto [role, state] = EngineRole(vm);
       if (state == "ACTIVE" || state == "PRIMARY_ALONE") lost.push_back(name);
+      // A secondary copy whose engine ended without taking over (its primary ended
+      // protection, or it rejected the primary's stream, or lost the token) never runs
+      // the guest: shut it down, so that the primary's host can protect the VM here again
+      // (it refuses to while the old copy runs). Its definition stays for that.
+      if (role == "secondary" && !busy_.count(name) &&
+          (state == "STOPPED" || state == "FAILED" || state == "FENCED")) {
+        auto stopped = Stop(name, /*force=*/true);
+        LogEvent(stopped.ok() ? "info" : "warn", "secondary_reaped",
+                 {{"vm", name},
+                  {"engine", state},
+                  {"why", stopped.ok() ? std::string("its engine ended; it will not run")
+                                       : stopped.status().message()}});
+      }
     }
   }
   if (lost.empty()) return;

@@ -65,7 +65,9 @@ class HostDaemon {
 
   // Automatic re-protection: every VM running here that lost its protection by a fault
   // (the engine ACTIVE after a takeover, or PRIMARY_ALONE) is protected again as soon as
-  // the paired host's daemon answers. Call it now and then (lockstepd: every 2 s, on a
+  // the paired host's daemon answers. A secondary copy here whose engine ended without
+  // taking over (STOPPED, FAILED, FENCED) is shut down on the way, so that its primary's
+  // host can protect the VM here again. Call it now and then (lockstepd: every 2 s, on a
   // thread of its own); each attempt that fails is logged once per distinct reason.
   void ReprotectLostVms();
 

@@ -118,6 +118,7 @@ struct SecondaryReplica::Impl {
   // Set by the receive thread on an accepted HANDOVER, read by its Teardown.
   vip::WitnessDecision handover_grant;
   uint64_t handover_epoch = 0;
+  TakeoverTimeline handover_timeline;  // from the HANDOVER's arrival
   // A HANDOVER was declined because the witness did not answer (AcceptHandover).
   bool grant_may_be_stale = false;
 };
@@ -128,7 +129,9 @@ std::string SecondaryReplica::Impl::AcceptHandover(uint64_t epoch, vip::WitnessD
            ReplicaStateName(role.get()) + "), not the epoch " + std::to_string(epoch) +
            " the HANDOVER names";
   }
+  handover_timeline = TakeoverTimeline();
   auto decision = AskWitness(witness, opt, term, opt.grant_window);
+  handover_timeline.Mark("witness");
   if (!decision.ok()) {
     // The request may have been applied with every answer lost: a grant to this side
     // whose window runs out unseen. Should a fault come later, the retry rule hands it
@@ -289,8 +292,7 @@ void SecondaryReplica::Impl::Teardown(Status fault, Ending ending) {
   if (ending == Ending::kHandover && !stopping.load()) {
     // The channel stays open until the primary is told the outcome.
     role.MoveTo(ReplicaState::kPromoting, fault.message());
-    TakeoverTimeline timeline;
-    TakeOver(handover_grant, fault.message(), /*handover=*/true, timeline, "");
+    TakeOver(handover_grant, fault.message(), /*handover=*/true, handover_timeline, "");
     return;
   }
   ch->Abort();

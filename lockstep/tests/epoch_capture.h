@@ -21,8 +21,7 @@ struct CapturedEpoch {
 // `precopy_rounds`, that many pre-copy rounds (copied while the guest runs) come first in
 // the result, and epoch 1 is not FULL.
 std::vector<CapturedEpoch> CaptureEpochs(SimulatedGuest& guest, int count, bool delta,
-                                         std::chrono::milliseconds run_for,
-                                         int precopy_rounds = 0);
+                                         std::chrono::milliseconds run_for, int precopy_rounds = 0);
 
 // The assembler view of a guest's RAM.
 std::vector<ReplicaBlock> ReplicaBlocksOf(SimulatedGuest& guest);

@@ -1055,3 +1055,33 @@ TEST_CASE("a handover nobody answers is a fault: the witness decides, one side g
   std::lock_guard<std::mutex> lock(p.mu);
   REQUIRE(p.early_releases == 0);
 }
+
+TEST_CASE(
+    "a secondary that fails after the witness granted it the handover: a fault, "
+    "the primary takes the token back and goes on",
+    "[replicator][handover]") {
+  ReplicationOptions sopt = Options("hostB");
+  sopt.grant_window = 300ms;
+  Pair p(TestGuest(), TestGuest(), Options("hostA"), sopt);
+  p.StartProtected();
+  while (p.secondary->acked_epoch() < 5) std::this_thread::sleep_for(2ms);
+  p.sg.FailNextLoad();  // the secondary wins the token, then cannot load epoch N
+  REQUIRE(p.primary->RequestHandover().ok());
+  REQUIRE(p.secondary->WaitForFaultHandled(10s));
+  REQUIRE(p.primary->WaitForFaultHandled(10s));
+  INFO("primary:\n"
+       << Log(p.primary->transitions()) << "secondary:\n"
+       << Log(p.secondary->transitions()));
+  REQUIRE(p.secondary->state() == S::kFailed);
+  // Not a decline ("nothing changed" would be false: the token was the secondary's): an
+  // ERROR, a fault, and the grant it never confirmed is taken back once its window lapsed.
+  REQUIRE(p.primary->state() == S::kPrimaryAlone);
+  REQUIRE(p.primary->fault_reason().find("failed after the witness granted") != std::string::npos);
+  REQUIRE(p.primary->fault_reason().find("taken back") != std::string::npos);
+  REQUIRE(p.pw.reclaims_ > 0);
+  REQUIRE_FALSE(p.sg.running());
+  REQUIRE_FALSE(p.pg.halted());
+  REQUIRE(p.pg.output_mode() == OutputMode::kPassThrough);
+  std::lock_guard<std::mutex> lock(p.mu);
+  REQUIRE(p.early_releases == 0);
+}

@@ -225,6 +225,7 @@ Result<size_t> SimulatedGuest::SaveDeviceState(std::span<uint8_t> out) {
 }
 
 Status SimulatedGuest::LoadDeviceState(std::span<const uint8_t> state) {
+  if (fail_next_load_.exchange(false)) return Status::IoError("injected device-state load failure");
   Regs r;
   if (state.size() < sizeof(Regs)) return Status::InvalidArgument("device state is too short");
   std::memcpy(&r, state.data(), sizeof(Regs));

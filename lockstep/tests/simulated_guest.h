@@ -111,8 +111,9 @@ class SimulatedGuest final : public Hypervisor {
   uint64_t dropped_packets() const;
   int announcements() const { return announcements_.load(); }
   OutputMode output_mode() const;
-  // Fault injection: make the next SaveDeviceState fail.
+  // Fault injection: make the next SaveDeviceState / LoadDeviceState fail.
   void FailNextSave() { fail_next_save_.store(true); }
+  void FailNextLoad() { fail_next_load_.store(true); }
 
  private:
   struct Regs {
@@ -164,6 +165,7 @@ class SimulatedGuest final : public Hypervisor {
 
   std::atomic<int> announcements_{0};
   std::atomic<bool> fail_next_save_{false};
+  std::atomic<bool> fail_next_load_{false};
 };
 
 }  // namespace lockstep::testing

@@ -357,7 +357,7 @@ using lockstep::testbed::Topology;
 // Two hosts' daemons in network namespaces (hostA and hostB, each with its replication
 // link address) and the witness on a third, for the tests that protect a VM.
 struct NamespacedHosts {
-  explicit NamespacedHosts(const std::string& prefix)
+  explicit NamespacedHosts(const std::string& prefix, std::vector<std::string> a_flags = {})
       : witness_dir("/tmp/" + prefix + "-witness-" + std::to_string(getpid())) {
     auto t = Topology::Create(prefix);
     INFO(t.status().ToString());
@@ -373,8 +373,9 @@ struct NamespacedHosts {
                                       "--witness",
                                       std::string("tcp:") + Topology::kWitnessIp + ":7700"};
     };
-    a = std::make_unique<Host>("hostA", net->primary_ns(),
-                               flags(Topology::kPrimaryHostIp, Topology::kPrimaryLinkIp));
+    auto flags_a = flags(Topology::kPrimaryHostIp, Topology::kPrimaryLinkIp);
+    flags_a.insert(flags_a.end(), a_flags.begin(), a_flags.end());
+    a = std::make_unique<Host>("hostA", net->primary_ns(), flags_a);
     b = std::make_unique<Host>("hostB", net->secondary_ns(),
                                flags(Topology::kSecondaryHostIp, Topology::kSecondaryLinkIp));
     a->StartDaemon();
@@ -432,6 +433,26 @@ bool WaitForProtection(const Host& host, const std::string& vm, const std::strin
   auto deadline = std::chrono::steady_clock::now() + timeout;
   while (std::chrono::steady_clock::now() < deadline) {
     if (ProtectionState(host, vm) == state) return true;
+    std::this_thread::sleep_for(200ms);
+  }
+  return false;
+}
+
+// Whether `host` took VM `vm` over from `from` within `timeout`, read from its history:
+// its daemon may protect the VM again (ACTIVE → SYNCING) before a poll of the state sees
+// ACTIVE.
+bool WaitForTakeover(const Host& host, const std::string& vm, const std::string& from,
+                     std::chrono::seconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    json j = json::parse(Ctl(host.socket, {"--json", "status", vm}).out, nullptr, false);
+    if (j.is_object() && j["vm"].contains("events")) {
+      for (const json& e : j["vm"]["events"]) {
+        if (e.value("state", std::string()) == "ACTIVE" &&
+            e.value("reason", std::string()).find("took over from " + from) != std::string::npos)
+          return true;
+      }
+    }
     std::this_thread::sleep_for(200ms);
   }
   return false;
@@ -531,7 +552,7 @@ TEST_CASE(
   CHECK(back["vm"]["lockstep"][0]["role"] == "secondary");
   const uint64_t before_second = (*client)->replies();
   kill(CtlJson(b.socket, {"status", "web1"})["vm"]["pid"].get<pid_t>(), SIGKILL);
-  REQUIRE(WaitForProtection(a, "web1", "ACTIVE", 30s));
+  REQUIRE(WaitForTakeover(a, "web1", "hostB", 30s));
   REQUIRE((*client)->WaitForReplies(before_second + 20, 60s));
   CHECK((*client)->inconsistent() == 0);
   CHECK((*client)->error().empty());
@@ -660,6 +681,72 @@ TEST_CASE(
   INFO(protect_again.out);
   CHECK(protect_again.exit == 0);
   CHECK(WaitForProtection(a, "db1", "PROTECTED", 30s));
+  CHECK((*client)->inconsistent() == 0);
+  CHECK((*client)->error().empty());
+  (*client)->Stop();
+}
+
+TEST_CASE(
+    "a spare host paired in advance takes the lost partner's place: the VM is protected "
+    "there by itself",
+    "[admin][qemu][spare]") {
+  NamespacedHosts hosts("lsr", {"--spare-after", "3"});
+  Host& a = *hosts.a;
+  Host& b = *hosts.b;
+  hosts.DefineOnA("app1", "52:54:00:12:34:58");
+  json started = CtlJson(a.socket, {"start", "app1"});
+  a.qemu_pids.push_back(started["vm"]["pid"].get<pid_t>());
+  auto client = WorkloadClient::Start(hosts.net->client_ns(), Topology::kGuestIp, 7000, 60s);
+  INFO(client.status().ToString());
+  REQUIRE(client.ok());
+  REQUIRE((*client)->WaitForReplies(5, 60s));
+  REQUIRE(Ctl(a.socket, {"protect", "app1"}).exit == 0);
+  REQUIRE(WaitForProtection(b, "app1", "PROTECTED", 30s));
+
+  // hostC: the spare, on the secondary's side of the network (as replacement hardware
+  // would be), paired with hostA in advance.
+  Host c("hostC", hosts.net->secondary_ns(),
+         {"--peer-listen", std::string(Topology::kSecondaryHostIp) + ":7401",
+          "--replication-address", Topology::kSecondaryLinkIp, "--witness",
+          std::string("tcp:") + Topology::kWitnessIp + ":7700"});
+  c.StartDaemon();
+  Ran spare = Ctl(a.socket, {"pair", a.socket, c.socket, "--spare"});
+  INFO(spare.out);
+  REQUIRE(spare.exit == 0);
+  CHECK(spare.out.find("hostA has hostC as its spare") != std::string::npos);
+  json pairing = CtlJson(a.socket, {"pairing"})["pairing"];
+  CHECK(pairing["peer_host"] == "hostB");
+  CHECK(pairing["spare"]["peer_host"] == "hostC");
+  // The spare may check the pairing, not run VMs on hostA: that is the partner's.
+  Ran twice = Ctl(a.socket, {"pair", a.socket, c.socket, "--spare"});
+  CHECK(twice.exit == 1);
+
+  // hostB is lost for good: its daemon and QEMU, kill -9. hostA goes on alone, waits
+  // --spare-after for hostB, then protects the VM on hostC.
+  const uint64_t before = (*client)->replies();
+  b.daemon->Kill(SIGKILL);
+  for (const auto& vm : std::filesystem::directory_iterator(b.state + "/vms")) {
+    pid_t pid = 0;
+    if (std::ifstream(vm.path() / "qemu.pid") >> pid && pid > 0) kill(pid, SIGKILL);
+  }
+  const bool promoted = a.daemon->WaitForLog("event=spare_promoted lost=hostB partner=hostC", 30s);
+  INFO("A's log:\n" << a.daemon->Log() << "\nC's log:\n" << c.daemon->Log());
+  REQUIRE(promoted);
+  REQUIRE(WaitForProtection(a, "app1", "PROTECTED", 60s));
+  REQUIRE(WaitForProtection(c, "app1", "PROTECTED", 10s));
+  CHECK(CtlJson(c.socket, {"status", "app1"})["vm"]["lockstep"][0]["role"] == "secondary");
+  pairing = CtlJson(a.socket, {"pairing"})["pairing"];
+  CHECK(pairing["peer_host"] == "hostC");
+  CHECK_FALSE(pairing.contains("spare"));
+  REQUIRE((*client)->WaitForReplies(before + 20, 60s));
+
+  // And it is real protection: hostA's QEMU dies, hostC runs the VM, the client goes on.
+  const uint64_t before_kill = (*client)->replies();
+  kill(CtlJson(a.socket, {"status", "app1"})["vm"]["pid"].get<pid_t>(), SIGKILL);
+  const bool took_over = WaitForTakeover(c, "app1", "hostA", 30s);
+  INFO("C: " << Ctl(c.socket, {"status", "app1"}).out << "\nC's log:\n" << c.daemon->Log());
+  REQUIRE(took_over);
+  REQUIRE((*client)->WaitForReplies(before_kill + 20, 60s));
   CHECK((*client)->inconsistent() == 0);
   CHECK((*client)->error().empty());
   (*client)->Stop();

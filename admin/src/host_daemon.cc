@@ -92,26 +92,40 @@ Result<pid_t> SpawnDetached(const std::vector<std::string>& argv, const std::str
 Json Fail(const std::string& why) { return {{"api", kControlApi}, {"ok", false}, {"error", why}}; }
 
 // Reads <state>/pairing.json and pairing.key; empty if the host is not paired.
-Result<std::optional<Pairing>> LoadPairing(const std::string& state_dir) {
-  const std::string info_path = state_dir + "/pairing.json";
+// `stem`: "pairing" (the partner) or "spare".
+Result<std::optional<Pairing>> LoadPairing(const std::string& state_dir, const std::string& stem) {
+  const std::string info_path = state_dir + "/" + stem + ".json";
   if (access(info_path.c_str(), F_OK) != 0) return std::optional<Pairing>();
   Json info = Json::parse(ReadFile(info_path), nullptr, false);
   Pairing p;
   p.peer_host = info.is_object() ? info.value("peer_host", std::string()) : "";
   p.peer_address = info.is_object() ? info.value("peer_address", std::string()) : "";
   auto id = FromHex<16>(info.is_object() ? info.value("pairing_id", std::string()) : "");
-  std::string key_text = ReadFile(state_dir + "/pairing.key");
+  std::string key_text = ReadFile(state_dir + "/" + stem + ".key");
   while (!key_text.empty() && std::isspace(static_cast<unsigned char>(key_text.back()))) {
     key_text.pop_back();
   }
   auto key = FromHex<32>(key_text);
   if (p.peer_host.empty() || p.peer_address.empty() || !id.ok() || !key.ok()) {
-    return Status::Corruption("the pairing in " + state_dir +
-                              " (pairing.json, pairing.key) is damaged: pair the hosts again");
+    return Status::Corruption("the pairing in " + state_dir + " (" + stem + ".json, " + stem +
+                              ".key) is damaged: pair the hosts again");
   }
   p.pairing_id = *id;
   p.key = *key;
   return std::optional<Pairing>(p);
+}
+
+// Writes `p` as <stem>.key and <stem>.json: the key first, as a .json without its key
+// would be a damaged pairing.
+Status SavePairing(const std::string& state_dir, const std::string& stem, const Pairing& p) {
+  LOCKSTEP_RETURN_IF_ERROR(
+      WriteFileAtomic(state_dir + "/" + stem + ".key", ToHex(p.key.data(), p.key.size()) + "\n"));
+  return WriteFileAtomic(state_dir + "/" + stem + ".json",
+                         Json{{"peer_host", p.peer_host},
+                              {"peer_address", p.peer_address},
+                              {"pairing_id", ToHex(p.pairing_id.data(), p.pairing_id.size())}}
+                                 .dump(2) +
+                             "\n");
 }
 
 }  // namespace
@@ -136,9 +150,12 @@ Result<std::unique_ptr<HostDaemon>> HostDaemon::Open(const DaemonConfig& config)
   // (the key and the definitions inside are 0600 anyway).
   if (fresh) fs::permissions(config.state_dir, fs::perms::owner_all, ec);
   std::unique_ptr<HostDaemon> d(new HostDaemon(config));
-  auto pairing = LoadPairing(config.state_dir);
+  auto pairing = LoadPairing(config.state_dir, "pairing");
   if (!pairing.ok()) return pairing.status();
   d->pairing_ = *pairing;
+  auto spare = LoadPairing(config.state_dir, "spare");
+  if (!spare.ok()) return spare.status();
+  d->spare_ = *spare;
   for (const auto& entry : fs::directory_iterator(config.state_dir + "/vms", ec)) {
     const std::string name = entry.path().filename().string();
     const std::string dir = entry.path().string();
@@ -416,6 +433,40 @@ Result<Json> HostDaemon::Stop(const std::string& name, bool force) {
   return Json::object();
 }
 
+Status HostDaemon::Ping(const Pairing& pairing) {
+  auto ch = ConnectPeer(config_.host_id, pairing, 1s);
+  if (!ch.ok()) return ch.status();
+  LOCKSTEP_RETURN_IF_ERROR(SendJson(**ch, {{"command", "ping"}}));
+  auto pong = ReceiveJson(**ch, 2s);
+  if (!pong.ok() || !pong->value("ok", false)) return Status::PeerLost("no answer to a ping");
+  return Status::Ok();
+}
+
+bool HostDaemon::PromoteSpare(const std::string& silent_partner) {
+  std::optional<Pairing> spare;
+  {
+    std::lock_guard<std::mutex> lock(pairing_mu_);
+    spare = spare_;
+  }
+  if (!spare) return false;
+  if (!Ping(*spare).ok()) return false;  // both gone: keep waiting for either
+  std::lock_guard<std::mutex> lock(pairing_mu_);
+  if (!spare_ || !pairing_ || pairing_->peer_host != silent_partner) return false;
+  Status saved = SavePairing(config_.state_dir, "pairing", *spare_);
+  if (!saved.ok()) {
+    LogEvent("error", "spare_not_promoted", {{"why", saved.message()}});
+    return false;
+  }
+  unlink((config_.state_dir + "/spare.json").c_str());
+  unlink((config_.state_dir + "/spare.key").c_str());
+  pairing_ = spare_;
+  spare_.reset();
+  pairing_note_ = "the spare, paired in place of " + silent_partner + " after it was silent for " +
+                  std::to_string(config_.spare_after.count()) + " s";
+  LogEvent("warn", "spare_promoted", {{"lost", silent_partner}, {"partner", pairing_->peer_host}});
+  return true;
+}
+
 void HostDaemon::ReprotectLostVms() {
   auto pairing = CurrentPairing();
   if (!pairing) return;
@@ -443,11 +494,16 @@ void HostDaemon::ReprotectLostVms() {
   if (lost.empty()) return;
   // Is the other host back? Asked without the VMs' lock: a host that is down costs a
   // timeout, which must not hold up the control API.
-  auto ch = ConnectPeer(config_.host_id, *pairing, 1s);
-  Status back = ch.ok() ? SendJson(**ch, {{"command", "ping"}}) : ch.status();
+  Status back = Ping(*pairing);
   if (back.ok()) {
-    auto pong = ReceiveJson(**ch, 2s);
-    if (!pong.ok() || !pong->value("ok", false)) back = Status::PeerLost("no answer to a ping");
+    partner_silent_since_.reset();
+  } else if (!partner_silent_since_) {
+    partner_silent_since_ = std::chrono::steady_clock::now();
+  } else if (std::chrono::steady_clock::now() - *partner_silent_since_ > config_.spare_after &&
+             PromoteSpare(pairing->peer_host)) {
+    partner_silent_since_.reset();
+    pairing = CurrentPairing();
+    back = Status::Ok();
   }
   for (const std::string& name : lost) {
     std::string& last = reprotect_errors_[name];
@@ -598,6 +654,9 @@ Json HostDaemon::PairingSummary() {
             {"peer_host", pairing_->peer_host},
             {"peer_address", pairing_->peer_address}};
   if (!pairing_note_.empty()) j["last_check"] = pairing_note_;
+  if (spare_) {
+    j["spare"] = {{"peer_host", spare_->peer_host}, {"peer_address", spare_->peer_address}};
+  }
   return j;
 }
 
@@ -618,28 +677,45 @@ Result<Json> HostDaemon::Pair(const Json& request) {
   p.pairing_id = *id;
   p.key = *key;
   std::lock_guard<std::mutex> lock(pairing_mu_);
+  if (request.value("spare", false)) {
+    if (!pairing_) {
+      return Status::FailedPrecondition(config_.host_id +
+                                        " has no partner yet: pair it with one first, then "
+                                        "add the spare");
+    }
+    if (spare_ || p.peer_host == pairing_->peer_host) {
+      return Status::FailedPrecondition(
+          config_.host_id + " has " +
+          (spare_ ? "a spare already (" + spare_->peer_host + ")" : p.peer_host + " as partner") +
+          "; unpair --spare first");
+    }
+    LOCKSTEP_RETURN_IF_ERROR(SavePairing(config_.state_dir, "spare", p));
+    spare_ = p;
+    LogEvent("info", "spare_paired", {{"spare", p.peer_host}, {"address", p.peer_address}});
+    return Json{{"spare", Json{{"peer_host", p.peer_host}, {"peer_address", p.peer_address}}}};
+  }
   if (pairing_) {
     return Status::FailedPrecondition(config_.host_id + " is paired with " + pairing_->peer_host +
                                       " already; unpair it first (lockstepctl unpair)");
   }
-  // The key first: a pairing.json without its key would be a damaged pairing.
-  LOCKSTEP_RETURN_IF_ERROR(WriteFileAtomic(config_.state_dir + "/pairing.key",
-                                           ToHex(p.key.data(), p.key.size()) + "\n"));
-  LOCKSTEP_RETURN_IF_ERROR(
-      WriteFileAtomic(config_.state_dir + "/pairing.json",
-                      Json{{"peer_host", p.peer_host},
-                           {"peer_address", p.peer_address},
-                           {"pairing_id", ToHex(p.pairing_id.data(), p.pairing_id.size())}}
-                              .dump(2) +
-                          "\n"));
+  LOCKSTEP_RETURN_IF_ERROR(SavePairing(config_.state_dir, "pairing", p));
   pairing_ = p;
   pairing_note_.clear();
   LogEvent("info", "paired", {{"peer", p.peer_host}, {"address", p.peer_address}});
   return Json{{"pairing", Json{{"peer_host", p.peer_host}, {"peer_address", p.peer_address}}}};
 }
 
-Result<Json> HostDaemon::Unpair() {
+Result<Json> HostDaemon::Unpair(bool spare) {
   std::lock_guard<std::mutex> lock(pairing_mu_);
+  if (spare) {
+    if (!spare_) return Status::FailedPrecondition(config_.host_id + " has no spare");
+    const std::string host = spare_->peer_host;
+    unlink((config_.state_dir + "/spare.json").c_str());
+    unlink((config_.state_dir + "/spare.key").c_str());
+    spare_.reset();
+    LogEvent("info", "spare_unpaired", {{"spare", host}});
+    return Json{{"unpaired", host}};
+  }
   if (!pairing_) return Status::FailedPrecondition(config_.host_id + " is not paired");
   const std::string peer = pairing_->peer_host;
   unlink((config_.state_dir + "/pairing.json").c_str());
@@ -650,11 +726,16 @@ Result<Json> HostDaemon::Unpair() {
   return Json{{"unpaired", peer}};
 }
 
-Result<Json> HostDaemon::CheckPairing() {
-  auto pairing = CurrentPairing();
+Result<Json> HostDaemon::CheckPairing(bool spare) {
+  std::optional<Pairing> pairing;
+  {
+    std::lock_guard<std::mutex> lock(pairing_mu_);
+    pairing = spare ? spare_ : pairing_;
+  }
   if (!pairing) {
-    return Status::FailedPrecondition(config_.host_id +
-                                      " is not paired with any host (lockstepctl pair)");
+    return Status::FailedPrecondition(
+        config_.host_id +
+        (spare ? " has no spare" : " is not paired with any host (lockstepctl pair)"));
   }
   auto ch = ConnectPeer(config_.host_id, *pairing, 5s);
   Result<Json> answer = ch.ok() ? SendJson(**ch, {{"command", "ping"}}).ok()
@@ -669,7 +750,7 @@ Result<Json> HostDaemon::CheckPairing() {
     outcome = Status::PeerRejected(answer->value("error", std::string("refused")));
   }
   note = outcome.ok() ? "both hosts proved they hold the pairing key" : outcome.message();
-  {
+  if (!spare) {
     std::lock_guard<std::mutex> lock(pairing_mu_);
     pairing_note_ = note;
   }
@@ -692,7 +773,18 @@ void HostDaemon::ServePeer(std::unique_ptr<channel::Channel> link) {
 
 void HostDaemon::ServePeerUnchecked(std::unique_ptr<channel::Channel> link,
                                     const std::string& from) {
-  auto ch = AcceptPeer(std::move(link), config_.host_id, CurrentPairing(), 5s);
+  std::vector<Pairing> pairings;
+  std::string partner;
+  {
+    std::lock_guard<std::mutex> lock(pairing_mu_);
+    if (pairing_) {
+      pairings.push_back(*pairing_);
+      partner = pairing_->peer_host;
+    }
+    if (spare_) pairings.push_back(*spare_);
+  }
+  std::string client;
+  auto ch = AcceptPeer(std::move(link), config_.host_id, pairings, 5s, &client);
   if (!ch.ok()) {
     LogEvent("warn", "peer_refused", {{"from", from}, {"why", ch.status().message()}});
     return;
@@ -709,16 +801,18 @@ void HostDaemon::ServePeerUnchecked(std::unique_ptr<channel::Channel> link,
   };
   if (command == "ping") {
     answer = {{"ok", true}, {"host", config_.host_id}};
+  } else if (client != partner && command != "vm-state") {
+    // A spare may check the pairing, not run VMs here: their engines hold the partner's key.
+    answer = {{"ok", false},
+              {"error", client + " is " + config_.host_id + "'s spare, not its partner (" +
+                            partner + "): it may check the pairing only"}};
   } else if (command == "prepare-secondary") {
     std::lock_guard<std::mutex> lock(mu_);
-    auto pairing = CurrentPairing();  // the client proved it is this paired host
-    answer = reply(PrepareSecondary(request->value("definition", Json()),
-                                    pairing ? pairing->peer_host : from));
+    // The client proved it is the partner.
+    answer = reply(PrepareSecondary(request->value("definition", Json()), client));
   } else if (command == "discard-secondary") {
     std::lock_guard<std::mutex> lock(mu_);
-    auto pairing = CurrentPairing();
-    answer = reply(DiscardSecondary(request->value("vm", std::string()),
-                                    pairing ? pairing->peer_host : std::string()));
+    answer = reply(DiscardSecondary(request->value("vm", std::string()), client));
   } else if (command == "vm-state") {
     std::lock_guard<std::mutex> lock(mu_);
     auto vm = Find(request->value("vm", std::string()));
@@ -1261,9 +1355,9 @@ Json HostDaemon::Handle(const Json& request) {
     } else if (command == "pair") {
       return done(Pair(request));
     } else if (command == "unpair") {
-      return done(Unpair());
+      return done(Unpair(request.value("spare", false)));
     } else if (command == "pairing") {
-      return done(CheckPairing());
+      return done(CheckPairing(request.value("spare", false)));
     } else if (command == "protect" || command == "unprotect") {
       // They take the VMs' lock themselves, and let go of it while the peer works.
       auto r =

@@ -11,6 +11,10 @@
 //   pairing.json                 the paired host: {"peer_host", "peer_address", "pairing_id"}
 //   pairing.key                  the pairing key, 64 hex digits, mode 0600 (the file the
 //                                engine's key_file= reads)
+//   spare.json, spare.key        a spare host, paired in advance (lockstepctl pair --spare):
+//                                when the partner stays silent past --spare-after while
+//                                VMs here run unprotected, the spare becomes the partner
+//                                (its files replace pairing.*) and they are protected there
 // QEMU runs in a session of its own, not as part of the daemon: stopping, killing or
 // restarting the daemon leaves every VM running, and a daemon that starts again adopts
 // the VMs whose qemu.pid names a live QEMU (and reconnects to their QMP).
@@ -48,6 +52,9 @@ struct DaemonConfig {
   // host sends): the interface a VM's VIP goes on, and the fence command (STONITH) this
   // host runs against the other before it takes a VM over.
   std::string vip_interface, fence_command;
+  // How long the partner must be silent, with VMs here waiting for re-protection, before
+  // a configured spare takes its place.
+  std::chrono::seconds spare_after{60};
 };
 
 class HostDaemon {
@@ -146,9 +153,17 @@ class HostDaemon {
   void ServePeerUnchecked(std::unique_ptr<channel::Channel> link, const std::string& from);
   // The pairing commands; they take pairing_mu_ only, never mu_ (a check talks to the peer,
   // whose own check may be talking to us).
+  // With "spare": true, `request` pairs a spare (this host must be paired already).
   Result<Json> Pair(const Json& request);
-  Result<Json> Unpair();
-  Result<Json> CheckPairing();
+  // `spare`: forgets the spare only.
+  Result<Json> Unpair(bool spare);
+  // `spare`: checks the spare instead of the partner.
+  Result<Json> CheckPairing(bool spare);
+  // Whether `pairing`'s host answers on the peer API (1 s to connect, 2 s to answer).
+  Status Ping(const Pairing& pairing);
+  // The partner has been silent too long: if a spare is configured and answers, it becomes
+  // the partner. True if it did.
+  bool PromoteSpare(const std::string& silent_partner);
   std::optional<Pairing> CurrentPairing();
   Json PairingSummary();
   std::string VmDir(const std::string& name) const;
@@ -168,10 +183,13 @@ class HostDaemon {
   std::map<std::string, Vm> vms_;  // GUARDED_BY(mu_)
   std::mutex pairing_mu_;
   std::optional<Pairing> pairing_;  // GUARDED_BY(pairing_mu_)
+  std::optional<Pairing> spare_;    // GUARDED_BY(pairing_mu_)
   std::string pairing_note_;        // the last check's outcome; GUARDED_BY(pairing_mu_)
   std::set<std::string> busy_;  // VMs being protected, unprotected or failed over; GUARDED_BY(mu_)
   // The last reason re-protection waits, per VM: ReprotectLostVms's thread only.
   std::map<std::string, std::string> reprotect_errors_;
+  // Since when the partner has not answered while VMs wait (ReprotectLostVms's thread).
+  std::optional<std::chrono::steady_clock::time_point> partner_silent_since_;
 };
 
 }  // namespace lockstep::admin

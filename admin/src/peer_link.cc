@@ -122,8 +122,9 @@ Result<std::unique_ptr<channel::Channel>> ConnectPeer(const std::string& my_host
 
 Result<std::unique_ptr<channel::Channel>> AcceptPeer(std::unique_ptr<channel::Channel> link,
                                                      const std::string& my_host,
-                                                     const std::optional<Pairing>& pairing,
-                                                     std::chrono::milliseconds timeout) {
+                                                     const std::vector<Pairing>& pairings,
+                                                     std::chrono::milliseconds timeout,
+                                                     std::string* client_host) {
   auto sealed = Wrap(std::move(link));
   if (!sealed.ok()) return sealed.status();
   auto ch = std::move(*sealed);
@@ -144,11 +145,15 @@ Result<std::unique_ptr<channel::Channel>> AcceptPeer(std::unique_ptr<channel::Ch
     return refuse(my_host + " speaks peer API " + std::to_string(kPeerApi) +
                   "; upgrade both hosts to the same release");
   }
-  if (!pairing) return refuse(my_host + " is not paired with any host (lockstepctl pair)");
-  if (client != pairing->peer_host ||
+  if (pairings.empty()) return refuse(my_host + " is not paired with any host (lockstepctl pair)");
+  const Pairing* pairing = nullptr;
+  for (const Pairing& p : pairings) {
+    if (p.peer_host == client) pairing = &p;
+  }
+  if (pairing == nullptr ||
       h.value("pairing_id", std::string()) != ToHex(pairing->pairing_id.data(), 16)) {
-    return refuse(my_host + " is paired with " + pairing->peer_host + ", not with " + client +
-                  " under this pairing; pair them again");
+    return refuse(my_host + " is paired with " + pairings.front().peer_host + ", not with " +
+                  client + " under this pairing; pair them again");
   }
   auto their_nonce = FromHex<32>(h.value("nonce", std::string()));
   if (!their_nonce.ok()) return refuse("the HELLO has no nonce");
@@ -181,6 +186,7 @@ Result<std::unique_ptr<channel::Channel>> AcceptPeer(std::unique_ptr<channel::Ch
   auto keys = DeriveLinkKeys(pairing->key, *their_nonce, *nonce);
   if (!keys.ok()) return keys.status();
   LOCKSTEP_RETURN_IF_ERROR(ch->Seal(*keys, /*primary=*/false));
+  if (client_host != nullptr) *client_host = client;
   return std::unique_ptr<channel::Channel>(std::move(ch));
 }
 

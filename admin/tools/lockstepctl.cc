@@ -34,9 +34,9 @@ struct Command {
   const char* help;
 };
 const Command kCommands[] = {
-    {"pair", "HOST_A HOST_B",
+    {"pair", "HOST_A HOST_B [--spare]",
      "pair two hosts (HOST_x: the control socket of that host's lockstepd): makes a key, "
-     "gives it to both, checks each proves it"},
+     "gives it to both, checks each proves it; --spare: HOST_B becomes HOST_A's spare"},
     {"unpair", "", "forget this host's pairing"},
     {"pairing", "", "this host's pairing, checked live with the other host"},
     {"list", "", "the VMs of this host, with their state and protection"},
@@ -79,7 +79,8 @@ int Report(const std::string& command, const Status& s) {
 // pair HOST_A HOST_B: both daemons get the same new key and each other's name and peer
 // address, then each checks the other proves the key. All or nothing: if the second host
 // refuses, the first forgets the pairing again.
-int Pair(const std::string& a, const std::string& b, bool json) {
+// With `spare`, b becomes a's spare (a keeps its partner) and b is paired with a.
+int Pair(const std::string& a, const std::string& b, bool json, bool spare) {
   const auto timeout = std::chrono::seconds(20);
   auto ida = CallDaemon(a, {{"command", "identity"}}, timeout);
   if (!ida.ok()) return Report("pair", ida.status());
@@ -104,18 +105,21 @@ int Pair(const std::string& a, const std::string& b, bool json) {
                 {"pairing_id", ToHex(id.data(), id.size())},
                 {"key", ToHex(key.data(), key.size())}};
   };
-  auto pa = CallDaemon(a, request(*idb), timeout);
+  Json to_a = request(*idb);
+  if (spare) to_a["spare"] = true;
+  const Json undo_a = {{"command", "unpair"}, {"spare", spare}};
+  auto pa = CallDaemon(a, to_a, timeout);
   if (!pa.ok()) return Report("pair", pa.status());
   auto pb = CallDaemon(b, request(*ida), timeout);
   if (!pb.ok()) {
-    (void)CallDaemon(a, {{"command", "unpair"}}, timeout);
+    (void)CallDaemon(a, undo_a, timeout);
     return Report("pair", pb.status());
   }
   for (const std::string& s : {a, b}) {
-    auto check = CallDaemon(s, {{"command", "pairing"}}, timeout);
+    auto check = CallDaemon(s, {{"command", "pairing"}, {"spare", spare && s == a}}, timeout);
     if (!check.ok()) {
       // All or nothing: a pairing that does not work is not left behind.
-      (void)CallDaemon(a, {{"command", "unpair"}}, timeout);
+      (void)CallDaemon(a, undo_a, timeout);
       (void)CallDaemon(b, {{"command", "unpair"}}, timeout);
       return Report("pair", check.status());
     }
@@ -124,7 +128,9 @@ int Pair(const std::string& a, const std::string& b, bool json) {
   if (json) {
     std::cout << Json{{"paired", {ha, hb}}}.dump(2) << "\n";
   } else {
-    std::printf("paired %s and %s: each proved it holds the new key\n", ha.c_str(), hb.c_str());
+    std::printf(spare ? "%s has %s as its spare: each proved it holds the new key\n"
+                      : "paired %s and %s: each proved it holds the new key\n",
+                ha.c_str(), hb.c_str());
   }
   return 0;
 }
@@ -265,6 +271,13 @@ int main(int argc, char** argv) {
   std::vector<std::string> positional;
   opts.add_options()("help,h", "this help")("json", "print the daemon's answer as JSON");
   if (command == "stop") opts.add_options()("force", "kill QEMU instead of asking it to quit");
+  if (command == "pair") {
+    opts.add_options()("spare",
+                       "HOST_B becomes HOST_A's spare: when HOST_A's partner is lost for good "
+                       "(silent past lockstepd --spare-after), HOST_A protects its VMs on "
+                       "HOST_B instead");
+  }
+  if (command == "unpair") opts.add_options()("spare", "forget this host's spare only");
   if (command == "failover") {
     opts.add_options()("drill",
                        "a drill: switch over to the paired host, wait until it protects the "
@@ -309,7 +322,7 @@ int main(int argc, char** argv) {
     return kUsage;
   }
 
-  if (command == "pair") return Pair(positional[0], positional[1], json);
+  if (command == "pair") return Pair(positional[0], positional[1], json, vm.count("spare") > 0);
   Json request = {{"command", command}};
   if (command == "define") {
     std::ifstream in(positional[0]);
@@ -330,6 +343,7 @@ int main(int argc, char** argv) {
     request["vm"] = positional[0];
   }
   if (command == "stop") request["force"] = vm.count("force") > 0;
+  if (command == "unpair") request["spare"] = vm.count("spare") > 0;
   if (command == "reprotect")
     request = {{"command", "protect"}, {"vm", positional[0]}, {"again", true}};
   if (command == "failover") {
@@ -372,7 +386,11 @@ int main(int argc, char** argv) {
                 p.value("paired", false)
                     ? ("paired with " + p.value("peer_host", std::string()) + " (" +
                        p.value("peer_address", std::string()) + ")" +
-                       (p.contains("last_check") ? ": " + p["last_check"].get<std::string>() : ""))
+                       (p.contains("last_check") ? ": " + p["last_check"].get<std::string>() : "") +
+                       (p.contains("spare")
+                            ? "; spare " + p["spare"].value("peer_host", std::string()) + " (" +
+                                  p["spare"].value("peer_address", std::string()) + ")"
+                            : ""))
                           .c_str()
                     : "not paired");
   }

@@ -107,6 +107,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> data_dirs;
   char host[256] = {};
   gethostname(host, sizeof host - 1);
+  int spare_after_s = 60;
   po::options_description options("lockstepd: lockstep's host daemon\n\nOptions");
   options.add_options()("help,h", "this help")(
       "host-id", po::value(&config.host_id)->default_value(host),
@@ -135,6 +136,9 @@ int main(int argc, char** argv) {
       "replication-address", po::value(&config.replication_address),
       "this host's IPv4 address on the dedicated replication link, where its secondaries "
       "listen; needed to run secondaries")(
+      "spare-after", po::value(&spare_after_s)->default_value(60),
+      "seconds the paired host may stay silent, while VMs here wait to be protected again, "
+      "before a spare (lockstepctl pair --spare) takes its place")(
       "qemu-data-dir", po::value(&data_dirs)->composing(),
       "firmware directories for QEMU's -L (default: /usr/share/qemu /usr/share/seabios)");
   po::variables_map vm;
@@ -149,6 +153,11 @@ int main(int argc, char** argv) {
     std::cout << options << "\n";
     return 0;
   }
+  if (spare_after_s < 1 || spare_after_s > 86400) {
+    std::cerr << "lockstepd: --spare-after must be 1..86400 seconds\n";
+    return 2;
+  }
+  config.spare_after = std::chrono::seconds(spare_after_s);
   config.parts.data_dirs = data_dirs.empty()
                                ? std::vector<std::string>{"/usr/share/qemu", "/usr/share/seabios"}
                                : data_dirs;

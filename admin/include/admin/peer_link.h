@@ -23,6 +23,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "admin/control.h"
 #include "common/status.h"
@@ -47,12 +48,24 @@ Result<std::unique_ptr<channel::Channel>> ConnectPeer(const std::string& my_host
                                                       const Pairing& pairing,
                                                       std::chrono::milliseconds timeout);
 
-// The server's side of the handshake on an accepted connection. `pairing` is this host's,
-// or empty if it has none (the client is then refused, told so).
+// The server's side of the handshake on an accepted connection. `pairings` are this host's
+// (its partner's, and a spare's if it has one); the client's HELLO picks one by its host
+// name, and is refused, told so, if none is its (or there are none). `*client_host` (if
+// given) is set to the host the connection proved to be.
 Result<std::unique_ptr<channel::Channel>> AcceptPeer(std::unique_ptr<channel::Channel> link,
                                                      const std::string& my_host,
-                                                     const std::optional<Pairing>& pairing,
-                                                     std::chrono::milliseconds timeout);
+                                                     const std::vector<Pairing>& pairings,
+                                                     std::chrono::milliseconds timeout,
+                                                     std::string* client_host = nullptr);
+// The same with at most one pairing.
+inline Result<std::unique_ptr<channel::Channel>> AcceptPeer(std::unique_ptr<channel::Channel> link,
+                                                            const std::string& my_host,
+                                                            const std::optional<Pairing>& pairing,
+                                                            std::chrono::milliseconds timeout) {
+  std::vector<Pairing> pairings;
+  if (pairing) pairings.push_back(*pairing);
+  return AcceptPeer(std::move(link), my_host, pairings, timeout);
+}
 
 // One JSON message each way.
 Status SendJson(channel::Channel& ch, const Json& message);

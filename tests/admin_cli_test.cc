@@ -486,7 +486,14 @@ TEST_CASE(
   CHECK(sec["vm"]["state"] == "paused");  // the secondary's guest never runs while protected
   CHECK(sec["vm"]["lockstep"][0]["role"] == "secondary");
   Ran human = Ctl(a.socket, {"status", "web1"});
+  INFO(human.out);
   CHECK(human.out.find("role        primary") != std::string::npos);
+  CHECK(human.out.find("peer        hostB: secondary (PROTECTED)") != std::string::npos);
+  CHECK(human.out.find("MB/s on average since protection began") != std::string::npos);
+  Ran all = Ctl(a.socket, {"status"});  // no VM: the list
+  CHECK(all.exit == 0);
+  CHECK(all.out.find("web1") != std::string::npos);
+  CHECK(all.out.find("PROTECTION") != std::string::npos);
   const std::string metrics = Scrape(a.metrics_port, a.netns);
   INFO(metrics);
   CHECK(metrics.find(

@@ -471,11 +471,14 @@ void HostDaemon::ReprotectLostVms() {
   auto pairing = CurrentPairing();
   if (!pairing) return;
   std::vector<std::string> lost;
+  bool replicating = false;  // some VM here still replicates with the partner
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& [name, vm] : vms_) {
       const auto [role, state] = EngineRole(vm);
       if (state == "ACTIVE" || state == "PRIMARY_ALONE") lost.push_back(name);
+      replicating = replicating || state == "IDLE" || state == "SYNCING" || state == "PROTECTED" ||
+                    state == "PROMOTING";
       // A secondary copy whose engine ended without taking over (its primary ended
       // protection, or it rejected the primary's stream, or lost the token) never runs
       // the guest: shut it down, so that the primary's host can protect the VM here again
@@ -499,7 +502,8 @@ void HostDaemon::ReprotectLostVms() {
     partner_silent_since_.reset();
   } else if (!partner_silent_since_) {
     partner_silent_since_ = std::chrono::steady_clock::now();
-  } else if (std::chrono::steady_clock::now() - *partner_silent_since_ > config_.spare_after &&
+  } else if (!replicating &&  // only its daemon is silent: the partner is not lost
+             std::chrono::steady_clock::now() - *partner_silent_since_ > config_.spare_after &&
              PromoteSpare(pairing->peer_host)) {
     partner_silent_since_.reset();
     pairing = CurrentPairing();
@@ -1061,8 +1065,9 @@ Result<Json> HostDaemon::AwaitOutcome(const std::function<Result<std::optional<J
   }
 }
 
-Result<Json> HostDaemon::PeerVmState(const Pairing& pairing, const std::string& name) {
-  auto ch = ConnectPeer(config_.host_id, pairing, 5s);
+Result<Json> HostDaemon::PeerVmState(const Pairing& pairing, const std::string& name,
+                                     std::chrono::milliseconds connect_timeout) {
+  auto ch = ConnectPeer(config_.host_id, pairing, connect_timeout);
   if (!ch.ok()) return ch.status();
   LOCKSTEP_RETURN_IF_ERROR(SendJson(**ch, {{"command", "vm-state"}, {"vm", name}}));
   auto answer = ReceiveJson(**ch, 10s);
@@ -1369,6 +1374,23 @@ Json HostDaemon::Handle(const Json& request) {
       if (how == "planned") return done(HandOver(name));
       if (how == "forced") return done(ForceFailover(name));
       return Fail("failover \"how\" is planned, forced or drill, not '" + how + "'");
+    } else if (command == "status") {
+      Result<Json> st = [&]() -> Result<Json> {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto vm = Find(name);
+        if (!vm.ok()) return vm.status();
+        return Json{{"vm", Describe(name, **vm)}};
+      }();
+      // The paired host's role for the same VM, asked without the VMs' lock.
+      if (auto pairing = CurrentPairing(); st.ok() && pairing) {
+        auto peer = PeerVmState(*pairing, name, 1s);
+        (*st)["vm"]["peer"] =
+            peer.ok() ? Json{{"host", pairing->peer_host},
+                             {"role", peer->value("role", std::string())},
+                             {"state", peer->value("state", std::string())}}
+                      : Json{{"host", pairing->peer_host}, {"error", peer.status().message()}};
+      }
+      return done(st);
     }
     std::lock_guard<std::mutex> lock(mu_);
     Result<Json> r = Json::object();
@@ -1376,9 +1398,6 @@ Json HostDaemon::Handle(const Json& request) {
       Json list = Json::array();
       for (auto& [n, vm] : vms_) list.push_back(Summary(n, vm));
       r = Json{{"host", config_.host_id}, {"pairing", PairingSummary()}, {"vms", list}};
-    } else if (command == "status") {
-      auto vm = Find(name);
-      r = vm.ok() ? Result<Json>(Json{{"vm", Describe(name, **vm)}}) : Result<Json>(vm.status());
     } else if (command == "define") {
       auto d = Define(request.value("definition", Json()));
       r = d.ok() ? Result<Json>(Json{{"vm", *d}}) : d;

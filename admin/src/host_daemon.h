@@ -135,7 +135,8 @@ class HostDaemon {
   // busy and returns the pairing. REQUIRES: mu_ held.
   Result<Pairing> BeginFailover(const std::string& name, Vm& vm);
   // The paired host's view of VM `name` (peer API "vm-state"): role, state, reason.
-  Result<Json> PeerVmState(const Pairing& pairing, const std::string& name);
+  Result<Json> PeerVmState(const Pairing& pairing, const std::string& name,
+                           std::chrono::milliseconds connect_timeout = std::chrono::seconds(5));
   // Polls `probe` every `every` until it returns a value or an error, or `timeout` passes.
   Result<Json> AwaitOutcome(const std::function<Result<std::optional<Json>>()>& probe,
                             std::chrono::milliseconds every, std::chrono::milliseconds timeout,

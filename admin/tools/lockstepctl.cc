@@ -40,7 +40,9 @@ const Command kCommands[] = {
     {"unpair", "", "forget this host's pairing"},
     {"pairing", "", "this host's pairing, checked live with the other host"},
     {"list", "", "the VMs of this host, with their state and protection"},
-    {"status", "VM", "one VM in detail: state, protection and why, logs"},
+    {"status", "[VM]",
+     "one VM in detail: state, protection and why, both hosts' roles, link, logs (no VM: "
+     "list)"},
     {"define", "FILE", "define a VM from a definition file (JSON; docs/admin-plane.md)"},
     {"undefine", "VM", "forget a stopped VM"},
     {"start", "VM", "start a defined VM"},
@@ -208,6 +210,33 @@ void PrintStatus(const Json& v) {
         num("last-pause-us").c_str(), num("ack-latency-p50-us").c_str(), num("bytes").c_str(),
         num("epochs").c_str());
   }
+  if (v.contains("peer")) {
+    const Json& p = v["peer"];
+    if (p.contains("error")) {
+      std::printf("  peer        %s does not answer: %s\n", p.value("host", std::string()).c_str(),
+                  p["error"].get<std::string>().c_str());
+    } else {
+      const std::string role = p.value("role", std::string());
+      std::printf("  peer        %s: %s\n", p.value("host", std::string()).c_str(),
+                  role.empty() ? "no copy of this VM protected there"
+                               : (role + " (" + p.value("state", std::string()) + ")").c_str());
+    }
+  }
+  if (v.contains("lockstep") && v["lockstep"].is_array() && !v["lockstep"].empty() &&
+      v.contains("events") && v["events"].is_array()) {
+    // The link's average since this protection began (the last SYNCING here).
+    double since = 0;
+    for (const Json& e : v["events"]) {
+      if (e.value("state", std::string()) == "SYNCING") since = e.value("at", 0.0);
+    }
+    const double now =
+        std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    const double bytes = v["lockstep"][0].value("bytes", 0.0);
+    if (since > 0 && now > since) {
+      std::printf("  link        %.1f MB/s on average since protection began (%.0f s ago)\n",
+                  bytes / (now - since) / 1e6, now - since);
+    }
+  }
   if (v.contains("events") && v["events"].is_array() && !v["events"].empty()) {
     std::printf("  history     (the engine's state changes here, newest last)\n");
     const Json& events = v["events"];
@@ -255,7 +284,7 @@ int main(int argc, char** argv) {
     std::cerr << Usage();
     return kUsage;
   }
-  const std::string command = argv[at];
+  std::string command = argv[at];
   const Command* known = nullptr;
   for (const auto& c : kCommands) {
     if (command == c.name) known = &c;
@@ -316,7 +345,9 @@ int main(int argc, char** argv) {
     std::istringstream words(known->args);
     for (std::string w; words >> w;) want += w[0] != '[';
   }
-  if (positional.size() != want) {
+  if (command == "status" && positional.empty()) command = "list";
+  if (positional.size() != want &&
+      !(known->args == std::string("[VM]") && positional.size() == 1)) {
     std::cerr << "lockstepctl " << command << ": expected " << (want ? known->args : "no arguments")
               << "\n  usage: lockstepctl " << command << " " << known->args << "\n";
     return kUsage;
@@ -339,9 +370,10 @@ int main(int argc, char** argv) {
       return kRefused;
     }
     request["definition"] = definition;
-  } else if (want == 1) {
+  } else if (positional.size() == 1) {
     request["vm"] = positional[0];
   }
+  request["command"] = command;
   if (command == "stop") request["force"] = vm.count("force") > 0;
   if (command == "unpair") request["spare"] = vm.count("spare") > 0;
   if (command == "reprotect")

@@ -369,8 +369,10 @@ void PrimaryReplicator::Impl::ControlLoop() {
       if (!faulted.load()) MaybeSendHandover();
     }
   }
-  // The ERROR may still be unread when another thread's failed send ended the loop.
-  for (int i = 0; i < 64 && faulted.load() && reported.empty(); ++i) {
+  // The ERROR may still be unread when another thread's failed send ended the loop — or
+  // the acceptance of a handover, followed at once by the secondary's end of the link.
+  bool accepted_late = false;
+  for (int i = 0; i < 64 && faulted.load() && reported.empty() && !accepted_late; ++i) {
     size_t n = 0;
     if (!ch->Receive(buf, &n, Micros(0)).ok()) break;
     wire::RecordReader reader({buf.data(), n});
@@ -382,9 +384,16 @@ void PrimaryReplicator::Impl::ControlLoop() {
                        .ToString();
         break;
       }
+      if (r.header.type == wire::RecordType::kHandoverReply && handover_sent.load() &&
+          r.header.epoch == handover_epoch.load() && (r.header.flags & wire::kFlagAccepted)) {
+        accepted_late = true;
+        break;
+      }
     }
   }
-  if (handover_answer.load() == 1 && !faulted.load()) {
+  if (handover_answer.load() == 1 || accepted_late) {
+    // The secondary holds the confirmed token and runs the guest from the epoch handed
+    // over: whatever failed on the link since, this copy is done.
     FinishHandover();
     return;
   }

@@ -356,9 +356,26 @@ void SecondaryReplica::Impl::TakeOver(const vip::WitnessDecision& decision,
     } else {
       SendError(*ch, "the handover failed after the witness granted the token: " + why);
     }
-    ch->Abort();
-    heartbeat->Stop();
   };
+  // The link ends once the primary has read the answer and closed its end (not before:
+  // a link cut under it could make it take the answer for a fault), whatever way this
+  // returns; heartbeats go on meanwhile.
+  struct CloseLink {
+    Impl& m;
+    bool handover;
+    ~CloseLink() {
+      if (!handover) return;
+      std::vector<uint8_t> sink(64 << 10);
+      const auto deadline = SteadyClock::now() + m.opt.handover_timeout;
+      while (!m.stopping.load() && SteadyClock::now() < deadline) {
+        size_t n = 0;
+        Status s = m.ch->Receive(sink, &n, std::chrono::milliseconds(100));
+        if (!s.ok() && s.code() != Status::Code::kTimedOut) break;  // the primary closed
+      }
+      m.ch->Abort();
+      m.heartbeat->Stop();
+    }
+  } close_link{*this, handover};
   const std::string unconfirmed =
       decision.confirmed ? "" : "; the token was never confirmed, so the primary may take it back";
   Status s = hv.LoadDeviceState(device);

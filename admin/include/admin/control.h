@@ -17,7 +17,8 @@
 //   unpair                       → forgets the pairing (pairing.json, pairing.key)
 //   pairing                      → "host", "pairing": checked live with the paired host
 //   list                         → "host", "pairing", "vms": [VM summary...]
-//   status    "vm"               → "vm": VM status
+//   status    "vm"               → "vm": VM status, with "peer": the paired host's
+//                                   {"host", "role", "state"} for it (or {"host", "error"})
 //   define    "definition": {…}  → "vm": summary (admin/vm_definition.h; refused if the
 //                                   name is taken)
 //   undefine  "vm"               → refused while the VM runs

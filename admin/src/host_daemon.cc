@@ -433,12 +433,16 @@ Result<Json> HostDaemon::Stop(const std::string& name, bool force) {
   return Json::object();
 }
 
-Status HostDaemon::Ping(const Pairing& pairing) {
-  auto ch = ConnectPeer(config_.host_id, pairing, 1s);
+Status HostDaemon::Ping(const Pairing& pairing, std::chrono::milliseconds connect_timeout,
+                        std::chrono::milliseconds answer_timeout) {
+  auto ch = ConnectPeer(config_.host_id, pairing, connect_timeout);
   if (!ch.ok()) return ch.status();
-  LOCKSTEP_RETURN_IF_ERROR(SendJson(**ch, {{"command", "ping"}}));
-  auto pong = ReceiveJson(**ch, 2s);
-  if (!pong.ok() || !pong->value("ok", false)) return Status::PeerLost("no answer to a ping");
+  if (!SendJson(**ch, {{"command", "ping"}}).ok()) return Status::PeerLost("the peer closed");
+  auto pong = ReceiveJson(**ch, answer_timeout);
+  if (!pong.ok()) return pong.status();
+  if (!pong->value("ok", false)) {
+    return Status::PeerRejected(pong->value("error", std::string("refused")));
+  }
   return Status::Ok();
 }
 
@@ -741,19 +745,9 @@ Result<Json> HostDaemon::CheckPairing(bool spare) {
         config_.host_id +
         (spare ? " has no spare" : " is not paired with any host (lockstepctl pair)"));
   }
-  auto ch = ConnectPeer(config_.host_id, *pairing, 5s);
-  Result<Json> answer = ch.ok() ? SendJson(**ch, {{"command", "ping"}}).ok()
-                                      ? ReceiveJson(**ch, 5s)
-                                      : Result<Json>(Status::PeerLost("the peer closed"))
-                                : Result<Json>(ch.status());
-  std::string note;
-  Status outcome;
-  if (!answer.ok()) {
-    outcome = answer.status();
-  } else if (!answer->value("ok", false)) {
-    outcome = Status::PeerRejected(answer->value("error", std::string("refused")));
-  }
-  note = outcome.ok() ? "both hosts proved they hold the pairing key" : outcome.message();
+  const Status outcome = Ping(*pairing, 5s, 5s);
+  const std::string note =
+      outcome.ok() ? "both hosts proved they hold the pairing key" : outcome.message();
   if (!spare) {
     std::lock_guard<std::mutex> lock(pairing_mu_);
     pairing_note_ = note;
@@ -1036,7 +1030,10 @@ Status HostDaemon::CheckPrimaryHere(const std::string& name, Vm& vm, bool protec
   return Status::Ok();
 }
 
-Result<Pairing> HostDaemon::BeginFailover(const std::string& name, Vm& vm) {
+Result<std::pair<HostDaemon::Vm*, Pairing>> HostDaemon::BeginFailover(const std::string& name) {
+  auto found = Find(name);
+  if (!found.ok()) return found.status();
+  Vm& vm = **found;
   LOCKSTEP_RETURN_IF_ERROR(CheckPrimaryHere(name, vm, /*protected_only=*/true,
                                             "a failover starts on the host that runs it as the "
                                             "primary, once it is PROTECTED (lockstepctl status " +
@@ -1046,7 +1043,7 @@ Result<Pairing> HostDaemon::BeginFailover(const std::string& name, Vm& vm) {
     return Status::FailedPrecondition(config_.host_id + " is not paired with another host");
   }
   busy_.insert(name);
-  return *pairing;
+  return std::make_pair(&vm, *pairing);
 }
 
 Result<Json> HostDaemon::AwaitOutcome(const std::function<Result<std::optional<Json>>()>& probe,
@@ -1081,11 +1078,9 @@ Result<Json> HostDaemon::PeerVmState(const Pairing& pairing, const std::string& 
 
 Result<Json> HostDaemon::HandOver(const std::string& name) {
   std::unique_lock<std::mutex> lock(mu_);
-  auto found = Find(name);
-  if (!found.ok()) return found.status();
-  auto begun = BeginFailover(name, **found);
+  auto begun = BeginFailover(name);
   if (!begun.ok()) return begun.status();
-  const Pairing pairing = *begun;
+  const Pairing pairing = begun->second;
   // Busy until this returns, however it does (mu_ is held again at every return).
   struct Unbusy {
     std::set<std::string>& busy;
@@ -1094,7 +1089,7 @@ Result<Json> HostDaemon::HandOver(const std::string& name) {
   } unbusy{busy_, name};
   const size_t seen = Events(name).size();
   const auto t0 = std::chrono::steady_clock::now();
-  auto asked = (*found)->qmp->Execute("lockstep-handover", {{"id", "ft0"}}, 10s);
+  auto asked = begun->first->qmp->Execute("lockstep-handover", {{"id", "ft0"}}, 10s);
   // A refusal changed nothing; an unanswered request may have started one: look.
   if (!asked.ok() && asked.status().code() != Status::Code::kTimedOut) {
     return Status::FailedPrecondition("QEMU refused the handover of VM '" + name +
@@ -1162,11 +1157,9 @@ Result<Json> HostDaemon::HandOver(const std::string& name) {
 
 Result<Json> HostDaemon::ForceFailover(const std::string& name) {
   std::unique_lock<std::mutex> lock(mu_);
-  auto found = Find(name);
-  if (!found.ok()) return found.status();
-  auto begun = BeginFailover(name, **found);
+  auto begun = BeginFailover(name);
   if (!begun.ok()) return begun.status();
-  const Pairing pairing = *begun;
+  const Pairing pairing = begun->second;
   const auto t0 = std::chrono::steady_clock::now();
   // What a host crash does to the VM: no GOODBYE, no last epoch; the secondary notices the
   // silence and takes over from the last acknowledged epoch.

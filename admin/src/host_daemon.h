@@ -132,8 +132,8 @@ class HostDaemon {
   Status CheckPrimaryHere(const std::string& name, Vm& vm, bool protected_only,
                           const std::string& otherwise);
   // A primary here, PROTECTED, and a pairing: what a failover starts from. Marks the VM
-  // busy and returns the pairing. REQUIRES: mu_ held.
-  Result<Pairing> BeginFailover(const std::string& name, Vm& vm);
+  // busy and returns it with the pairing. REQUIRES: mu_ held.
+  Result<std::pair<Vm*, Pairing>> BeginFailover(const std::string& name);
   // The paired host's view of VM `name` (peer API "vm-state"): role, state, reason.
   Result<Json> PeerVmState(const Pairing& pairing, const std::string& name,
                            std::chrono::milliseconds connect_timeout = std::chrono::seconds(5));
@@ -160,8 +160,11 @@ class HostDaemon {
   Result<Json> Unpair(bool spare);
   // `spare`: checks the spare instead of the partner.
   Result<Json> CheckPairing(bool spare);
-  // Whether `pairing`'s host answers on the peer API (1 s to connect, 2 s to answer).
-  Status Ping(const Pairing& pairing);
+  // Whether `pairing`'s host answers on the peer API: kPeerRejected with its reason if it
+  // refuses this host, the connection's error if it cannot be asked.
+  Status Ping(const Pairing& pairing,
+              std::chrono::milliseconds connect_timeout = std::chrono::seconds(1),
+              std::chrono::milliseconds answer_timeout = std::chrono::seconds(2));
   // The partner has been silent too long: if a spare is configured and answers, it becomes
   // the partner. True if it did.
   bool PromoteSpare(const std::string& silent_partner);

@@ -14,6 +14,8 @@ PACKAGES=(
   libnl-route-3-dev               # rtnetlink: the virtual IP (vip-manager)
   libssl-dev                      # libcrypto's base64 for etcd's JSON API (etcd witness)
   etcd-server                     # /usr/bin/etcd: the etcd witness's tests run a real one
+  libdpdk-dev                     # the DPDK transport (EAL, memif and af_packet vdevs)
+  libibverbs-dev rdma-core ibverbs-providers  # the RDMA transport (verbs; rxe in test guests)
   clang libclang-rt-14-dev        # libFuzzer target for the epoch decoder
   python3-matplotlib              # PNG plots of benchmark results
   iproute2 procps

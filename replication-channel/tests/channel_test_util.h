@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -25,30 +26,45 @@ inline constexpr std::chrono::seconds kPrompt{2};
 // For blocking calls that are expected to succeed.
 inline constexpr std::chrono::seconds kLong{20};
 
-// Two connected ends: `a` connected to `b`.
+// Two connected ends: `a` connected to `b`. `again` makes another pair the same way (over
+// the same listener), for reconnection tests.
 struct ChannelPair {
   std::unique_ptr<Channel> a;
   std::unique_ptr<Channel> b;
+  std::function<ChannelPair()> again;
 };
+
+// Connects `transport` to `listener` once: a = the connecting end, b = the accepted one.
+// `address` is what the connecting end dials (the listener's address by default).
+inline ChannelPair ConnectPair(Transport& transport, Listener& listener,
+                               const std::string& address = "") {
+  auto a = transport.Connect(address.empty() ? listener.address() : address, 5s);
+  REQUIRE(a.status().ToString() == "OK");
+  auto b = listener.Accept(5s);
+  REQUIRE(b.status().ToString() == "OK");
+  return {std::move(*a), std::move(*b), nullptr};
+}
 
 // Factories for the conformance suite; each makes one fresh connected pair.
 struct TcpPair {
   static ChannelPair Make() {
-    std::unique_ptr<Transport> transport = MakeTcpTransport();
+    std::shared_ptr<Transport> transport = MakeTcpTransport();
     auto listener = transport->Listen("127.0.0.1:0");
     REQUIRE(listener.ok());
-    auto a = transport->Connect((*listener)->address(), 5s);
-    REQUIRE(a.status().ToString() == "OK");
-    auto b = (*listener)->Accept(5s);
-    REQUIRE(b.status().ToString() == "OK");
-    return {std::move(*a), std::move(*b)};
+    std::shared_ptr<Listener> shared = std::move(*listener);
+    std::function<ChannelPair()> again = [transport, shared] {
+      return ConnectPair(*transport, *shared);
+    };
+    ChannelPair pair = again();
+    pair.again = again;
+    return pair;
   }
 };
 
 struct LoopbackPair {
   static ChannelPair Make() {
     std::shared_ptr<LoopbackLink> link = LoopbackLink::Create();
-    return {link->TakeA(), link->TakeB()};
+    return {link->TakeA(), link->TakeB(), &LoopbackPair::Make};
   }
 };
 

@@ -1,0 +1,1231 @@
+// The DPDK transport (see dpdk.h for addresses, threads and the wire format).
+//
+// Ownership. A Port (one DPDK ethdev, probed once per process) owns its poller thread and
+// knows at most one Listener and one Connection at a time. A Connection (the Channel) holds
+// the Port; the Port holds a plain pointer to the Connection, set and cleared under
+// Port::mu_, and the poller calls into the Connection only while holding Port::mu_, so a
+// Connection that detached itself is never touched again. Lock order: Port::mu_, then a
+// Connection's locks; a Connection never takes Port::mu_ while holding its own.
+//
+// Data path. Send() (under send_mu_) cuts the message into frames, copies the bytes into
+// mbufs from the process's pool (no heap), keeps every frame (one extra reference) in
+// `inflight_` until acknowledged and transmits them in bursts. The poller receives,
+// frees acknowledged frames and publishes `acked_`; the two never write the same slot
+// (Send() waits until the slot's old frame is acknowledged). On the receiving side the
+// poller appends in-order frames to `ring_` (single producer) and Receive() (single
+// consumer) copies their payload into the caller's buffer; frames that arrive early wait
+// in `early_` until the gap is filled.
+//
+// The PMDs this transport is used with (memif, af_packet) copy a frame out of the mbuf
+// during rte_eth_tx_burst() and release it there, so retransmitting an mbuf we still hold
+// a reference on is safe.
+
+#include "replication_channel/dpdk.h"
+
+#include <pthread.h>
+#include <rte_dev.h>
+#include <rte_eal.h>
+#include <rte_errno.h>
+#include <rte_ethdev.h>
+#include <rte_lcore.h>
+#include <rte_mbuf.h>
+#include <sched.h>
+#include <time.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gather.h"
+
+namespace lockstep::channel {
+
+namespace {
+
+static_assert(std::endian::native == std::endian::little,
+              "the DPDK wire format is little-endian and written as host structs");
+
+using std::chrono::microseconds;
+using std::chrono::milliseconds;
+
+constexpr uint16_t kEtherType = 0x88B5;
+constexpr uint32_t kMagic = 0x5044534C;  // "LSDP"
+constexpr size_t kEthernetHeader = 14;
+
+enum FrameType : uint8_t {
+  kSyn = 1,
+  kSynAck = 2,
+  kRefuse = 3,
+  kData = 4,
+  kAck = 5,
+  kProbe = 6,
+  kRst = 7,
+};
+constexpr uint8_t kFlagFirst = 1;       // DATA: the message's first frame
+constexpr uint8_t kFlagOutOfOrder = 2;  // ACK: sent because a frame arrived past a gap
+
+struct __attribute__((packed)) FrameHeader {
+  uint32_t magic;
+  uint8_t version;
+  uint8_t type;
+  uint8_t flags;
+  uint8_t reserved0;
+  uint32_t link;
+  uint32_t conn;
+  uint64_t seq;
+  uint32_t window;
+  uint32_t msg_bytes;
+  uint16_t payload;
+  uint16_t reserved1;
+};
+static_assert(sizeof(FrameHeader) == 36);
+constexpr size_t kHeaders = kEthernetHeader + sizeof(FrameHeader);
+
+// The process's mbuf pool: enough for two ports' receive rings, windows and receive queues
+// (the conformance tests run both ends in one process).
+constexpr unsigned kPoolMbufs = 32767;
+constexpr unsigned kPoolCache = 256;
+constexpr uint16_t kRxDescriptors = 1024;
+constexpr uint16_t kTxDescriptors = 1024;
+constexpr uint16_t kBurst = 32;
+// Frames a receiver queues for Receive(), and keeps when they arrive early (each).
+constexpr uint32_t kReceiveQueueFrames = 4096;
+
+constexpr microseconds kInitialRto{5000};
+constexpr microseconds kMaxRto{100000};
+constexpr milliseconds kSynInterval{20};
+constexpr milliseconds kLinkCheckInterval{20};
+// How long a destroyed Channel waits for its last frames to be acknowledged.
+constexpr milliseconds kCloseLinger{200};
+// The poller naps this long once it found nothing this many times in a row.
+constexpr int kIdlePollsBeforeNap = 200;
+constexpr long kNapNanoseconds = 20000;
+constexpr microseconds kForever = std::chrono::hours(24 * 365);
+
+std::string RteError(int err) { return std::string(rte_strerror(err)); }
+
+// ---------------------------------------------------------------------------------------
+// The EAL, once per process.
+
+class Eal {
+ public:
+  // Initializes DPDK with `args` on the first call; later calls must pass the same args.
+  static Result<rte_mempool*> Get(const std::string& args) {
+    static Eal eal;
+    std::lock_guard lock(eal.mu_);
+    if (eal.initialized_) {
+      if (args != eal.args_) {
+        return Status::FailedPrecondition(
+            "DPDK is already initialized in this process with EAL arguments '" + eal.args_ +
+            "', not '" + args + "': every DPDK transport in a process must use the same ones");
+      }
+      if (!eal.pool_) return eal.failure_;
+      return eal.pool_;
+    }
+    eal.initialized_ = true;
+    eal.args_ = args;
+    eal.failure_ = eal.Init(args);
+    if (!eal.failure_.ok()) return eal.failure_;
+    return eal.pool_;
+  }
+
+ private:
+  Status Init(const std::string& args) {
+    std::vector<std::string> words{"lockstep"};
+    std::istringstream in(args);
+    for (std::string word; in >> word;) words.push_back(word);
+    std::vector<char*> argv;
+    for (std::string& word : words) argv.push_back(word.data());
+    argv.push_back(nullptr);
+    // rte_eal_init() pins the calling thread to the main lcore; the caller (QEMU's
+    // thread, a test) keeps the CPUs it had.
+    cpu_set_t cpus;
+    bool had_affinity = pthread_getaffinity_np(pthread_self(), sizeof(cpus), &cpus) == 0;
+    int rc = rte_eal_init(static_cast<int>(words.size()), argv.data());
+    if (had_affinity) pthread_setaffinity_np(pthread_self(), sizeof(cpus), &cpus);
+    if (rc < 0) {
+      return Status::Unsupported("DPDK's EAL did not start with arguments '" + args +
+                                 "': " + RteError(rte_errno) +
+                                 " (check the dpdk_eal setting; see docs/dpdk-transport.md)");
+    }
+    pool_ = rte_pktmbuf_pool_create("lockstep_frames", kPoolMbufs, kPoolCache, 0,
+                                    RTE_MBUF_DEFAULT_BUF_SIZE, SOCKET_ID_ANY);
+    if (!pool_) {
+      return Status::ResourceExhausted(
+          "DPDK could not make its frame pool (" + std::to_string(kPoolMbufs) +
+          " frames): " + RteError(rte_errno) + "; give the EAL more memory (-m)");
+    }
+    return Status::Ok();
+  }
+
+  std::mutex mu_;
+  bool initialized_ = false;
+  std::string args_;
+  Status failure_;
+  rte_mempool* pool_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------------------
+// Addresses: "DEVARGS[#LINK]".
+
+struct DpdkAddress {
+  std::string devargs;  // "net_memif0,role=server,..."
+  std::string name;     // "net_memif0"
+  std::string args;     // "role=server,..."
+  uint32_t link = 0;
+};
+
+Result<DpdkAddress> ParseAddress(std::string_view text) {
+  DpdkAddress address;
+  size_t hash = text.rfind('#');
+  std::string_view devargs = text.substr(0, hash);
+  if (hash != std::string_view::npos) {
+    std::string link(text.substr(hash + 1));
+    char* end = nullptr;
+    unsigned long value = std::strtoul(link.c_str(), &end, 10);
+    if (link.empty() || *end != '\0' || value > UINT32_MAX) {
+      return Status::InvalidArgument("'" + link + "' after '#' in DPDK address '" +
+                                     std::string(text) + "' is not a link number (0..2^32-1)");
+    }
+    address.link = static_cast<uint32_t>(value);
+  }
+  size_t comma = devargs.find(',');
+  address.devargs = std::string(devargs);
+  address.name = std::string(devargs.substr(0, comma));
+  if (comma != std::string_view::npos) address.args = std::string(devargs.substr(comma + 1));
+  if (address.name.empty()) {
+    return Status::InvalidArgument(
+        "DPDK address '" + std::string(text) +
+        "' names no device: expected e.g. "
+        "'net_memif0,role=server,socket=/run/lockstep/vm.sock,socket-abstract=no'");
+  }
+  return address;
+}
+
+void Nap() {
+  timespec nap{0, kNapNanoseconds};
+  nanosleep(&nap, nullptr);
+}
+
+class Connection;
+class DpdkListener;
+
+// ---------------------------------------------------------------------------------------
+// One probed ethdev and its poller.
+
+class Port {
+ public:
+  // The port named by `address`, probed and started on first use.
+  static Result<std::shared_ptr<Port>> Open(const DpdkAddress& address, rte_mempool* pool);
+
+  ~Port() {
+    stop_ = true;
+    if (poller_.joinable()) poller_.join();
+  }
+
+  const std::string& devargs() const { return devargs_; }
+  const rte_ether_addr& mac() const { return mac_; }
+  rte_mempool* pool() const { return pool_; }
+  // Largest payload one frame carries on this port.
+  uint16_t max_payload() const { return max_payload_; }
+  bool LinkUp() const { return link_up_.load(std::memory_order_acquire); }
+
+  // Transmits all of `frames` (each consumed), retrying while the port's queue is full.
+  // Gives up (freeing the rest) only if `give_up` turns true. Safe from any thread.
+  void Transmit(rte_mbuf** frames, uint16_t count, const std::atomic<bool>* give_up = nullptr) {
+    uint16_t done = 0;
+    while (done < count) {
+      uint16_t sent;
+      {
+        std::lock_guard lock(tx_mu_);
+        sent = rte_eth_tx_burst(port_id_, 0, frames + done, count - done);
+      }
+      done += sent;
+      if (done < count && sent == 0) {
+        if ((give_up && give_up->load(std::memory_order_relaxed)) || stop_) {
+          rte_pktmbuf_free_bulk(frames + done, count - done);
+          return;
+        }
+        sched_yield();
+      }
+    }
+  }
+
+  // A control frame (no payload) to `to`; dropped if the pool is empty.
+  void SendControl(const rte_ether_addr& to, uint8_t version, uint8_t type, uint8_t flags,
+                   uint32_t link, uint32_t conn, uint64_t seq, uint32_t window,
+                   std::string_view text = {});
+
+  // Attaching users. REQUIRES: mu_ not held by the caller.
+  Status AttachListener(DpdkListener* listener);
+  void DetachListener(DpdkListener* listener);
+  // An outgoing connection; fails while another live one or a listener uses the port.
+  Status AttachConnection(Connection* connection);
+  void DetachConnection(Connection* connection);
+
+  std::mutex& mu() { return mu_; }
+
+ private:
+  friend class DpdkListener;
+  Port(uint16_t port_id, std::string devargs, rte_mempool* pool)
+      : port_id_(port_id), devargs_(std::move(devargs)), pool_(pool) {}
+  Status Start();
+  void Poll();
+  void Dispatch(rte_mbuf* frame);  // REQUIRES: mu_ held
+
+  const uint16_t port_id_;
+  const std::string devargs_;
+  rte_mempool* const pool_;
+  rte_ether_addr mac_{};
+  uint16_t max_payload_ = 0;
+  std::atomic<bool> link_up_{false};
+  std::atomic<bool> stop_{false};
+  std::thread poller_;
+  std::mutex tx_mu_;  // rte_eth_tx_burst on one queue is not thread-safe
+
+  std::mutex mu_;
+  DpdkListener* listener_ = nullptr;  // GUARDED_BY(mu_)
+  Connection* connection_ = nullptr;  // GUARDED_BY(mu_)
+  // Unaccepted connections a newer SYN replaced; the poller destroys them outside mu_.
+  std::vector<std::unique_ptr<Connection>> retired_;  // GUARDED_BY(mu_)
+};
+
+std::mutex g_ports_mu;
+// Ports stay probed for the process's life (DPDK devices cannot be probed twice); this
+// keeps each one's Port while no Listener or Connection holds it.
+std::map<std::string, std::shared_ptr<Port>>& ProbedPorts() {
+  static auto* ports = new std::map<std::string, std::shared_ptr<Port>>;
+  return *ports;
+}
+
+Result<std::shared_ptr<Port>> Port::Open(const DpdkAddress& address, rte_mempool* pool) {
+  std::lock_guard lock(g_ports_mu);
+  auto found = ProbedPorts().find(address.name);
+  if (found != ProbedPorts().end()) {
+    if (found->second->devargs() != address.devargs) {
+      return Status::InvalidArgument("DPDK device " + address.name +
+                                     " is already in use here as '" + found->second->devargs() +
+                                     "', not '" + address.devargs +
+                                     "': give each port its own device name");
+    }
+    return found->second;
+  }
+  int rc = rte_dev_probe(address.devargs.c_str());
+  if (rc != 0) {
+    return Status::IoError("DPDK could not create device '" + address.devargs +
+                           "': " + RteError(-rc) +
+                           " (is the name a DPDK virtual device, e.g. net_memif0 or "
+                           "net_af_packet0, and are its arguments right?)");
+  }
+  uint16_t port_id = 0;
+  if (rte_eth_dev_get_port_by_name(address.name.c_str(), &port_id) != 0) {
+    return Status::IoError("DPDK device '" + address.name + "' was created but has no port");
+  }
+  std::shared_ptr<Port> port(new Port(port_id, address.devargs, pool));
+  Status started = port->Start();
+  if (!started.ok()) return started.WithContext("DPDK device '" + address.devargs + "'");
+  ProbedPorts()[address.name] = port;
+  return port;
+}
+
+Status Port::Start() {
+  rte_eth_dev_info info{};
+  int rc = rte_eth_dev_info_get(port_id_, &info);
+  if (rc != 0) return Status::IoError("no device information: " + RteError(-rc));
+  rte_eth_conf conf{};
+  if ((rc = rte_eth_dev_configure(port_id_, 1, 1, &conf)) != 0) {
+    return Status::IoError("configure failed: " + RteError(-rc));
+  }
+  uint16_t rx = kRxDescriptors;
+  uint16_t tx = kTxDescriptors;
+  rte_eth_dev_adjust_nb_rx_tx_desc(port_id_, &rx, &tx);
+  int socket = rte_eth_dev_socket_id(port_id_);
+  if (socket < 0) socket = static_cast<int>(SOCKET_ID_ANY);
+  if ((rc = rte_eth_rx_queue_setup(port_id_, 0, rx, socket, nullptr, pool_)) != 0) {
+    return Status::IoError("receive queue setup failed: " + RteError(-rc));
+  }
+  if ((rc = rte_eth_tx_queue_setup(port_id_, 0, tx, socket, nullptr)) != 0) {
+    return Status::IoError("transmit queue setup failed: " + RteError(-rc));
+  }
+  if ((rc = rte_eth_dev_start(port_id_)) != 0) {
+    return Status::IoError("start failed: " + RteError(-rc));
+  }
+  rte_eth_promiscuous_enable(port_id_);  // best effort: our frames go to one MAC anyway
+  rte_eth_macaddr_get(port_id_, &mac_);
+  uint16_t mtu = RTE_ETHER_MTU;
+  rte_eth_dev_get_mtu(port_id_, &mtu);
+  size_t frame = std::min<size_t>(size_t{mtu} + kEthernetHeader,
+                                  RTE_MBUF_DEFAULT_BUF_SIZE - RTE_PKTMBUF_HEADROOM);
+  if (info.max_rx_pktlen > 0) frame = std::min<size_t>(frame, info.max_rx_pktlen);
+  if (frame <= kHeaders + 64) {
+    return Status::Unsupported("its frames (" + std::to_string(frame) + " bytes) are too small");
+  }
+  max_payload_ = static_cast<uint16_t>(frame - kHeaders);
+  poller_ = std::thread([this] { Poll(); });
+  return Status::Ok();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// The Channel.
+
+namespace {
+
+class Connection final : public Channel {
+ public:
+  Connection(std::shared_ptr<Port> port, const DpdkOptions& options, uint32_t link, uint32_t conn,
+             bool accepted)
+      : port_(std::move(port)),
+        options_(options),
+        link_(link),
+        conn_(conn),
+        accepted_(accepted),
+        capacity_(std::bit_ceil(std::max<uint32_t>(options.window_frames, 2))),
+        inflight_(capacity_, nullptr),
+        ring_(kReceiveQueueFrames, nullptr),
+        early_(kReceiveQueueFrames, nullptr),
+        established_(Clock::now()),
+        last_heard_(established_.time_since_epoch().count()) {}
+
+  ~Connection() override {
+    if (!aborted_ && !lost_ && established_flag_) {
+      // Give the last frames a chance to be acknowledged (a GOODBYE before closing).
+      auto until = Clock::now() + kCloseLinger;
+      while (acked_.load() < sent_through_.load() && !lost_ && Clock::now() < until) {
+        std::this_thread::sleep_for(microseconds(200));
+      }
+    }
+    SendRst();
+    port_->DetachConnection(this);
+    for (rte_mbuf*& frame : inflight_) {
+      if (frame) rte_pktmbuf_free(frame);
+    }
+    for (uint64_t i = ring_head_.load(); i < ring_tail_.load(); ++i) {
+      rte_pktmbuf_free(ring_[i % kReceiveQueueFrames]);
+    }
+    if (current_) rte_pktmbuf_free(current_);
+    for (rte_mbuf*& frame : early_) {
+      if (frame) rte_pktmbuf_free(frame);
+    }
+  }
+
+  std::string_view transport() const override { return "dpdk"; }
+  std::string peer() const override {
+    char mac[RTE_ETHER_ADDR_FMT_SIZE];
+    rte_ether_format_addr(mac, sizeof(mac), &peer_mac_);
+    return std::string(mac) + " on " + port_->devargs() + " link " + std::to_string(link_);
+  }
+
+  Status RegisterMemory(const void*, size_t) override { return Status::Ok(); }
+
+  Status Send(std::span<const ConstSlice> gather, uint64_t* seq) override;
+  uint64_t CompletedThrough() const override { return completed_.load(std::memory_order_acquire); }
+  Status WaitForCompletion(uint64_t seq, microseconds timeout) override;
+  Status Receive(std::span<uint8_t> into, size_t* size, microseconds timeout) override;
+  Clock::time_point LastHeardFrom() const override {
+    return Clock::time_point(Clock::duration(last_heard_.load(std::memory_order_acquire)));
+  }
+  void Abort() override {
+    if (aborted_.exchange(true)) return;
+    SendRst();
+    WakeAll();
+  }
+  ChannelStats stats() const override {
+    return {messages_sent_.load(), bytes_sent_.load(), messages_received_.load(),
+            bytes_received_.load()};
+  }
+
+  // Connection set-up, from Connect()/Accept().
+  void SetPeer(const rte_ether_addr& mac, uint32_t window) {
+    peer_mac_ = mac;
+    peer_window_.store(window);
+  }
+  // REQUIRES: before the connection is attached to its port, or by the poller.
+  void MarkEstablished() {
+    last_progress_ = Clock::now();
+    retransmitted_at_ = last_progress_;
+    established_flag_ = true;
+  }
+  uint32_t conn() const { return conn_; }
+  bool accepted() const { return accepted_; }
+  bool dead() const { return lost_.load() || aborted_.load(); }
+
+  // Called by the poller. REQUIRES: the port's mu_ held.
+  void OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_ether_addr& from);
+  void OnTimer(Clock::time_point now);
+  void Lose(std::string why) {
+    {
+      std::lock_guard lock(why_mu_);
+      if (lost_) return;
+      lost_why_ = std::move(why);
+    }
+    lost_ = true;
+    WakeAll();
+  }
+  // Connect() waits for these.
+  std::atomic<int> handshake_{0};  // 0 waiting, 1 accepted, 2 refused
+  std::string refusal_;            // valid once handshake_ == 2
+
+ private:
+  Status Gone() const {
+    if (aborted_) return Status::Aborted("the channel was aborted");
+    std::lock_guard lock(why_mu_);
+    return Status::PeerLost("DPDK peer " + peer() + ": " + lost_why_);
+  }
+  uint32_t ReceiveWindow() const {
+    uint64_t queued =
+        ring_tail_.load(std::memory_order_acquire) - ring_head_.load(std::memory_order_acquire);
+    return static_cast<uint32_t>(kReceiveQueueFrames - queued);
+  }
+  void SendAck(uint8_t flags) {
+    uint32_t window = ReceiveWindow();
+    advertised_window_.store(window, std::memory_order_relaxed);
+    port_->SendControl(peer_mac_, options_.protocol_version, kAck, flags, link_, conn_,
+                       expected_ - 1, window);
+  }
+  void SendRst() {
+    if (!established_flag_) return;
+    // Frames may drop: a few copies make the peer's loss prompt in practice; its timers
+    // catch the rest.
+    for (int i = 0; i < 3; ++i) {
+      port_->SendControl(peer_mac_, options_.protocol_version, kRst, 0, link_, conn_, 0, 0);
+    }
+  }
+  // Retransmits frames acked_+1 .. min(sent_through_, acked_+count). Poller only.
+  void Retransmit(uint64_t count);
+  void WakeAll() {
+    std::lock_guard lock(wait_mu_);
+    send_cv_.notify_all();
+    receive_cv_.notify_all();
+  }
+  // Blocks until `ready()` or the deadline; false on timeout. Wakes on WakeAll().
+  template <typename Ready>
+  bool WaitUntil(std::condition_variable& cv, std::atomic<int>& waiting, Clock::time_point deadline,
+                 Ready ready) {
+    for (int spin = 0; spin < 64; ++spin) {
+      if (ready()) return true;
+    }
+    std::unique_lock lock(wait_mu_);
+    waiting.fetch_add(1);
+    bool ok = true;
+    while (!ready()) {
+      auto now = Clock::now();
+      if (now >= deadline) {
+        ok = false;
+        break;
+      }
+      // Bounded, so a missed notification costs a millisecond, not a hang.
+      cv.wait_for(lock, std::min<Clock::duration>(deadline - now, milliseconds(1)));
+    }
+    waiting.fetch_sub(1);
+    return ok;
+  }
+  void NotifyIfWaiting(std::condition_variable& cv, std::atomic<int>& waiting) {
+    if (waiting.load() == 0) return;
+    std::lock_guard lock(wait_mu_);
+    cv.notify_all();
+  }
+
+  const std::shared_ptr<Port> port_;
+  const DpdkOptions options_;
+  const uint32_t link_;
+  const uint32_t conn_;
+  const bool accepted_;
+  rte_ether_addr peer_mac_{};
+  std::atomic<bool> established_flag_{false};
+
+  std::atomic<bool> aborted_{false};
+  std::atomic<bool> lost_{false};
+  mutable std::mutex why_mu_;
+  std::string lost_why_;  // GUARDED_BY(why_mu_)
+
+  std::mutex wait_mu_;
+  std::condition_variable send_cv_;
+  std::condition_variable receive_cv_;
+  std::atomic<int> send_waiting_{0};
+  std::atomic<int> receive_waiting_{0};
+
+  // Sending. inflight_[seq % capacity_] holds frame `seq` until acknowledged.
+  std::mutex send_mu_;  // one message at a time
+  const uint32_t capacity_;
+  std::vector<rte_mbuf*> inflight_;
+  uint64_t next_seq_ = 1;                  // GUARDED_BY(send_mu_): the next frame's number
+  std::atomic<uint64_t> sent_through_{0};  // frames up to here are in inflight_ (Send)
+  std::atomic<uint64_t> acked_{0};         // frames up to here are freed (poller)
+  std::atomic<uint32_t> peer_window_{0};
+  std::atomic<uint64_t> messages_sent_{0};
+  std::atomic<uint64_t> completed_{0};
+  std::atomic<uint64_t> bytes_sent_{0};
+  std::atomic<bool> send_blocked_{false};
+  // Poller only:
+  Clock::time_point last_progress_{};     // the last time acked_ advanced
+  Clock::time_point retransmitted_at_{};  // or we retransmitted, whichever is later
+  Clock::time_point last_probe_{};
+  microseconds rto_ = kInitialRto;
+  uint64_t recover_through_ = 0;  // recovering from a loss until acked_ reaches this
+  uint64_t fast_retransmitted_ = 0;
+
+  // Receiving. ring_ is a single-producer (poller) single-consumer (Receive) queue.
+  std::vector<rte_mbuf*> ring_;
+  std::atomic<uint64_t> ring_head_{0};
+  std::atomic<uint64_t> ring_tail_{0};
+  std::vector<rte_mbuf*> early_;  // poller only: frame seq at early_[seq % size]
+  uint64_t expected_ = 1;         // poller only: the next frame in order
+  bool ack_due_ = false;          // poller only
+  uint8_t ack_flags_ = 0;         // poller only
+  std::atomic<uint32_t> advertised_window_{kReceiveQueueFrames};
+  std::atomic<bool> window_update_{false};
+  // Receive() only: the message in progress (kept across a kTimedOut).
+  rte_mbuf* current_ = nullptr;
+  const uint8_t* into_ = nullptr;
+  size_t message_bytes_ = 0;
+  size_t placed_ = 0;
+  bool in_message_ = false;
+  bool broken_ = false;
+  std::atomic<uint64_t> messages_received_{0};
+  std::atomic<uint64_t> bytes_received_{0};
+
+  const Clock::time_point established_;
+  std::atomic<Clock::rep> last_heard_;
+};
+
+// ----- sending -----
+
+Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
+  size_t total = 0;
+  if (Status bad = internal::CheckGather(gather, &total); !bad.ok()) return bad;
+  std::lock_guard lock(send_mu_);
+  if (dead()) return Gone();
+
+  const uint16_t max_payload = port_->max_payload();
+  rte_mbuf* batch[kBurst];
+  uint16_t batched = 0;
+  size_t slice = 0;
+  size_t slice_offset = 0;
+  size_t left = total;
+  bool first = true;
+  while (left > 0) {
+    uint64_t frame_seq = next_seq_;
+    // Room in our window and in the receiver's.
+    auto room = [&] {
+      uint64_t acked = acked_.load(std::memory_order_acquire);
+      uint64_t limit = std::min<uint64_t>(capacity_, peer_window_.load(std::memory_order_relaxed));
+      return frame_seq <= acked + limit || dead();
+    };
+    if (!room()) {
+      if (batched > 0) {
+        port_->Transmit(batch, batched, &aborted_);
+        batched = 0;
+      }
+      send_blocked_ = true;
+      WaitUntil(send_cv_, send_waiting_, Clock::now() + kForever, room);
+      send_blocked_ = false;
+    }
+    if (dead()) {
+      if (batched > 0) rte_pktmbuf_free_bulk(batch, batched);
+      return Gone();
+    }
+    rte_mbuf* frame = rte_pktmbuf_alloc(port_->pool());
+    while (!frame) {
+      // The pool is shared by every port here; frames come back as peers acknowledge.
+      if (batched > 0) {
+        port_->Transmit(batch, batched, &aborted_);
+        batched = 0;
+      }
+      if (dead()) return Gone();
+      std::this_thread::sleep_for(microseconds(50));
+      frame = rte_pktmbuf_alloc(port_->pool());
+    }
+    size_t payload = std::min<size_t>(left, max_payload);
+    auto* bytes = rte_pktmbuf_mtod(frame, uint8_t*);
+    auto* ethernet = reinterpret_cast<rte_ether_hdr*>(bytes);
+    ethernet->dst_addr = peer_mac_;
+    ethernet->src_addr = port_->mac();
+    ethernet->ether_type = rte_cpu_to_be_16(kEtherType);
+    FrameHeader header{kMagic,
+                       options_.protocol_version,
+                       kData,
+                       static_cast<uint8_t>(first ? kFlagFirst : 0),
+                       0,
+                       link_,
+                       conn_,
+                       frame_seq,
+                       0,
+                       static_cast<uint32_t>(first ? total : 0),
+                       static_cast<uint16_t>(payload),
+                       0};
+    std::memcpy(bytes + kEthernetHeader, &header, sizeof(header));
+    uint8_t* out = bytes + kHeaders;
+    for (size_t want = payload; want > 0;) {
+      const ConstSlice& from = gather[slice];
+      size_t take = std::min(want, from.size - slice_offset);
+      std::memcpy(out, static_cast<const uint8_t*>(from.data) + slice_offset, take);
+      out += take;
+      want -= take;
+      slice_offset += take;
+      if (slice_offset == from.size) {
+        ++slice;
+        slice_offset = 0;
+      }
+    }
+    while (slice < gather.size() && slice_offset == gather[slice].size) {
+      ++slice;  // skip empty slices
+      slice_offset = 0;
+    }
+    frame->data_len = static_cast<uint16_t>(kHeaders + payload);
+    frame->pkt_len = frame->data_len;
+    rte_mbuf_refcnt_update(frame, 1);  // ours until acknowledged; the other is the PMD's
+    inflight_[frame_seq % capacity_] = frame;
+    next_seq_ = frame_seq + 1;
+    sent_through_.store(frame_seq, std::memory_order_release);
+    batch[batched++] = frame;
+    if (batched == kBurst) {
+      port_->Transmit(batch, batched, &aborted_);
+      batched = 0;
+    }
+    left -= payload;
+    first = false;
+  }
+  if (batched > 0) port_->Transmit(batch, batched, &aborted_);
+  uint64_t message = messages_sent_.fetch_add(1) + 1;
+  bytes_sent_.fetch_add(total);
+  // The bytes were copied into frames: the caller's buffers are free again.
+  completed_.store(message, std::memory_order_release);
+  if (seq) *seq = message;
+  return Status::Ok();
+}
+
+Status Connection::WaitForCompletion(uint64_t seq, microseconds) {
+  // Send() completes before it returns.
+  if (seq <= CompletedThrough()) return Status::Ok();
+  if (dead()) return Gone();
+  return Status::InvalidArgument("message " + std::to_string(seq) + " was never sent");
+}
+
+void Connection::Retransmit(uint64_t count) {
+  uint64_t from = acked_.load() + 1;
+  uint64_t through = std::min(sent_through_.load(std::memory_order_acquire), from + count - 1);
+  rte_mbuf* batch[kBurst];
+  uint16_t batched = 0;
+  for (uint64_t s = from; s <= through; ++s) {
+    rte_mbuf* frame = inflight_[s % capacity_];
+    rte_mbuf_refcnt_update(frame, 1);
+    batch[batched++] = frame;
+    if (batched == kBurst) {
+      port_->Transmit(batch, batched, &aborted_);
+      batched = 0;
+    }
+  }
+  if (batched > 0) port_->Transmit(batch, batched, &aborted_);
+}
+
+// ----- receiving -----
+
+Status Connection::Receive(std::span<uint8_t> into, size_t* size, microseconds timeout) {
+  if (aborted_) return Gone();
+  if (broken_) {
+    return Status::FailedPrecondition(
+        "the channel is unusable after a message that did not fit or was malformed");
+  }
+  if (in_message_ && into.data() != into_) {
+    return Status::FailedPrecondition(
+        "Receive() after a timeout in the middle of a message must pass the same buffer");
+  }
+  auto deadline = timeout >= kForever ? Clock::now() + kForever : Clock::now() + timeout;
+  while (true) {
+    if (!current_) {
+      auto ready = [&] {
+        return ring_head_.load(std::memory_order_relaxed) <
+                   ring_tail_.load(std::memory_order_acquire) ||
+               dead();
+      };
+      if (!WaitUntil(receive_cv_, receive_waiting_, deadline, ready)) {
+        return Status::TimedOut("no message within the timeout");
+      }
+      if (aborted_) return Gone();
+      uint64_t head = ring_head_.load(std::memory_order_relaxed);
+      if (head == ring_tail_.load(std::memory_order_acquire)) return Gone();  // lost, drained
+      current_ = ring_[head % kReceiveQueueFrames];
+      ring_head_.store(head + 1, std::memory_order_release);
+      // A receiver that had told the sender it was nearly full tells it there is room.
+      if (advertised_window_.load(std::memory_order_relaxed) < kReceiveQueueFrames / 4 &&
+          ReceiveWindow() >= kReceiveQueueFrames / 2) {
+        window_update_.store(true, std::memory_order_release);
+      }
+    }
+    FrameHeader header;
+    const auto* bytes = rte_pktmbuf_mtod(current_, const uint8_t*);
+    std::memcpy(&header, bytes + kEthernetHeader, sizeof(header));
+    if (!in_message_) {
+      if (!(header.flags & kFlagFirst) || header.msg_bytes == 0 ||
+          header.msg_bytes > kMaxMessageBytes) {
+        broken_ = true;
+        return Status::Corruption("a DPDK frame does not start a message as it should");
+      }
+      if (header.msg_bytes > into.size()) {
+        broken_ = true;
+        return Status::ResourceExhausted("a message of " + std::to_string(header.msg_bytes) +
+                                         " bytes does not fit the receive buffer of " +
+                                         std::to_string(into.size()));
+      }
+      in_message_ = true;
+      into_ = into.data();
+      message_bytes_ = header.msg_bytes;
+      placed_ = 0;
+    } else if (header.flags & kFlagFirst) {
+      broken_ = true;
+      return Status::Corruption("a DPDK message began inside another");
+    }
+    if (placed_ + header.payload > message_bytes_) {
+      broken_ = true;
+      return Status::Corruption("a DPDK message carries more bytes than it announced");
+    }
+    std::memcpy(into.data() + placed_, bytes + kHeaders, header.payload);
+    placed_ += header.payload;
+    rte_pktmbuf_free(current_);
+    current_ = nullptr;
+    if (placed_ == message_bytes_) {
+      in_message_ = false;
+      *size = message_bytes_;
+      messages_received_.fetch_add(1, std::memory_order_relaxed);
+      bytes_received_.fetch_add(message_bytes_, std::memory_order_relaxed);
+      return Status::Ok();
+    }
+  }
+}
+
+// ----- the poller's side -----
+
+void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_ether_addr& from) {
+  switch (header.type) {
+    case kSynAck:
+      if (!accepted_ && handshake_ == 0) {
+        SetPeer(from, header.window);
+        handshake_ = 1;
+      }
+      break;
+    case kRefuse:
+      if (!accepted_ && handshake_ == 0) {
+        refusal_.assign(rte_pktmbuf_mtod(frame, const char*) + kHeaders,
+                        std::min<size_t>(header.payload, frame->data_len - kHeaders));
+        handshake_ = 2;
+      }
+      break;
+    case kSyn:
+      // Our SYN_ACK was lost: the peer asks again.
+      if (accepted_) {
+        port_->SendControl(peer_mac_, options_.protocol_version, kSynAck, 0, link_, conn_, 0,
+                           ReceiveWindow());
+      }
+      break;
+    case kRst:
+      Lose("the peer closed the connection");
+      break;
+    case kProbe:
+      ack_due_ = true;
+      break;
+    case kAck: {
+      uint64_t acked = acked_.load(std::memory_order_relaxed);
+      peer_window_.store(header.window, std::memory_order_relaxed);
+      uint64_t sent = sent_through_.load(std::memory_order_acquire);
+      if (header.seq > acked && header.seq <= sent) {
+        for (uint64_t s = acked + 1; s <= header.seq; ++s) {
+          rte_pktmbuf_free(inflight_[s % capacity_]);
+          inflight_[s % capacity_] = nullptr;
+        }
+        acked_.store(header.seq, std::memory_order_release);
+        last_progress_ = Clock::now();
+        retransmitted_at_ = last_progress_;
+        rto_ = kInitialRto;
+        if (recover_through_ > header.seq) {
+          Retransmit(1);  // a partial ack: the next hole
+        } else {
+          recover_through_ = 0;
+        }
+      } else if ((header.flags & kFlagOutOfOrder) && header.seq == acked && sent > acked &&
+                 fast_retransmitted_ != acked + 1) {
+        // The receiver got something past a gap: resend the gap's first frame once.
+        fast_retransmitted_ = acked + 1;
+        recover_through_ = sent;
+        Retransmit(1);
+      }
+      NotifyIfWaiting(send_cv_, send_waiting_);
+      break;
+    }
+    case kData: {
+      last_heard_.store(Clock::now().time_since_epoch().count(), std::memory_order_release);
+      uint64_t queued =
+          ring_tail_.load(std::memory_order_relaxed) - ring_head_.load(std::memory_order_acquire);
+      uint64_t room = kReceiveQueueFrames - queued;
+      ack_due_ = true;
+      if (header.seq == expected_ && room > 0) {
+        uint64_t tail = ring_tail_.load(std::memory_order_relaxed);
+        ring_[tail % kReceiveQueueFrames] = frame;
+        ++tail;
+        ++expected_;
+        // Frames that arrived early follow it.
+        while (rte_mbuf*& next = early_[expected_ % kReceiveQueueFrames]) {
+          ring_[tail % kReceiveQueueFrames] = next;
+          next = nullptr;
+          ++tail;
+          ++expected_;
+        }
+        ring_tail_.store(tail, std::memory_order_release);
+        NotifyIfWaiting(receive_cv_, receive_waiting_);
+        return;  // the frame is the ring's now
+      }
+      if (header.seq > expected_ && header.seq - expected_ < room) {
+        rte_mbuf*& slot = early_[header.seq % kReceiveQueueFrames];
+        ack_flags_ |= kFlagOutOfOrder;
+        if (!slot) {
+          slot = frame;
+          return;
+        }
+      }
+      break;  // a duplicate, or past the window: dropped (the ack tells the sender)
+    }
+    default:
+      break;
+  }
+  rte_pktmbuf_free(frame);
+}
+
+void Connection::OnTimer(Clock::time_point now) {
+  if (window_update_.exchange(false, std::memory_order_acq_rel)) ack_due_ = true;
+  if (ack_due_) {
+    SendAck(ack_flags_);
+    ack_due_ = false;
+    ack_flags_ = 0;
+  }
+  if (!established_flag_ || dead()) return;
+  uint64_t acked = acked_.load(std::memory_order_relaxed);
+  uint64_t sent = sent_through_.load(std::memory_order_acquire);
+  if (sent > acked) {
+    auto silent = now - last_progress_;
+    if (silent > options_.peer_timeout) {
+      Lose("no acknowledgement for " +
+           std::to_string(std::chrono::duration_cast<milliseconds>(silent).count()) +
+           " ms (DpdkOptions::peer_timeout)");
+      return;
+    }
+    if (now - retransmitted_at_ > rto_) {
+      // Resend the oldest frames and back off.
+      recover_through_ = sent;
+      Retransmit(kBurst);
+      retransmitted_at_ = now;
+      rto_ = std::min(rto_ * 2, kMaxRto);
+    }
+  } else if (send_blocked_ && now - last_probe_ > kInitialRto) {
+    // Nothing outstanding yet the sender waits: the receiver's window is shut. Ask.
+    last_probe_ = now;
+    port_->SendControl(peer_mac_, options_.protocol_version, kProbe, 0, link_, conn_, acked, 0);
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Listener and Transport.
+
+namespace {
+
+class DpdkListener final : public Listener {
+ public:
+  DpdkListener(std::shared_ptr<Port> port, DpdkOptions options, DpdkAddress address)
+      : port_(std::move(port)), options_(std::move(options)), address_(std::move(address)) {}
+  ~DpdkListener() override {
+    port_->DetachListener(this);
+    std::unique_ptr<Connection> unaccepted;
+    {
+      std::lock_guard lock(port_->mu());
+      unaccepted = std::move(pending_);
+    }
+    // Destroyed outside the port's lock (it detaches itself).
+  }
+
+  std::string address() const override {
+    return address_.devargs + (address_.link ? "#" + std::to_string(address_.link) : "");
+  }
+  Result<std::unique_ptr<Channel>> Accept(milliseconds timeout) override;
+  void Abort() override { aborted_ = true; }
+
+  // The poller: a SYN for this link that no connection of ours answers. Like a TCP
+  // backlog of one, the connection is made and answered at once, so the peer may send
+  // before Accept() (a newer SYN replaces an unaccepted one: its sender gave up).
+  // REQUIRES: the port's mu_ held.
+  void OnSyn(const FrameHeader& header, const rte_ether_addr& from);
+  uint32_t link() const { return address_.link; }
+
+ private:
+  const std::shared_ptr<Port> port_;
+  const DpdkOptions options_;
+  const DpdkAddress address_;
+  std::atomic<bool> aborted_{false};
+  std::unique_ptr<Connection> pending_;  // GUARDED_BY(port_->mu())
+};
+
+void Port::SendControl(const rte_ether_addr& to, uint8_t version, uint8_t type, uint8_t flags,
+                       uint32_t link, uint32_t conn, uint64_t seq, uint32_t window,
+                       std::string_view text) {
+  rte_mbuf* frame = rte_pktmbuf_alloc(pool_);
+  if (!frame) return;
+  text = text.substr(0, std::min<size_t>(text.size(), max_payload_));
+  auto* bytes = rte_pktmbuf_mtod(frame, uint8_t*);
+  auto* ethernet = reinterpret_cast<rte_ether_hdr*>(bytes);
+  ethernet->dst_addr = to;
+  ethernet->src_addr = mac_;
+  ethernet->ether_type = rte_cpu_to_be_16(kEtherType);
+  FrameHeader header{kMagic,
+                     version,
+                     type,
+                     flags,
+                     0,
+                     link,
+                     conn,
+                     seq,
+                     window,
+                     0,
+                     static_cast<uint16_t>(text.size()),
+                     0};
+  std::memcpy(bytes + kEthernetHeader, &header, sizeof(header));
+  std::memcpy(bytes + kHeaders, text.data(), text.size());
+  // Short frames are padded to Ethernet's minimum.
+  size_t length = std::max<size_t>(kHeaders + text.size(), 60);
+  frame->data_len = static_cast<uint16_t>(length);
+  frame->pkt_len = frame->data_len;
+  Transmit(&frame, 1, &stop_);
+}
+
+Status Port::AttachListener(DpdkListener* listener) {
+  std::lock_guard lock(mu_);
+  if (listener_)
+    return Status::FailedPrecondition("DPDK port " + devargs_ + " already has a listener");
+  if (connection_ && !connection_->accepted() && !connection_->dead()) {
+    return Status::FailedPrecondition("DPDK port " + devargs_ +
+                                      " is in use by an outgoing connection");
+  }
+  listener_ = listener;
+  return Status::Ok();
+}
+
+void Port::DetachListener(DpdkListener* listener) {
+  std::lock_guard lock(mu_);
+  if (listener_ == listener) listener_ = nullptr;
+}
+
+Status Port::AttachConnection(Connection* connection) {
+  std::lock_guard lock(mu_);
+  if (connection_ && !connection_->dead()) {
+    return Status::FailedPrecondition("DPDK port " + devargs_ + " is in use by a connection");
+  }
+  if (listener_) {
+    return Status::FailedPrecondition("DPDK port " + devargs_ + " is in use by a listener");
+  }
+  connection_ = connection;
+  return Status::Ok();
+}
+
+void DpdkListener::OnSyn(const FrameHeader& header, const rte_ether_addr& from) {
+  if (header.version != options_.protocol_version) {
+    std::string why = "this end speaks lockstep DPDK protocol version " +
+                      std::to_string(options_.protocol_version) + ", the connecting end " +
+                      std::to_string(header.version) + ": run the same lockstep on both hosts";
+    port_->SendControl(from, header.version, kRefuse, 0, header.link, header.conn, 0, 0, why);
+    return;
+  }
+  auto connection = std::make_unique<Connection>(port_, options_, address_.link, header.conn,
+                                                 /*accepted=*/true);
+  connection->SetPeer(from, header.window);
+  connection->handshake_ = 1;
+  connection->MarkEstablished();
+  if (port_->connection_ && !port_->connection_->dead()) {
+    // A new primary connects while we still hold the old one: the old one is over.
+    port_->connection_->Lose("the peer connected again (a new connection replaced this one)");
+  }
+  if (pending_) {
+    pending_->Lose("replaced by a newer connection before it was accepted");
+    port_->retired_.push_back(std::move(pending_));
+  }
+  port_->connection_ = connection.get();
+  pending_ = std::move(connection);
+  port_->SendControl(from, options_.protocol_version, kSynAck, 0, address_.link, header.conn, 0,
+                     kReceiveQueueFrames);
+}
+
+void Port::DetachConnection(Connection* connection) {
+  std::lock_guard lock(mu_);
+  if (connection_ == connection) connection_ = nullptr;
+}
+
+void Port::Dispatch(rte_mbuf* frame) {
+  if (frame->data_len < kHeaders || frame->nb_segs != 1) {
+    rte_pktmbuf_free(frame);
+    return;
+  }
+  const auto* bytes = rte_pktmbuf_mtod(frame, const uint8_t*);
+  const auto* ethernet = reinterpret_cast<const rte_ether_hdr*>(bytes);
+  FrameHeader header;
+  std::memcpy(&header, bytes + kEthernetHeader, sizeof(header));
+  if (ethernet->ether_type != rte_cpu_to_be_16(kEtherType) || header.magic != kMagic ||
+      kHeaders + header.payload > frame->data_len) {
+    rte_pktmbuf_free(frame);
+    return;
+  }
+  if (header.type == kSyn && listener_ && listener_->link() == header.link &&
+      !(connection_ && connection_->conn() == header.conn)) {
+    listener_->OnSyn(header, ethernet->src_addr);
+  } else if (connection_ && connection_->conn() == header.conn) {
+    connection_->OnFrame(frame, header, ethernet->src_addr);
+    return;  // OnFrame owns it
+  }
+  rte_pktmbuf_free(frame);
+}
+
+void Port::Poll() {
+  rte_mbuf* frames[kBurst];
+  int idle = 0;
+  auto next_link_check = Clock::now();
+  while (!stop_.load(std::memory_order_relaxed)) {
+    uint16_t count = rte_eth_rx_burst(port_id_, 0, frames, kBurst);
+    auto now = Clock::now();
+    std::unique_lock lock(mu_);
+    for (uint16_t i = 0; i < count; ++i) Dispatch(frames[i]);
+    if (now >= next_link_check) {
+      rte_eth_link link{};
+      bool up = rte_eth_link_get_nowait(port_id_, &link) == 0 && link.link_status;
+      link_up_.store(up, std::memory_order_release);
+      if (!up && connection_ && connection_->handshake_ == 1) {
+        connection_->Lose("the port's link went down (memif: the peer's process ended)");
+      }
+      next_link_check = now + kLinkCheckInterval;
+    }
+    if (connection_) connection_->OnTimer(now);
+    if (!retired_.empty()) {
+      std::vector<std::unique_ptr<Connection>> retired = std::move(retired_);
+      retired_.clear();
+      lock.unlock();
+      retired.clear();  // their destructors take mu_
+      lock.lock();
+    }
+    if (count > 0) {
+      idle = 0;
+    } else if (++idle > kIdlePollsBeforeNap) {
+      lock.unlock();
+      Nap();
+    }
+  }
+}
+
+Result<std::unique_ptr<Channel>> DpdkListener::Accept(milliseconds timeout) {
+  auto deadline = Clock::now() + timeout;
+  while (!aborted_) {
+    {
+      std::lock_guard lock(port_->mu());
+      if (pending_) return std::unique_ptr<Channel>(std::move(pending_));
+    }
+    if (Clock::now() >= deadline) {
+      return Status::TimedOut("no DPDK peer connected to " + address() + " within " +
+                              std::to_string(timeout.count()) + " ms");
+    }
+    std::this_thread::sleep_for(microseconds(200));
+  }
+  return Status::Aborted("the listener was aborted");
+}
+
+uint32_t RandomConnectionId() {
+  static std::mutex mu;
+  static std::mt19937 random(std::random_device{}());
+  std::lock_guard lock(mu);
+  uint32_t id = 0;
+  while (id == 0) id = random();
+  return id;
+}
+
+class DpdkTransport final : public Transport {
+ public:
+  explicit DpdkTransport(DpdkOptions options) : options_(std::move(options)) {}
+  std::string_view name() const override { return "dpdk"; }
+
+  Result<std::unique_ptr<Listener>> Listen(std::string_view text) override {
+    auto address = ParseAddress(text);
+    if (!address.ok()) return address.status();
+    auto pool = Eal::Get(options_.eal_args);
+    if (!pool.ok()) return pool.status();
+    auto port = Port::Open(*address, *pool);
+    if (!port.ok()) return port.status();
+    auto listener = std::make_unique<DpdkListener>(*port, options_, *address);
+    Status attached = (*port)->AttachListener(listener.get());
+    if (!attached.ok()) {
+      // Not attached: the destructor's detach finds another listener and leaves it.
+      return attached;
+    }
+    return std::unique_ptr<Listener>(std::move(listener));
+  }
+
+  Result<std::unique_ptr<Channel>> Connect(std::string_view text, milliseconds timeout) override {
+    auto address = ParseAddress(text);
+    if (!address.ok()) return address.status();
+    auto pool = Eal::Get(options_.eal_args);
+    if (!pool.ok()) return pool.status();
+    auto port = Port::Open(*address, *pool);
+    if (!port.ok()) return port.status();
+    auto deadline = Clock::now() + timeout;
+    while (!(*port)->LinkUp()) {
+      if (Clock::now() >= deadline) {
+        return Status::TimedOut(
+            "the link of DPDK port " + address->devargs + " did not come up within " +
+            std::to_string(timeout.count()) +
+            " ms (is the peer's port there, e.g. the memif socket's other role?)");
+      }
+      std::this_thread::sleep_for(milliseconds(1));
+    }
+    auto connection = std::make_unique<Connection>(*port, options_, address->link,
+                                                   RandomConnectionId(), /*accepted=*/false);
+    Status attached = (*port)->AttachConnection(connection.get());
+    if (!attached.ok()) return attached;
+    rte_ether_addr broadcast;
+    std::memset(&broadcast, 0xFF, sizeof(broadcast));
+    auto next_syn = Clock::now();
+    while (connection->handshake_ == 0) {
+      auto now = Clock::now();
+      if (now >= deadline) {
+        return Status::TimedOut("no DPDK peer answered on " + address->devargs + " link " +
+                                std::to_string(address->link) + " within " +
+                                std::to_string(timeout.count()) + " ms");
+      }
+      if (now >= next_syn) {
+        (*port)->SendControl(broadcast, options_.protocol_version, kSyn, 0, address->link,
+                             connection->conn(), 0, kReceiveQueueFrames);
+        next_syn = now + kSynInterval;
+      }
+      std::this_thread::sleep_for(microseconds(100));
+    }
+    if (connection->handshake_ == 2) {
+      return Status::VersionMismatch("the DPDK peer on " + address->devargs +
+                                     " refused the connection: " + connection->refusal_);
+    }
+    connection->MarkEstablished();
+    return std::unique_ptr<Channel>(std::move(connection));
+  }
+
+ private:
+  const DpdkOptions options_;
+};
+
+}  // namespace
+
+std::unique_ptr<Transport> MakeDpdkTransport(DpdkOptions options) {
+  return std::make_unique<DpdkTransport>(std::move(options));
+}
+
+}  // namespace lockstep::channel

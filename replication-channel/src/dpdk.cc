@@ -104,6 +104,7 @@ constexpr microseconds kInitialRto{5000};
 constexpr microseconds kMaxRto{100000};
 constexpr milliseconds kSynInterval{20};
 constexpr milliseconds kLinkCheckInterval{20};
+constexpr int kTransmitTries = 10000;
 // How long a destroyed Channel waits for its last frames to be acknowledged.
 constexpr milliseconds kCloseLinger{200};
 // The poller naps this long once it found nothing this many times in a row.
@@ -239,10 +240,13 @@ class Port {
   uint16_t max_payload() const { return max_payload_; }
   bool LinkUp() const { return link_up_.load(std::memory_order_acquire); }
 
-  // Transmits all of `frames` (each consumed), retrying while the port's queue is full.
-  // Gives up (freeing the rest) only if `give_up` turns true. Safe from any thread.
+  // Transmits `frames` (each consumed), retrying while the port's queue is full. Gives up
+  // on the rest (freeing them: a DATA frame is still held for retransmission) once
+  // `give_up` turns true, the link is down, or the queue stayed full for kTransmitTries
+  // tries in a row. Safe from any thread.
   void Transmit(rte_mbuf** frames, uint16_t count, const std::atomic<bool>* give_up = nullptr) {
     uint16_t done = 0;
+    int tries = 0;
     while (done < count) {
       uint16_t sent;
       {
@@ -251,11 +255,14 @@ class Port {
       }
       done += sent;
       if (done < count && sent == 0) {
-        if ((give_up && give_up->load(std::memory_order_relaxed)) || stop_) {
+        if ((give_up && give_up->load(std::memory_order_relaxed)) || stop_ || !LinkUp() ||
+            ++tries > kTransmitTries) {
           rte_pktmbuf_free_bulk(frames + done, count - done);
           return;
         }
         sched_yield();
+      } else {
+        tries = 0;
       }
     }
   }
@@ -442,7 +449,7 @@ class Connection final : public Channel {
   }
   ChannelStats stats() const override {
     return {messages_sent_.load(), bytes_sent_.load(), messages_received_.load(),
-            bytes_received_.load()};
+            bytes_received_.load(), retransmissions_.load()};
   }
 
   // Connection set-up, from Connect()/Accept().
@@ -567,6 +574,7 @@ class Connection final : public Channel {
   std::atomic<uint64_t> completed_{0};
   std::atomic<uint64_t> bytes_sent_{0};
   std::atomic<bool> send_blocked_{false};
+  std::atomic<uint64_t> retransmissions_{0};
   // Poller only:
   Clock::time_point last_progress_{};     // the last time acked_ advanced
   Clock::time_point retransmitted_at_{};  // or we retransmitted, whichever is later
@@ -594,6 +602,7 @@ class Connection final : public Channel {
   bool broken_ = false;
   std::atomic<uint64_t> messages_received_{0};
   std::atomic<uint64_t> bytes_received_{0};
+  uint64_t data_frames_ = 0;  // poller only: for drop_every_nth_frame
 
   const Clock::time_point established_;
   std::atomic<Clock::rep> last_heard_;
@@ -720,6 +729,7 @@ void Connection::Retransmit(uint64_t count) {
   for (uint64_t s = from; s <= through; ++s) {
     rte_mbuf* frame = inflight_[s % capacity_];
     rte_mbuf_refcnt_update(frame, 1);
+    retransmissions_.fetch_add(1, std::memory_order_relaxed);
     batch[batched++] = frame;
     if (batched == kBurst) {
       port_->Transmit(batch, batched, &aborted_);
@@ -863,6 +873,9 @@ void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_e
       break;
     }
     case kData: {
+      if (options_.drop_every_nth_frame && ++data_frames_ % options_.drop_every_nth_frame == 0) {
+        break;
+      }
       last_heard_.store(Clock::now().time_since_epoch().count(), std::memory_order_release);
       uint64_t queued =
           ring_tail_.load(std::memory_order_relaxed) - ring_head_.load(std::memory_order_acquire);

@@ -61,6 +61,9 @@ struct ChannelStats {
   uint64_t bytes_sent = 0;  // payload bytes, excluding transport framing
   uint64_t messages_received = 0;
   uint64_t bytes_received = 0;
+  // Frames sent again because the peer had not acknowledged them (transports with a
+  // reliability protocol of their own, e.g. DPDK; 0 for the others).
+  uint64_t retransmissions = 0;
 };
 
 class Channel {

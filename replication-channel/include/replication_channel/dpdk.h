@@ -70,6 +70,9 @@ struct DpdkOptions {
   std::chrono::milliseconds peer_timeout{5000};
   // The protocol version this end speaks (tests of a mismatched peer change it).
   uint8_t protocol_version = 1;
+  // Fault injection for tests: connections of this transport discard every Nth DATA frame
+  // they receive (as if lost on the wire). 0: none.
+  uint32_t drop_every_nth_frame = 0;
 };
 
 inline constexpr uint8_t kDpdkProtocolVersion = 1;

@@ -18,5 +18,6 @@ build_qemu_parts() {
     echo "${who:-lockstep}: building the guest failed; the whole log is build/guest-build.log" >&2
     return 1
   fi
+  guest/build-rdma-guest.sh --fetch-only >> build/guest-build.log 2>&1 || { tail -n 30 build/guest-build.log >&2; echo "${who:-lockstep}: fetching the RDMA guest's kernel failed (guest/build-rdma-guest.sh)" >&2; return 1; }
   export LOCKSTEP_CMAKE_ARGS="-DLOCKSTEP_QEMU=$qemu -DLOCKSTEP_GUEST_DIR=$guest"
 }

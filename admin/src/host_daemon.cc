@@ -11,11 +11,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
+#include <random>
 #include <sstream>
 #include <thread>
 
@@ -30,6 +33,20 @@ namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
 namespace {
+
+// A DPDK address inside engine settings: '+' for ',' (replication_channel/dpdk.h).
+std::string PlusForComma(std::string address) {
+  std::replace(address.begin(), address.end(), ',', '+');
+  return address;
+}
+
+// A link number for a VM's DPDK channel: random, so two VMs on one wire do not share one.
+uint32_t RandomLink() {
+  static std::mutex mu;
+  static std::mt19937 random(std::random_device{}());
+  std::lock_guard<std::mutex> lock(mu);
+  return 1 + random() % 0x7FFFFFFF;
+}
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -265,6 +282,7 @@ Json HostDaemon::Summary(const std::string& name, Vm& vm) {
 Json HostDaemon::Describe(const std::string& name, Vm& vm) {
   Json s = Summary(name, vm);
   s["memory_mib"] = vm.def.memory_mib;
+  s["transport"] = TransportOf(vm.def);
   s["vcpus"] = vm.def.vcpus;
   s["qemu_log"] = VmDir(name) + "/qemu.log";
   // The engine's role changes on this host, newest last (at most 20).
@@ -840,6 +858,10 @@ std::string HostDaemon::EngineSettings(const VmDefinition& def, const Pairing& p
   if (!def.vip.empty() && !config_.vip_interface.empty())
     add("vip=" + def.vip + "@" + config_.vip_interface);
   if (!config_.fence_command.empty()) add("fence_command=" + config_.fence_command);
+  const std::string transport = TransportOf(def);
+  if (transport == "dpdk" && !config_.dpdk_eal.empty()) add("dpdk_eal=" + config_.dpdk_eal);
+  if (transport == "rdma" && !config_.rdma_device.empty())
+    add("rdma_device=" + config_.rdma_device);
   add("key_file=" + config_.state_dir + "/pairing.key");
   add("pairing=" + ToHex(pairing.pairing_id.data(), pairing.pairing_id.size()));
   return s;
@@ -891,7 +913,8 @@ Status HostDaemon::DiscardOnPeer(const Pairing& pairing, const std::string& name
   return Status::Ok();
 }
 
-Result<Json> HostDaemon::Protect(const std::string& name, bool again) {
+Result<Json> HostDaemon::Protect(const std::string& name, bool again,
+                                 const std::string& transport) {
   std::unique_lock<std::mutex> lock(mu_);
   auto found = Find(name);
   if (!found.ok()) return found.status();
@@ -933,9 +956,23 @@ Result<Json> HostDaemon::Protect(const std::string& name, bool again) {
     return Status::FailedPrecondition("VM '" + name +
                                       "' was never protected from this host: use protect");
   }
+  if (!transport.empty() && transport != TransportOf(vm.def)) {
+    // The VM's setting from now on (re-protections too); the paired host gets it with the
+    // definition.
+    VmDefinition changed = vm.def;
+    LOCKSTEP_RETURN_IF_ERROR(SetTransport(&changed, transport));
+    LOCKSTEP_RETURN_IF_ERROR(
+        WriteFileAtomic(VmDir(name) + "/definition.json", VmDefinitionJson(changed)));
+    vm.def = changed;
+  }
+  if (TransportOf(vm.def) == "dpdk" && config_.dpdk_port.empty()) {
+    return Status::FailedPrecondition("VM '" + name + "' replicates over DPDK (transport=dpdk) " +
+                                      "but this lockstepd has no --dpdk-port");
+  }
   busy_.insert(name);
   const std::string definition = VmDefinitionJson(vm.def);
   const std::string settings = EngineSettings(vm.def, *pairing);
+  const std::string vm_transport = TransportOf(vm.def);
   // The secondary first — its QEMU, paused, listening on its host's replication address —
   // without the VMs' lock: the other host's daemon may be asking this one meanwhile.
   lock.unlock();
@@ -960,7 +997,7 @@ Result<Json> HostDaemon::Protect(const std::string& name, bool again) {
                    {"role", "primary"},
                    {"vm", name},
                    {"host", config_.host_id},
-                   {"peer", *listen},
+                   {"peer", PrimaryPeerAddress(vm_transport, *listen)},
                    {"witness", config_.witness},
                    {"settings", settings}};
     added = (*found)->qmp->Execute("object-add", object, 60s);
@@ -984,6 +1021,13 @@ Result<Json> HostDaemon::Protect(const std::string& name, bool again) {
   LogEvent("info", "vm_protecting",
            {{"vm", name}, {"secondary", pairing->peer_host}, {"listen", *listen}});
   return Describe(name, primary);
+}
+
+std::string HostDaemon::PrimaryPeerAddress(const std::string& transport,
+                                           const std::string& listen) const {
+  if (transport != "dpdk") return listen;
+  const size_t hash = listen.rfind('#');
+  return PlusForComma(config_.dpdk_port) + (hash == std::string::npos ? "" : listen.substr(hash));
 }
 
 Result<Json> HostDaemon::Unprotect(const std::string& name) {
@@ -1301,7 +1345,17 @@ Result<Json> HostDaemon::PrepareSecondary(const Json& definition, const std::str
         "binding on the replication address " + config_.replication_address, err));
   }
   close(probe);
-  const std::string listen = config_.replication_address + ":" + std::to_string(ntohs(a.sin_port));
+  std::string listen = config_.replication_address + ":" + std::to_string(ntohs(a.sin_port));
+  if (TransportOf(*def) == "dpdk") {
+    if (config_.dpdk_port.empty()) {
+      return undo(Status::FailedPrecondition("VM '" + name +
+                                             "' replicates over DPDK (transport=dpdk) but "
+                                             "lockstepd on " +
+                                             config_.host_id + " has no --dpdk-port"));
+    }
+    // This host's port; the link number tells this VM's frames from other VMs' on the wire.
+    listen = PlusForComma(config_.dpdk_port) + "#" + std::to_string(RandomLink());
+  }
   const std::string object = "lockstep,id=ft0,plugin=" + config_.plugin +
                              ",role=secondary,vm=" + name + ",host=" + config_.host_id +
                              ",listen=" + listen + ",witness=" + config_.witness +
@@ -1358,8 +1412,9 @@ Json HostDaemon::Handle(const Json& request) {
       return done(CheckPairing(request.value("spare", false)));
     } else if (command == "protect" || command == "unprotect") {
       // They take the VMs' lock themselves, and let go of it while the peer works.
-      auto r =
-          command == "protect" ? Protect(name, request.value("again", false)) : Unprotect(name);
+      auto r = command == "protect" ? Protect(name, request.value("again", false),
+                                              request.value("transport", std::string()))
+                                    : Unprotect(name);
       return done(r.ok() ? Result<Json>(Json{{"vm", *r}}) : r);
     } else if (command == "failover") {
       const std::string how = request.value("how", std::string("planned"));

@@ -48,6 +48,10 @@ struct DaemonConfig {
   // share (tcp:HOST:PORT or etcd:...), and this host's address on the replication link,
   // where its secondaries listen.
   std::string plugin, witness, replication_address;
+  // The fast transports (a VM's transport=dpdk|rdma): this host's DPDK port on the
+  // replication link as DPDK device arguments (replication_channel/dpdk.h), the EAL's
+  // arguments for QEMU processes here, and the RDMA device ("" = the first one).
+  std::string dpdk_port, dpdk_eal, rdma_device;
   // Host-local parts of a takeover, never taken from a VM definition (which the paired
   // host sends): the interface a VM's VIP goes on, and the fence command (STONITH) this
   // host runs against the other before it takes a VM over.
@@ -113,7 +117,12 @@ class HostDaemon {
   // Protect and Unprotect take mu_ themselves (REQUIRES: mu_ not held) and let go of it
   // while the paired host's daemon works.
   // `again`: only a re-protection (refused if this VM's QEMU never had an engine).
-  Result<Json> Protect(const std::string& name, bool again = false);
+  // `transport` (tcp|dpdk|rdma, "" = keep) becomes the VM's replication transport first.
+  Result<Json> Protect(const std::string& name, bool again = false,
+                       const std::string& transport = "");
+  // Where this host's primary engine connects, given the secondary's listen address: that
+  // address itself (tcp, rdma), or this host's DPDK port with the secondary's link number.
+  std::string PrimaryPeerAddress(const std::string& transport, const std::string& listen) const;
   Result<Json> Unprotect(const std::string& name);
   // Failovers (REQUIRES: mu_ not held; they let go of it while they wait).
   // HandOver: a planned switchover of a PROTECTED VM whose primary runs here to the paired

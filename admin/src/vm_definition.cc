@@ -72,7 +72,8 @@ Status CheckTuning(const std::string& settings) {
       "interval_ms",     "output_spacing_ms", "heartbeat_ms",
       "threshold_ms",    "sync_threshold_ms", "ack_timeout_ms",
       "grant_window_ms", "fence_timeout_ms",  "delta",
-      "link_protection", "precopy_rounds",    "handover_timeout_ms"};
+      "link_protection", "precopy_rounds",    "handover_timeout_ms",
+      "transport"};
   size_t at = 0;
   while (at < settings.size()) {
     size_t end = settings.find(';', at);
@@ -89,6 +90,13 @@ Status CheckTuning(const std::string& settings) {
           "not '" +
           item + "'");
     }
+    if (item.substr(0, eq) == "transport") {
+      const std::string value = item.substr(eq + 1);
+      if (value != "tcp" && value != "dpdk" && value != "rdma") {
+        return Bad("'settings' of protection: transport must be tcp, dpdk or rdma, not '" + value +
+                   "'");
+      }
+    }
     if (kTuning.count(item.substr(0, eq)) == 0) {
       std::string list;
       for (const auto& k : kTuning) list += (list.empty() ? "" : ", ") + k;
@@ -97,6 +105,21 @@ Status CheckTuning(const std::string& settings) {
     }
   }
   return Status::Ok();
+}
+
+// The items of a ';'-separated settings string other than `key`'s.
+std::string WithoutSetting(const std::string& settings, const std::string& key) {
+  std::string kept;
+  size_t at = 0;
+  while (at <= settings.size()) {
+    size_t end = settings.find(';', at);
+    if (end == std::string::npos) end = settings.size();
+    const std::string item = settings.substr(at, end - at);
+    at = end + 1;
+    if (item.empty() || item.rfind(key + "=", 0) == 0) continue;
+    kept += (kept.empty() ? "" : ";") + item;
+  }
+  return kept;
 }
 
 bool ValidInterfaceName(const std::string& name) {
@@ -264,6 +287,28 @@ std::vector<std::string> QemuCommandLine(const VmDefinition& d, const QemuParts&
   }
   a.insert(a.end(), extra.begin(), extra.end());
   return a;
+}
+
+std::string TransportOf(const VmDefinition& d) {
+  std::string transport = "tcp";
+  size_t at = 0;
+  const std::string& settings = d.protection_settings;
+  while (at <= settings.size()) {
+    size_t end = settings.find(';', at);
+    if (end == std::string::npos) end = settings.size();
+    const std::string item = settings.substr(at, end - at);
+    at = end + 1;
+    if (item.rfind("transport=", 0) == 0) transport = item.substr(10);  // the last one counts
+  }
+  return transport;
+}
+
+Status SetTransport(VmDefinition* d, const std::string& transport) {
+  std::string settings = WithoutSetting(d->protection_settings, "transport");
+  settings += (settings.empty() ? "" : ";") + ("transport=" + transport);
+  LOCKSTEP_RETURN_IF_ERROR(CheckTuning(settings));
+  d->protection_settings = settings;
+  return Status::Ok();
 }
 
 }  // namespace lockstep::admin

@@ -195,6 +195,9 @@ void PrintStatus(const Json& v) {
     std::printf("  why         %s\n", p["reason"].get<std::string>().c_str());
   }
   if (v.contains("note")) std::printf("  note        %s\n", v["note"].get<std::string>().c_str());
+  if (v.contains("transport")) {
+    std::printf("  transport   %s\n", v["transport"].get<std::string>().c_str());
+  }
   std::printf("  memory      %llu MiB, %d vCPU(s)\n",
               static_cast<unsigned long long>(v.value("memory_mib", 0ull)), v.value("vcpus", 0));
   if (v.contains("uptime_s")) std::printf("  up          %.0f s\n", v["uptime_s"].get<double>());
@@ -319,7 +322,10 @@ int main(int argc, char** argv) {
     opts.add_options()("no-wait",
                        "return once protection started, without waiting for the initial "
                        "synchronization (by default: wait, with a progress bar, until "
-                       "PROTECTED)");
+                       "PROTECTED)")(
+        "transport", po::value<std::string>(),
+        "the replication transport for this VM from now on: tcp (default), dpdk (both "
+        "lockstepd need --dpdk-port) or rdma (both hosts need an RDMA device)");
   }
   po::options_description hidden;  // the positional arguments: not listed in --help
   hidden.add_options()("args", po::value(&positional));
@@ -378,6 +384,15 @@ int main(int argc, char** argv) {
   if (command == "unpair") request["spare"] = vm.count("spare") > 0;
   if (command == "reprotect")
     request = {{"command", "protect"}, {"vm", positional[0]}, {"again", true}};
+  if (vm.count("transport")) {
+    const std::string transport = vm["transport"].as<std::string>();
+    if (transport != "tcp" && transport != "dpdk" && transport != "rdma") {
+      std::cerr << "lockstepctl " << command << ": --transport must be tcp, dpdk or rdma, not '"
+                << transport << "'\n";
+      return kUsage;
+    }
+    request["transport"] = transport;
+  }
   if (command == "failover") {
     if (vm.count("drill") && vm.count("forced")) {
       std::cerr << "lockstepctl failover: --drill and --forced do not go together\n";

@@ -136,6 +136,14 @@ int main(int argc, char** argv) {
       "replication-address", po::value(&config.replication_address),
       "this host's IPv4 address on the dedicated replication link, where its secondaries "
       "listen; needed to run secondaries")(
+      "dpdk-port", po::value(&config.dpdk_port),
+      "this host's DPDK port on the replication link, for VMs with transport=dpdk: DPDK "
+      "device arguments, e.g. net_af_packet0,iface=eth2,framecnt=4096")(
+      "dpdk-eal", po::value(&config.dpdk_eal),
+      "DPDK EAL arguments for this host's QEMU processes (default: the transport's, "
+      "--no-huge -m 256 --no-pci --no-shconf -l 0)")(
+      "rdma-device", po::value(&config.rdma_device),
+      "the RDMA device for VMs with transport=rdma (default: the first one)")(
       "spare-after", po::value(&spare_after_s)->default_value(60),
       "seconds the paired host may stay silent, while VMs here wait to be protected again, "
       "before a spare (lockstepctl pair --spare) takes its place")(

@@ -12,7 +12,7 @@
 #include "lockstep/plugin_abi.h"
 #include "lockstep/replicator.h"
 #include "replica_common.h"
-#include "replication_channel/tcp.h"
+#include "replication_channel/transports.h"
 #include "vip_manager/etcd_witness.h"
 #include "vip_manager/fence.h"
 #include "vip_manager/identity.h"
@@ -140,7 +140,8 @@ struct PluginReplica {
   std::string listen;  // secondary
   std::unique_ptr<PrimaryReplicator> primary_replica;
   std::unique_ptr<SecondaryReplica> secondary_replica;
-  std::unique_ptr<channel::Transport> tcp = channel::MakeTcpTransport();
+  channel::TransportOptions transport_options;    // dpdk_eal=, rdma_device=
+  std::unique_ptr<channel::Transport> transport;  // transport= (tcp by default)
   std::unique_ptr<channel::Listener> listener;
   std::thread starter;
   bool started = false;  // Start() succeeded (host thread only: the API's single caller)
@@ -173,7 +174,7 @@ bool ParseHex16(const std::string& v, std::array<uint8_t, 16>* out) {
 
 // Fills `r` from "key=value,key=value"; returns the first problem, or "".
 std::string ParseConfig(const char* config, PluginReplica* r) {
-  std::string role, witness, fence_command, vip;
+  std::string role, witness, fence_command, vip, transport = "tcp";
   std::chrono::milliseconds fence_timeout{30'000};
   std::optional<std::chrono::milliseconds> grant_window;
   std::string s = config ? config : "";
@@ -196,6 +197,12 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
       r->peer = v;
     } else if (k == "listen") {
       r->listen = v;
+    } else if (k == "transport") {
+      transport = v;
+    } else if (k == "dpdk_eal") {
+      r->transport_options.dpdk.eal_args = v;
+    } else if (k == "rdma_device") {
+      r->transport_options.rdma.device = v;
     } else if (k == "witness") {
       witness = v;
     } else if (k == "key_file") {
@@ -262,8 +269,20 @@ std::string ParseConfig(const char* config, PluginReplica* r) {
   r->primary = role == "primary";
   if (r->options.vm_id.empty()) return "vm=NAME is required";
   if (r->options.host_id.empty()) return "host=NAME is required";
-  if (r->primary && r->peer.empty()) return "a primary needs peer=HOST:PORT (the secondary)";
-  if (!r->primary && r->listen.empty()) return "a secondary needs listen=HOST:PORT";
+  auto made = channel::MakeTransport(transport, r->transport_options);
+  if (!made.ok()) return "transport: " + made.status().message();
+  if (transport == "rdma") {
+    // Refused here, with the reason, rather than failing in the background later.
+    if (Status rdma = channel::RdmaAvailable(r->transport_options.rdma); !rdma.ok())
+      return "transport=rdma: " + rdma.message();
+  }
+  r->transport = std::move(*made);
+  if (r->primary && r->peer.empty())
+    return "a primary needs peer=ADDRESS (tcp, rdma: the secondary's HOST:PORT; dpdk: this "
+           "host's port and the secondary's link, DEVARGS#LINK with '+' for ',')";
+  if (!r->primary && r->listen.empty())
+    return "a secondary needs listen=ADDRESS (tcp, rdma: HOST:PORT; dpdk: DEVARGS#LINK with "
+           "'+' for ',')";
   // The window must cover the secondary's takeover steps, the fence command included
   // (ReplicationOptions::grant_window).
   const std::chrono::milliseconds fence_budget =
@@ -362,7 +381,7 @@ int Start(void* handle, char* err, size_t err_len) {
   }
   if (!r->primary) {
     // Listen now, so a wrong address is refused at once, not in the background.
-    auto l = r->tcp->Listen(r->listen);
+    auto l = r->transport->Listen(r->listen);
     if (!l.ok()) {
       CopyError("lockstep: cannot listen on " + r->listen + ": " + l.status().ToString(), err,
                 err_len);
@@ -387,7 +406,7 @@ int Start(void* handle, char* err, size_t err_len) {
   r->starter = std::thread([r] {
     Status s;
     if (r->primary) {
-      auto ch = channel::ConnectWithRetry(*r->tcp, r->peer,
+      auto ch = channel::ConnectWithRetry(*r->transport, r->peer,
                                           channel::Clock::now() + std::chrono::seconds(30));
       s = ch.ok() ? r->primary_replica->Start(std::move(*ch)) : ch.status();
     } else {

@@ -104,7 +104,7 @@ constexpr microseconds kInitialRto{5000};
 constexpr microseconds kMaxRto{100000};
 constexpr milliseconds kSynInterval{20};
 constexpr milliseconds kLinkCheckInterval{20};
-constexpr int kTransmitTries = 10000;
+constexpr milliseconds kTransmitPatience{100};
 // How long a destroyed Channel waits for its last frames to be acknowledged.
 constexpr milliseconds kCloseLinger{200};
 // The poller naps this long once it found nothing this many times in a row.
@@ -158,8 +158,18 @@ class Eal {
                                  "': " + RteError(rte_errno) +
                                  " (check the dpdk_eal setting; see docs/dpdk-transport.md)");
     }
-    pool_ = rte_pktmbuf_pool_create("lockstep_frames", kPoolMbufs, kPoolCache, 0,
-                                    RTE_MBUF_DEFAULT_BUF_SIZE, SOCKET_ID_ANY);
+    // Frames are taken and returned by threads DPDK does not schedule: the pollers, and the
+    // engine's, one of them real-time (the heartbeats). The default ring mempool makes a
+    // thread wait for one preempted in the middle of its operation, and a real-time thread
+    // spinning on a normal one that cannot run then stalls every port for up to a second
+    // (until the kernel's real-time throttling lets it run); seen in tests. The lock-free
+    // stack never waits for another thread; the relaxed-tail ring, where the stack is not
+    // built, waits less.
+    for (const char* ops : {"lf_stack", "ring_mt_rts"}) {
+      pool_ = rte_pktmbuf_pool_create_by_ops("lockstep_frames", kPoolMbufs, kPoolCache, 0,
+                                             RTE_MBUF_DEFAULT_BUF_SIZE, SOCKET_ID_ANY, ops);
+      if (pool_) break;
+    }
     if (!pool_) {
       return Status::ResourceExhausted(
           "DPDK could not make its frame pool (" + std::to_string(kPoolMbufs) +
@@ -185,7 +195,11 @@ struct DpdkAddress {
   uint32_t link = 0;
 };
 
-Result<DpdkAddress> ParseAddress(std::string_view text) {
+Result<DpdkAddress> ParseAddress(std::string_view written) {
+  // '+' stands for ',' where a comma cannot be written (lockstep's key=value,... settings).
+  std::string spelled(written);
+  std::replace(spelled.begin(), spelled.end(), '+', ',');
+  std::string_view text = spelled;
   DpdkAddress address;
   size_t hash = text.rfind('#');
   std::string_view devargs = text.substr(0, hash);
@@ -240,13 +254,16 @@ class Port {
   uint16_t max_payload() const { return max_payload_; }
   bool LinkUp() const { return link_up_.load(std::memory_order_acquire); }
 
-  // Transmits `frames` (each consumed), retrying while the port's queue is full. Gives up
-  // on the rest (freeing them: a DATA frame is still held for retransmission) once
-  // `give_up` turns true, the link is down, or the queue stayed full for kTransmitTries
-  // tries in a row. Safe from any thread.
-  void Transmit(rte_mbuf** frames, uint16_t count, const std::atomic<bool>* give_up = nullptr) {
+  // Transmits `frames` (each consumed). What the port's queue does not take is freed (a
+  // DATA frame is still held for retransmission): at once when `wait` is false — the
+  // poller never waits, or two pollers each blocked sending to the other would stall both
+  // links — else after the queue stayed full for kTransmitPatience, or when `give_up`
+  // turns true or the link goes down. Safe from any thread.
+  void Transmit(rte_mbuf** frames, uint16_t count, bool wait,
+                const std::atomic<bool>* give_up = nullptr) {
     uint16_t done = 0;
     int tries = 0;
+    Clock::time_point stuck_since{};
     while (done < count) {
       uint16_t sent;
       {
@@ -254,17 +271,24 @@ class Port {
         sent = rte_eth_tx_burst(port_id_, 0, frames + done, count - done);
       }
       done += sent;
-      if (done < count && sent == 0) {
-        if ((give_up && give_up->load(std::memory_order_relaxed)) || stop_ || !LinkUp() ||
-            ++tries > kTransmitTries) {
-          rte_pktmbuf_free_bulk(frames + done, count - done);
-          return;
-        }
-        sched_yield();
-      } else {
+      if (done == count) return;
+      if (sent > 0) {
         tries = 0;
+        continue;
+      }
+      if (!wait || (give_up && give_up->load(std::memory_order_relaxed)) || stop_ || !LinkUp()) {
+        break;
+      }
+      if (++tries == 1) stuck_since = Clock::now();
+      if (tries < 64) {
+        sched_yield();
+      } else if (Clock::now() - stuck_since > kTransmitPatience) {
+        break;
+      } else {
+        Nap();
       }
     }
+    rte_pktmbuf_free_bulk(frames + done, count - done);
   }
 
   // A control frame (no payload) to `to`; dropped if the pool is empty.
@@ -633,7 +657,7 @@ Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
     };
     if (!room()) {
       if (batched > 0) {
-        port_->Transmit(batch, batched, &aborted_);
+        port_->Transmit(batch, batched, /*wait=*/true, &aborted_);
         batched = 0;
       }
       send_blocked_ = true;
@@ -648,7 +672,7 @@ Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
     while (!frame) {
       // The pool is shared by every port here; frames come back as peers acknowledge.
       if (batched > 0) {
-        port_->Transmit(batch, batched, &aborted_);
+        port_->Transmit(batch, batched, /*wait=*/true, &aborted_);
         batched = 0;
       }
       if (dead()) return Gone();
@@ -699,13 +723,13 @@ Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
     sent_through_.store(frame_seq, std::memory_order_release);
     batch[batched++] = frame;
     if (batched == kBurst) {
-      port_->Transmit(batch, batched, &aborted_);
+      port_->Transmit(batch, batched, /*wait=*/true, &aborted_);
       batched = 0;
     }
     left -= payload;
     first = false;
   }
-  if (batched > 0) port_->Transmit(batch, batched, &aborted_);
+  if (batched > 0) port_->Transmit(batch, batched, /*wait=*/true, &aborted_);
   uint64_t message = messages_sent_.fetch_add(1) + 1;
   bytes_sent_.fetch_add(total);
   // The bytes were copied into frames: the caller's buffers are free again.
@@ -732,11 +756,11 @@ void Connection::Retransmit(uint64_t count) {
     retransmissions_.fetch_add(1, std::memory_order_relaxed);
     batch[batched++] = frame;
     if (batched == kBurst) {
-      port_->Transmit(batch, batched, &aborted_);
+      port_->Transmit(batch, batched, /*wait=*/false, &aborted_);
       batched = 0;
     }
   }
-  if (batched > 0) port_->Transmit(batch, batched, &aborted_);
+  if (batched > 0) port_->Transmit(batch, batched, /*wait=*/false, &aborted_);
 }
 
 // ----- receiving -----
@@ -1016,7 +1040,7 @@ void Port::SendControl(const rte_ether_addr& to, uint8_t version, uint8_t type, 
   size_t length = std::max<size_t>(kHeaders + text.size(), 60);
   frame->data_len = static_cast<uint16_t>(length);
   frame->pkt_len = frame->data_len;
-  Transmit(&frame, 1, &stop_);
+  Transmit(&frame, 1, /*wait=*/false);
 }
 
 Status Port::AttachListener(DpdkListener* listener) {

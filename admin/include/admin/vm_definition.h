@@ -63,6 +63,14 @@ Result<VmDefinition> ParseVmDefinition(std::string_view json_text);
 // The definition as JSON text (what ParseVmDefinition reads back the same).
 std::string VmDefinitionJson(const VmDefinition& d);
 
+// The replication transport the definition's protection settings ask for ("transport=",
+// one of tcp|dpdk|rdma; "tcp" when unset).
+std::string TransportOf(const VmDefinition& d);
+
+// Sets `transport` in the definition's protection settings (kInvalidArgument for a name
+// that is not tcp, dpdk or rdma).
+Status SetTransport(VmDefinition* d, const std::string& transport);
+
 // Whether `name` is a valid VM name (see above).
 bool ValidVmName(std::string_view name);
 

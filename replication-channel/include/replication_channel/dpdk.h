@@ -5,6 +5,8 @@
 // by "#LINK" (a number, default 0) that tells apart several channels sharing one wire:
 //   net_memif0,role=server,socket=/run/lockstep/vm1.sock,socket-abstract=no
 //   net_af_packet0,iface=eth2,framecnt=4096#17
+// A '+' stands for ',' (lockstep's settings are "key=value,..." and QEMU's options split
+// at ','): net_memif0+role=client+socket=/run/lockstep/vm1.sock#3.
 // The device is probed the first time an address names it and stays for the process's
 // life; one Listener or Channel uses a port at a time ("in use" otherwise). A memif
 // server's socket is created by the listening side or the connecting side alike; what

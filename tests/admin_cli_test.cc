@@ -355,9 +355,11 @@ namespace {
 using lockstep::testbed::Topology;
 
 // Two hosts' daemons in network namespaces (hostA and hostB, each with its replication
-// link address) and the witness on a third, for the tests that protect a VM.
+// link address, then the extra flags given for it) and the witness on a third, for the
+// tests that protect a VM.
 struct NamespacedHosts {
-  explicit NamespacedHosts(const std::string& prefix, std::vector<std::string> a_flags = {})
+  explicit NamespacedHosts(const std::string& prefix, const std::vector<std::string>& a_flags = {},
+                           const std::vector<std::string>& b_flags = {})
       : witness_dir("/tmp/" + prefix + "-witness-" + std::to_string(getpid())) {
     auto t = Topology::Create(prefix);
     INFO(t.status().ToString());
@@ -365,19 +367,21 @@ struct NamespacedHosts {
     net = std::move(*t);
     std::filesystem::create_directories(witness_dir);
     StartWitness();
-    auto flags = [&](const char* ip, const char* link_ip) {
-      return std::vector<std::string>{"--peer-listen",
-                                      std::string(ip) + ":7400",
-                                      "--replication-address",
-                                      link_ip,
-                                      "--witness",
-                                      std::string("tcp:") + Topology::kWitnessIp + ":7700"};
+    auto flags = [&](const char* ip, const char* link_ip, const std::vector<std::string>& extra) {
+      std::vector<std::string> f = {"--peer-listen",
+                                    std::string(ip) + ":7400",
+                                    "--replication-address",
+                                    link_ip,
+                                    "--witness",
+                                    std::string("tcp:") + Topology::kWitnessIp + ":7700"};
+      f.insert(f.end(), extra.begin(), extra.end());
+      return f;
     };
-    auto flags_a = flags(Topology::kPrimaryHostIp, Topology::kPrimaryLinkIp);
-    flags_a.insert(flags_a.end(), a_flags.begin(), a_flags.end());
-    a = std::make_unique<Host>("hostA", net->primary_ns(), flags_a);
-    b = std::make_unique<Host>("hostB", net->secondary_ns(),
-                               flags(Topology::kSecondaryHostIp, Topology::kSecondaryLinkIp));
+    a = std::make_unique<Host>("hostA", net->primary_ns(),
+                               flags(Topology::kPrimaryHostIp, Topology::kPrimaryLinkIp, a_flags));
+    b = std::make_unique<Host>(
+        "hostB", net->secondary_ns(),
+        flags(Topology::kSecondaryHostIp, Topology::kSecondaryLinkIp, b_flags));
     a->StartDaemon();
     b->StartDaemon();
     Ran paired = Ctl(a->socket, {"pair", a->socket, b->socket});
@@ -754,6 +758,65 @@ TEST_CASE(
   INFO("C: " << Ctl(c.socket, {"status", "app1"}).out << "\nC's log:\n" << c.daemon->Log());
   REQUIRE(took_over);
   REQUIRE((*client)->WaitForReplies(before_kill + 20, 60s));
+  CHECK((*client)->inconsistent() == 0);
+  CHECK((*client)->error().empty());
+  (*client)->Stop();
+}
+
+TEST_CASE(
+    "over DPDK: protected on af_packet across the replication link, kill -9 of the primary's "
+    "QEMU, the other host takes over, the client goes on, protected again over DPDK",
+    "[admin][qemu][dpdk]") {
+  // Both hosts' ports are on their end of the replication link ("repl"); each host's QEMU
+  // processes get a core of their own.
+  auto dpdk = [](const std::string& core) {
+    return std::vector<std::string>{
+        "--dpdk-port", "net_af_packet0,iface=repl,framecnt=4096", "--dpdk-eal",
+        "--no-huge -m 256 --no-pci --no-shconf --no-telemetry --log-level=*:error -l " + core};
+  };
+  NamespacedHosts hosts("lsk", dpdk("0"), dpdk("1"));
+  Host& a = *hosts.a;
+  Host& b = *hosts.b;
+  hosts.DefineOnA("kv1", "52:54:00:12:34:59");
+  const pid_t primary_qemu = CtlJson(a.socket, {"start", "kv1"})["vm"]["pid"].get<pid_t>();
+  auto client = WorkloadClient::Start(hosts.net->client_ns(), Topology::kGuestIp, 7000, 60s);
+  INFO(client.status().ToString());
+  REQUIRE(client.ok());
+  REQUIRE((*client)->WaitForReplies(5, 60s));
+
+  Ran protect = Ctl(a.socket, {"protect", "kv1", "--transport", "dpdk"});
+  INFO(protect.out);
+  REQUIRE(protect.exit == 0);
+  const bool is_protected = WaitForProtection(a, "kv1", "PROTECTED", 60s);
+  INFO("A: " << Ctl(a.socket, {"status", "kv1"}).out
+             << "\nB: " << Ctl(b.socket, {"status", "kv1"}).out << "\nA's log:\n"
+             << a.daemon->Log() << "\nB's log:\n"
+             << b.daemon->Log());
+  REQUIRE(is_protected);
+  REQUIRE(WaitForProtection(b, "kv1", "PROTECTED", 10s));
+  CHECK(Ctl(a.socket, {"status", "kv1"}).out.find("transport   dpdk") != std::string::npos);
+  // The secondary's engine object, as its QEMU was started: this host's port, a link number.
+  const pid_t secondary_qemu = CtlJson(b.socket, {"status", "kv1"})["vm"]["pid"].get<pid_t>();
+  std::ifstream cmdline_file("/proc/" + std::to_string(secondary_qemu) + "/cmdline");
+  const std::string cmdline((std::istreambuf_iterator<char>(cmdline_file)),
+                            std::istreambuf_iterator<char>());
+  CHECK(cmdline.find("listen=net_af_packet0+iface=repl+framecnt=4096#") != std::string::npos);
+  CHECK(cmdline.find("transport=dpdk") != std::string::npos);
+
+  const uint64_t before = (*client)->replies();
+  kill(primary_qemu, SIGKILL);
+  const bool took_over = WaitForTakeover(b, "kv1", "hostA", 30s);
+  INFO("B: " << Ctl(b.socket, {"status", "kv1"}).out);
+  REQUIRE(took_over);
+  REQUIRE((*client)->WaitForReplies(before + 20, 60s));
+  CHECK((*client)->inconsistent() == 0);  // every reply chained, none lost
+  CHECK((*client)->error().empty());      // the same TCP connection throughout
+  // hostB protects it again to hostA, from the same QEMU and port; then unprotected.
+  REQUIRE(WaitForProtection(a, "kv1", "PROTECTED", 60s));
+  Ran unprotect = Ctl(b.socket, {"unprotect", "kv1"});
+  INFO(unprotect.out);
+  CHECK(unprotect.exit == 0);
+  CHECK(CtlJson(a.socket, {"list"})["vms"].empty());
   CHECK((*client)->inconsistent() == 0);
   CHECK((*client)->error().empty());
   (*client)->Stop();

@@ -1,0 +1,32 @@
+#!/usr/bin/python3
+"""Plots benchmarks/results/transport_bench.csv: each transport's stream beside its raw medium."""
+import csv
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+src = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/transport_bench.csv"
+dst = sys.argv[2] if len(sys.argv) > 2 else src.rsplit(".", 1)[0] + ".png"
+rows = [r for r in csv.DictReader(open(src)) if r["epoch_bytes"] != "0"]
+labels = [f"{r['transport']}/{r['medium']}\n{int(r['epoch_bytes']) // 1024} KiB" for r in rows]
+x = range(len(rows))
+fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+w = 0.38
+a.bar([i - w / 2 for i in x], [float(r["stream_mbps"]) for r in rows], w, label="transport, epochs streamed")
+a.bar([i + w / 2 for i in x], [float(r["baseline_mbps"]) for r in rows], w, label="raw medium, same run")
+a.set_xticks(list(x), labels, fontsize=8)
+a.set_ylabel("MB/s")
+a.set_title("one-way throughput")
+a.legend()
+b.bar([i - w / 2 for i in x], [float(r["ack_p50_us"]) for r in rows], w, label="p50")
+b.bar([i + w / 2 for i in x], [float(r["ack_p99_us"]) for r in rows], w, label="p99")
+b.set_xticks(list(x), labels, fontsize=8)
+b.set_yscale("log")
+b.set_ylabel("µs")
+b.set_title("epoch sent → 16-byte ACK back")
+b.legend()
+fig.tight_layout()
+fig.savefig(dst, dpi=110)

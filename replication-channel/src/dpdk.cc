@@ -97,7 +97,7 @@ constexpr size_t kFrameRoom = 2048;
 // The process's mbuf pool: enough for two ports' receive rings, windows and receive queues
 // (the conformance tests run both ends in one process).
 constexpr unsigned kPoolMbufs = 16383;
-constexpr unsigned kPoolCache = 256;
+constexpr unsigned kPoolCache = 64;  // per thread; flushed when the thread ends
 constexpr uint16_t kRxDescriptors = 1024;
 constexpr uint16_t kTxDescriptors = 1024;
 constexpr uint16_t kBurst = 32;
@@ -235,9 +235,18 @@ Result<DpdkAddress> ParseAddress(std::string_view written) {
 // Threads DPDK did not start have none otherwise. Best effort: without one it still works.
 void RegisterThisThread() {
   struct Registration {
-    bool registered = rte_thread_register() == 0;
+    // A thread DPDK knows already (the EAL's main thread) keeps its lcore.
+    bool registered = rte_lcore_id() == LCORE_ID_ANY && rte_thread_register() == 0;
     ~Registration() {
-      if (registered) rte_thread_unregister();
+      if (!registered) return;
+      // The frames this thread's cache holds go back to the pool, not lost with it.
+      for (rte_mempool* pool : {rte_mempool_lookup("lockstep_frames")}) {
+        if (rte_mempool_cache* cache =
+                pool ? rte_mempool_default_cache(pool, rte_lcore_id()) : nullptr) {
+          rte_mempool_cache_flush(cache, pool);
+        }
+      }
+      rte_thread_unregister();
     }
   };
   thread_local Registration registration;
@@ -582,6 +591,8 @@ class Connection final : public Channel {
     return ok;
   }
   void NotifyIfWaiting(std::condition_variable& cv, std::atomic<int>& waiting) {
+    // The caller's release store (ring_tail_, acked_) must not pass this load.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
     if (waiting.load() == 0) return;
     std::lock_guard lock(wait_mu_);
     cv.notify_all();
@@ -657,9 +668,9 @@ class Connection final : public Channel {
 Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
   size_t total = 0;
   if (Status bad = internal::CheckGather(gather, &total); !bad.ok()) return bad;
+  RegisterThisThread();  // before send_mu_: registering takes DPDK's lcore lock
   std::lock_guard lock(send_mu_);
   if (dead()) return Gone();
-  RegisterThisThread();
 
   const uint16_t max_payload = port_->max_payload();
   rte_mbuf* batch[kBurst];
@@ -792,7 +803,7 @@ Status Connection::Receive(std::span<uint8_t> into, size_t* size, microseconds t
     return Status::FailedPrecondition(
         "the channel is unusable after a message that did not fit or was malformed");
   }
-  if (in_message_ && into.data() != into_) {
+  if (in_message_ && (into.data() != into_ || into.size() < message_bytes_)) {
     return Status::FailedPrecondition(
         "Receive() after a timeout in the middle of a message must pass the same buffer");
   }
@@ -867,7 +878,8 @@ void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_e
     case kSynAck:
       if (!accepted_ && handshake_ == 0) {
         SetPeer(from, header.window);
-        handshake_ = 1;
+        MarkEstablished();
+        handshake_ = 1;  // last: Connect() reads the rest after it
       }
       break;
     case kRefuse:
@@ -901,12 +913,13 @@ void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_e
         }
         acked_.store(header.seq, std::memory_order_release);
         last_progress_ = Clock::now();
-        retransmitted_at_ = last_progress_;
         rto_ = kInitialRto;
         if (recover_through_ > header.seq) {
-          Retransmit(1);  // a partial ack: the next hole
+          Retransmit(1);  // a partial ack: the next hole (the timer keeps running: a burst
+                          // of losses is resent by it, not one frame per round trip)
         } else {
           recover_through_ = 0;
+          retransmitted_at_ = last_progress_;
         }
       } else if ((header.flags & kFlagOutOfOrder) && header.seq == acked && sent > acked &&
                  fast_retransmitted_ != acked + 1) {
@@ -969,7 +982,15 @@ void Connection::OnTimer(Clock::time_point now) {
   if (!established_flag_ || dead()) return;
   uint64_t acked = acked_.load(std::memory_order_relaxed);
   uint64_t sent = sent_through_.load(std::memory_order_acquire);
-  if (sent > acked) {
+  if (sent == acked) {
+    // Nothing outstanding: the clocks start when something is (an idle gap is no silence).
+    last_progress_ = retransmitted_at_ = now;
+    if (send_blocked_ && now - last_probe_ > kInitialRto) {
+      // Yet the sender waits: the receiver's window is shut. Ask.
+      last_probe_ = now;
+      port_->SendControl(peer_mac_, options_.protocol_version, kProbe, 0, link_, conn_, acked, 0);
+    }
+  } else {
     auto silent = now - last_progress_;
     if (silent > options_.peer_timeout) {
       Lose("no acknowledgement for " +
@@ -984,10 +1005,6 @@ void Connection::OnTimer(Clock::time_point now) {
       retransmitted_at_ = now;
       rto_ = std::min(rto_ * 2, kMaxRto);
     }
-  } else if (send_blocked_ && now - last_probe_ > kInitialRto) {
-    // Nothing outstanding yet the sender waits: the receiver's window is shut. Ask.
-    last_probe_ = now;
-    port_->SendControl(peer_mac_, options_.protocol_version, kProbe, 0, link_, conn_, acked, 0);
   }
 }
 
@@ -1057,7 +1074,7 @@ void Port::SendControl(const rte_ether_addr& to, uint8_t version, uint8_t type, 
                      static_cast<uint16_t>(text.size()),
                      0};
   std::memcpy(bytes + kEthernetHeader, &header, sizeof(header));
-  std::memcpy(bytes + kHeaders, text.data(), text.size());
+  if (!text.empty()) std::memcpy(bytes + kHeaders, text.data(), text.size());
   // Short frames are padded to Ethernet's minimum.
   size_t length = std::max<size_t>(kHeaders + text.size(), 60);
   frame->data_len = static_cast<uint16_t>(length);
@@ -1151,6 +1168,9 @@ void Port::Dispatch(rte_mbuf* frame) {
 }
 
 void Port::Poll() {
+  // Not real-time even if the thread that opened the port was: it spins under traffic.
+  sched_param normal{};
+  pthread_setschedparam(pthread_self(), SCHED_OTHER, &normal);
   RegisterThisThread();
   rte_mbuf* frames[kBurst];
   int idle = 0;
@@ -1179,7 +1199,7 @@ void Port::Poll() {
     }
     if (count > 0) {
       idle = 0;
-    } else if (++idle > kIdlePollsBeforeNap) {
+    } else if (idle >= kIdlePollsBeforeNap || ++idle == kIdlePollsBeforeNap) {
       lock.unlock();
       Nap();
     }
@@ -1259,6 +1279,8 @@ class DpdkTransport final : public Transport {
     while (connection->handshake_ == 0) {
       auto now = Clock::now();
       if (now >= deadline) {
+        connection->Abort();  // an answer racing the deadline must not leave the peer a
+                              // connection nobody uses
         return Status::TimedOut("no DPDK peer answered on " + address->devargs + " link " +
                                 std::to_string(address->link) + " within " +
                                 std::to_string(timeout.count()) + " ms");
@@ -1274,7 +1296,6 @@ class DpdkTransport final : public Transport {
       return Status::VersionMismatch("the DPDK peer on " + address->devargs +
                                      " refused the connection: " + connection->refusal_);
     }
-    connection->MarkEstablished();
     return std::unique_ptr<Channel>(std::move(connection));
   }
 

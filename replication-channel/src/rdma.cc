@@ -39,10 +39,13 @@
 
 #include "common/pi_mutex.h"
 #include "gather.h"
+#include "socket_util.h"
 
 namespace lockstep::channel {
 
 namespace {
+
+using namespace internal;
 
 constexpr uint8_t kMagic[8] = {'L', 'S', 'T', 'P', 'R', 'D', 'M', 'A'};
 constexpr size_t kHelloFixedBytes = 16;  // magic, version, size: the same in every version
@@ -71,7 +74,6 @@ constexpr std::chrono::seconds kCloseDrain{2};
 // How long after a goodbye the peer's last announced messages may take to show up.
 constexpr std::chrono::seconds kGoodbyeGrace{2};
 // Timeouts at least this long wait forever (and cannot overflow a time_point).
-constexpr std::chrono::microseconds kForever = std::chrono::hours(24 * 365);
 
 // QP timing: 4.096 us * 2^17 = 0.54 s per transport retry (generous for emulated guests),
 // 7 retries; receiver-not-ready retried forever (credits make it rare).
@@ -83,8 +85,6 @@ constexpr uint8_t kMinRnrTimer = 12;  // 0.64 ms
 constexpr std::string_view kDriverHint =
     "load a driver (e.g. rdma_rxe: rdma link add rxe0 type rxe netdev eth0) or use "
     "transport=tcp";
-
-std::string Errno(int err) { return std::strerror(err); }
 
 void PutU16(uint8_t* p, uint16_t v) {
   for (int i = 0; i < 2; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
@@ -107,93 +107,6 @@ uint64_t GetU64(const uint8_t* p) {
   return v;
 }
 
-// Closes a file descriptor when it goes out of scope unless released.
-class UniqueFd {
- public:
-  explicit UniqueFd(int fd = -1) : fd_(fd) {}
-  UniqueFd(UniqueFd&& other) noexcept : fd_(other.release()) {}
-  UniqueFd& operator=(UniqueFd&& other) noexcept {
-    if (this != &other) {
-      reset();
-      fd_ = other.release();
-    }
-    return *this;
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-  ~UniqueFd() { reset(); }
-
-  int get() const { return fd_; }
-  int release() { return std::exchange(fd_, -1); }
-  void reset() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-
- private:
-  int fd_;
-};
-
-// When a wait ends; infinite for very long timeouts.
-class Deadline {
- public:
-  explicit Deadline(std::chrono::microseconds timeout)
-      : infinite_(timeout >= kForever),
-        when_(infinite_ ? Clock::time_point::max()
-                        : Clock::now() + std::max(timeout, std::chrono::microseconds::zero())) {}
-
-  bool infinite() const { return infinite_; }
-  Clock::time_point when() const { return when_; }
-  bool passed() const { return !infinite_ && Clock::now() >= when_; }
-  // Milliseconds left for poll(), rounded up; -1 when infinite.
-  int PollMillis() const {
-    if (infinite_) return -1;
-    auto left = std::chrono::ceil<std::chrono::milliseconds>(when_ - Clock::now());
-    return static_cast<int>(std::clamp<int64_t>(left.count(), 0, INT_MAX));
-  }
-
- private:
-  bool infinite_;
-  Clock::time_point when_;
-};
-
-Result<UniqueFd> MakeWakeFd() {
-  int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (fd < 0) return Status::FromErrno("eventfd", errno);
-  return UniqueFd(fd);
-}
-
-// Makes every later poll() on `wake_fd` see it readable.
-void Signal(int wake_fd) {
-  uint64_t one = 1;
-  // Can only fail if the counter would overflow, which a handful of writes cannot do.
-  [[maybe_unused]] ssize_t n = ::write(wake_fd, &one, sizeof(one));
-}
-
-Status SetNonBlocking(int fd, const char* what) {
-  int flags = ::fcntl(fd, F_GETFL);
-  if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) {
-    return Status::FromErrno(std::string("making the ") + what + " non-blocking", errno);
-  }
-  return Status::Ok();
-}
-
-// Waits until `fd` reports `events`, `abort_fd` (if >= 0) becomes readable (kAborted) or
-// `deadline` passes (kTimedOut).
-Status WaitFd(int fd, short events, int abort_fd, const Deadline& deadline, const char* what) {
-  while (true) {
-    pollfd fds[2] = {{fd, events, 0}, {abort_fd, POLLIN, 0}};
-    int n = ::poll(fds, 2, deadline.PollMillis());
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Status::FromErrno(std::string("poll while waiting to ") + what, errno);
-    }
-    if (fds[1].revents != 0) return Status::Aborted(std::string(what) + ": aborted");
-    if (fds[0].revents != 0) return Status::Ok();
-    return Status::TimedOut(std::string(what) + ": timed out");
-  }
-}
-
 // Blocking-style I/O on a non-blocking socket, for the handshake.
 Status WriteAll(int fd, const uint8_t* data, size_t size, int abort_fd, const Deadline& deadline,
                 const std::string& peer) {
@@ -206,7 +119,7 @@ Status WriteAll(int fd, const uint8_t* data, size_t size, int abort_fd, const De
     }
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      LOCKSTEP_RETURN_IF_ERROR(WaitFd(fd, POLLOUT, abort_fd, deadline, "send the rdma handshake"));
+      LOCKSTEP_RETURN_IF_ERROR(WaitFor(fd, POLLOUT, abort_fd, deadline, "send the rdma handshake"));
       continue;
     }
     return Status::PeerLost("rdma handshake with " + peer + " failed: send: " + Errno(errno));
@@ -231,7 +144,7 @@ Status ReadAll(int fd, uint8_t* data, size_t size, int abort_fd, const Deadline&
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
       LOCKSTEP_RETURN_IF_ERROR(
-          WaitFd(fd, POLLIN, abort_fd, deadline, "receive the rdma handshake"));
+          WaitFor(fd, POLLIN, abort_fd, deadline, "receive the rdma handshake"));
       continue;
     }
     return Status::PeerLost("rdma handshake with " + peer + " failed: recv: " + Errno(errno));
@@ -239,83 +152,6 @@ Status ReadAll(int fd, uint8_t* data, size_t size, int abort_fd, const Deadline&
   return Status::Ok();
 }
 
-// A parsed "HOST:PORT" / "[V6]:PORT".
-struct SocketAddress {
-  sockaddr_storage storage{};
-  socklen_t length = 0;
-
-  int family() const { return storage.ss_family; }
-  const sockaddr* get() const { return reinterpret_cast<const sockaddr*>(&storage); }
-};
-
-Result<SocketAddress> ParseAddress(std::string_view address, bool allow_port_zero) {
-  auto bad = [&](std::string_view why) {
-    return Status::InvalidArgument("bad rdma address '" + std::string(address) +
-                                   "': " + std::string(why) + " (expected HOST:PORT)");
-  };
-  std::string host;
-  std::string_view port_text;
-  bool v6 = false;
-  if (!address.empty() && address.front() == '[') {
-    size_t close = address.find(']');
-    if (close == std::string_view::npos || close + 1 >= address.size() ||
-        address[close + 1] != ':') {
-      return bad("an IPv6 address is written [ADDRESS]:PORT");
-    }
-    host = std::string(address.substr(1, close - 1));
-    port_text = address.substr(close + 2);
-    v6 = true;
-  } else {
-    size_t colon = address.rfind(':');
-    if (colon == std::string_view::npos) return bad("missing ':PORT'");
-    host = std::string(address.substr(0, colon));
-    port_text = address.substr(colon + 1);
-  }
-  unsigned port = 0;
-  auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
-  if (port_text.empty() || ec != std::errc() || end != port_text.data() + port_text.size() ||
-      port > 65535) {
-    return bad("the port must be a number from 0 to 65535");
-  }
-  if (port == 0 && !allow_port_zero) return bad("cannot connect to port 0");
-
-  SocketAddress result;
-  if (v6) {
-    auto* sin6 = reinterpret_cast<sockaddr_in6*>(&result.storage);
-    sin6->sin6_family = AF_INET6;
-    sin6->sin6_port = htons(static_cast<uint16_t>(port));
-    if (::inet_pton(AF_INET6, host.c_str(), &sin6->sin6_addr) != 1) {
-      return bad("'" + host + "' is not a numeric IPv6 address");
-    }
-    result.length = sizeof(sockaddr_in6);
-  } else {
-    auto* sin = reinterpret_cast<sockaddr_in*>(&result.storage);
-    sin->sin_family = AF_INET;
-    sin->sin_port = htons(static_cast<uint16_t>(port));
-    if (::inet_pton(AF_INET, host.c_str(), &sin->sin_addr) != 1) {
-      return bad("'" + host + "' is not a numeric IPv4 address (host names are not resolved)");
-    }
-    result.length = sizeof(sockaddr_in);
-  }
-  return result;
-}
-
-std::string FormatAddress(const sockaddr_storage& storage) {
-  char text[INET6_ADDRSTRLEN] = {};
-  if (storage.ss_family == AF_INET) {
-    const auto* sin = reinterpret_cast<const sockaddr_in*>(&storage);
-    ::inet_ntop(AF_INET, &sin->sin_addr, text, sizeof(text));
-    return std::string(text) + ":" + std::to_string(ntohs(sin->sin_port));
-  }
-  if (storage.ss_family == AF_INET6) {
-    const auto* sin6 = reinterpret_cast<const sockaddr_in6*>(&storage);
-    ::inet_ntop(AF_INET6, &sin6->sin6_addr, text, sizeof(text));
-    return "[" + std::string(text) + "]:" + std::to_string(ntohs(sin6->sin6_port));
-  }
-  return "unknown address family " + std::to_string(storage.ss_family);
-}
-
-// The device list, freed on scope exit.
 class DeviceList {
  public:
   DeviceList() = default;
@@ -1563,7 +1399,7 @@ class RdmaListener final : public Listener {
       if (err != EAGAIN && err != EWOULDBLOCK) {
         return Status::FromErrno("accept on " + address_, err);
       }
-      Status waited = WaitFd(socket_.get(), POLLIN, wake_.get(), deadline, "accept");
+      Status waited = WaitFor(socket_.get(), POLLIN, wake_.get(), deadline, "accept");
       if (waited.code() == Status::Code::kTimedOut) {
         return Status::TimedOut("no connection to " + address_ + " within " +
                                 std::to_string(timeout.count()) + " ms");
@@ -1592,7 +1428,7 @@ class RdmaTransport final : public Transport {
   std::string_view name() const override { return "rdma"; }
 
   Result<std::unique_ptr<Listener>> Listen(std::string_view address) override {
-    Result<SocketAddress> parsed = ParseAddress(address, /*allow_port_zero=*/true);
+    Result<SocketAddress> parsed = ParseAddress(address, /*allow_port_zero=*/true, "rdma");
     if (!parsed.ok()) return parsed.status();
     LOCKSTEP_RETURN_IF_ERROR(RdmaAvailable(options_));
     const std::string where = "rdma listen on " + std::string(address);
@@ -1622,7 +1458,7 @@ class RdmaTransport final : public Transport {
   // before the TCP connection was made; the handshake has its own bound).
   Result<std::unique_ptr<Channel>> Connect(std::string_view address,
                                            std::chrono::milliseconds timeout) override {
-    Result<SocketAddress> parsed = ParseAddress(address, /*allow_port_zero=*/false);
+    Result<SocketAddress> parsed = ParseAddress(address, /*allow_port_zero=*/false, "rdma");
     if (!parsed.ok()) return parsed.status();
     LOCKSTEP_RETURN_IF_ERROR(RdmaAvailable(options_));
     const std::string where = "rdma connect to " + std::string(address);

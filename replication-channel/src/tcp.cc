@@ -30,173 +30,22 @@
 
 #include "common/pi_mutex.h"
 #include "gather.h"
+#include "socket_util.h"
 
 namespace lockstep::channel {
 
 namespace {
 
+using namespace internal;
+
 constexpr size_t kFrameHeaderBytes = 4;
 // Most iovecs one sendmsg() takes.
 constexpr size_t kIovBatch = IOV_MAX;
 constexpr int kListenBacklog = 16;
-// Timeouts at least this long wait forever (and cannot overflow a time_point).
-constexpr std::chrono::microseconds kForever = std::chrono::hours(24 * 365);
-
-std::string Errno(int err) { return std::strerror(err); }
-
-// Closes a file descriptor when it goes out of scope unless released.
-class UniqueFd {
- public:
-  explicit UniqueFd(int fd = -1) : fd_(fd) {}
-  UniqueFd(UniqueFd&& other) noexcept : fd_(other.release()) {}
-  UniqueFd& operator=(UniqueFd&& other) noexcept {
-    if (this != &other) {
-      reset();
-      fd_ = other.release();
-    }
-    return *this;
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-  ~UniqueFd() { reset(); }
-
-  int get() const { return fd_; }
-  int release() { return std::exchange(fd_, -1); }
-  void reset() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-
- private:
-  int fd_;
-};
-
 // `timeout` in microseconds, without overflowing for huge values (milliseconds::max()).
 std::chrono::microseconds ToMicros(std::chrono::milliseconds timeout) {
   if (timeout >= std::chrono::duration_cast<std::chrono::milliseconds>(kForever)) return kForever;
   return timeout;
-}
-
-// When a wait ends; infinite for very long timeouts.
-class Deadline {
- public:
-  explicit Deadline(std::chrono::microseconds timeout)
-      : infinite_(timeout >= kForever),
-        when_(infinite_ ? Clock::time_point::max()
-                        : Clock::now() + std::max(timeout, std::chrono::microseconds::zero())) {}
-
-  // The time left, for ppoll(): nullptr when infinite, else a non-negative span in *ts.
-  const timespec* Remaining(timespec* ts) const {
-    if (infinite_) return nullptr;
-    auto left = std::max(when_ - Clock::now(), Clock::duration::zero());
-    auto secs = std::chrono::duration_cast<std::chrono::seconds>(left);
-    ts->tv_sec = static_cast<time_t>(secs.count());
-    ts->tv_nsec = static_cast<long>(std::chrono::nanoseconds(left - secs).count());
-    return ts;
-  }
-
- private:
-  bool infinite_;
-  Clock::time_point when_;
-};
-
-// Waits until `fd` reports `events` (or an error/hang-up, which the next system call on
-// it will report), `wake_fd` becomes readable (kAborted) or `deadline` passes
-// (kTimedOut). `what` names the operation for messages.
-Status WaitFor(int fd, short events, int wake_fd, const Deadline& deadline, const char* what) {
-  while (true) {
-    pollfd fds[2] = {{fd, events, 0}, {wake_fd, POLLIN, 0}};
-    timespec ts;
-    int n = ::ppoll(fds, 2, deadline.Remaining(&ts), nullptr);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Status::FromErrno(std::string("poll while waiting to ") + what, errno);
-    }
-    if (fds[1].revents != 0) return Status::Aborted(std::string(what) + ": aborted");
-    if (fds[0].revents != 0) return Status::Ok();
-    return Status::TimedOut(std::string(what) + ": timed out");
-  }
-}
-
-// A parsed "HOST:PORT" / "[V6]:PORT".
-struct SocketAddress {
-  sockaddr_storage storage{};
-  socklen_t length = 0;
-
-  int family() const { return storage.ss_family; }
-  const sockaddr* get() const { return reinterpret_cast<const sockaddr*>(&storage); }
-};
-
-Result<SocketAddress> ParseAddress(std::string_view address, bool allow_port_zero) {
-  auto bad = [&](std::string_view why) {
-    return Status::InvalidArgument("bad tcp address '" + std::string(address) +
-                                   "': " + std::string(why));
-  };
-  std::string host;
-  std::string_view port_text;
-  bool v6 = false;
-  if (!address.empty() && address.front() == '[') {
-    size_t close = address.find(']');
-    if (close == std::string_view::npos) return bad("missing ']' after an IPv6 address");
-    host = std::string(address.substr(1, close - 1));
-    std::string_view rest = address.substr(close + 1);
-    if (rest.empty() || rest.front() != ':') return bad("expected ':PORT' after ']'");
-    port_text = rest.substr(1);
-    v6 = true;
-  } else {
-    size_t colon = address.rfind(':');
-    if (colon == std::string_view::npos) return bad("expected HOST:PORT");
-    host = std::string(address.substr(0, colon));
-    if (host.find(':') != std::string::npos) {
-      return bad("an IPv6 address must be written in brackets, as [ADDRESS]:PORT");
-    }
-    port_text = address.substr(colon + 1);
-  }
-  if (host.empty()) return bad("missing host");
-
-  unsigned port = 0;
-  auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
-  if (port_text.empty() || ec != std::errc() || end != port_text.data() + port_text.size() ||
-      port > 65535) {
-    return bad("the port must be a number from 0 to 65535");
-  }
-  if (port == 0 && !allow_port_zero) return bad("cannot connect to port 0");
-
-  SocketAddress result;
-  if (v6) {
-    auto* sin6 = reinterpret_cast<sockaddr_in6*>(&result.storage);
-    sin6->sin6_family = AF_INET6;
-    sin6->sin6_port = htons(static_cast<uint16_t>(port));
-    if (::inet_pton(AF_INET6, host.c_str(), &sin6->sin6_addr) != 1) {
-      return bad("'" + host + "' is not a numeric IPv6 address");
-    }
-    result.length = sizeof(sockaddr_in6);
-  } else {
-    auto* sin = reinterpret_cast<sockaddr_in*>(&result.storage);
-    sin->sin_family = AF_INET;
-    sin->sin_port = htons(static_cast<uint16_t>(port));
-    if (::inet_pton(AF_INET, host.c_str(), &sin->sin_addr) != 1) {
-      return bad("'" + host + "' is not a numeric IPv4 address (host names are not resolved)");
-    }
-    result.length = sizeof(sockaddr_in);
-  }
-  return result;
-}
-
-// "a.b.c.d:port" or "[v6]:port".
-std::string FormatAddress(const sockaddr_storage& storage) {
-  char text[INET6_ADDRSTRLEN] = {};
-  if (storage.ss_family == AF_INET) {
-    const auto* sin = reinterpret_cast<const sockaddr_in*>(&storage);
-    ::inet_ntop(AF_INET, &sin->sin_addr, text, sizeof(text));
-    return std::string(text) + ":" + std::to_string(ntohs(sin->sin_port));
-  }
-  if (storage.ss_family == AF_INET6) {
-    const auto* sin6 = reinterpret_cast<const sockaddr_in6*>(&storage);
-    ::inet_ntop(AF_INET6, &sin6->sin6_addr, text, sizeof(text));
-    return "[" + std::string(text) + "]:" + std::to_string(ntohs(sin6->sin6_port));
-  }
-  return "unknown address family " + std::to_string(storage.ss_family);
 }
 
 Status SetIntOption(int fd, int level, int name, int value, const char* what) {
@@ -220,19 +69,6 @@ Status ConfigureStreamSocket(int fd, const TcpOptions& options) {
   LOCKSTEP_RETURN_IF_ERROR(SetIntOption(fd, IPPROTO_TCP, TCP_NODELAY, 1, "TCP_NODELAY"));
   LOCKSTEP_RETURN_IF_ERROR(SetIntOption(fd, SOL_SOCKET, SO_KEEPALIVE, 0, "SO_KEEPALIVE"));
   return SetBufferSizes(fd, options);
-}
-
-Result<UniqueFd> MakeWakeFd() {
-  int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (fd < 0) return Status::FromErrno("eventfd", errno);
-  return UniqueFd(fd);
-}
-
-// Makes a blocked WaitFor() on `wake_fd` (and every later one) return kAborted.
-void Signal(int wake_fd) {
-  uint64_t one = 1;
-  // Can only fail if the counter would overflow, which a handful of writes cannot do.
-  [[maybe_unused]] ssize_t n = ::write(wake_fd, &one, sizeof(one));
 }
 
 class TcpChannel final : public Channel {
@@ -598,7 +434,7 @@ class TcpTransport final : public Transport {
   std::string_view name() const override { return "tcp"; }
 
   Result<std::unique_ptr<Listener>> Listen(std::string_view address) override {
-    Result<SocketAddress> parsed = ParseAddress(address, /*allow_port_zero=*/true);
+    Result<SocketAddress> parsed = ParseAddress(address, /*allow_port_zero=*/true, "tcp");
     if (!parsed.ok()) return parsed.status();
     const std::string where = "listen on " + std::string(address);
     UniqueFd socket(
@@ -628,7 +464,7 @@ class TcpTransport final : public Transport {
   // ppoll() that Abort() can interrupt.
   Result<std::unique_ptr<Channel>> Connect(std::string_view address,
                                            std::chrono::milliseconds timeout) override {
-    Result<SocketAddress> parsed = ParseAddress(address, /*allow_port_zero=*/false);
+    Result<SocketAddress> parsed = ParseAddress(address, /*allow_port_zero=*/false, "tcp");
     if (!parsed.ok()) return parsed.status();
     const std::string where = "connect to " + std::string(address);
     UniqueFd socket(

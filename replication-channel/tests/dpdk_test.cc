@@ -218,7 +218,7 @@ void LossyTransfer(const std::string& listen, const std::string& connect, Ports 
   CHECK(pair.a->stats().retransmissions > 0);
 }
 
-TEST_CASE("DPDK: lost frames are sent again; nothing is lost or repeated", "[dpdk]") {
+TEST_CASE("DPDK: lost frames are sent again, nothing is lost or repeated", "[dpdk]") {
   SECTION("memif") {
     LossyTransfer("net_memif0,role=server" + MemifArgs(), "net_memif1,role=client" + MemifArgs(),
                   std::pair(&Here, &Here));

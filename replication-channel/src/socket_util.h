@@ -1,0 +1,94 @@
+// Socket plumbing shared by the transports that speak TCP: the TCP transport itself and the
+// RDMA transport's side channel. Internal to replication-channel.
+#pragma once
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include <chrono>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include "common/status.h"
+#include "replication_channel/channel.h"
+
+namespace lockstep::channel::internal {
+
+// Timeouts at least this long wait forever (and cannot overflow a time_point).
+inline constexpr std::chrono::microseconds kForever = std::chrono::hours(24 * 365);
+
+std::string Errno(int err);
+
+// Closes a file descriptor when it goes out of scope unless released.
+class UniqueFd {
+ public:
+  explicit UniqueFd(int fd = -1) : fd_(fd) {}
+  UniqueFd(UniqueFd&& other) noexcept : fd_(other.release()) {}
+  UniqueFd& operator=(UniqueFd&& other) noexcept {
+    if (this != &other) {
+      reset();
+      fd_ = other.release();
+    }
+    return *this;
+  }
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  ~UniqueFd() { reset(); }
+
+  int get() const { return fd_; }
+  int release() { return std::exchange(fd_, -1); }
+  void reset();
+
+ private:
+  int fd_;
+};
+
+// When a wait ends; infinite for very long timeouts (kForever and more).
+class Deadline {
+ public:
+  explicit Deadline(std::chrono::microseconds timeout)
+      : infinite_(timeout >= kForever),
+        when_(infinite_ ? Clock::time_point::max()
+                        : Clock::now() + std::max(timeout, std::chrono::microseconds::zero())) {}
+
+  bool infinite() const { return infinite_; }
+  Clock::time_point when() const { return when_; }
+  bool passed() const { return !infinite_ && Clock::now() >= when_; }
+  // The time left, for ppoll(): nullptr when infinite, else a non-negative span in *ts.
+  const timespec* Remaining(timespec* ts) const;
+
+ private:
+  bool infinite_;
+  Clock::time_point when_;
+};
+
+// A non-blocking eventfd; Signal() makes it readable for good (Abort()'s wake-up).
+Result<UniqueFd> MakeWakeFd();
+void Signal(int wake_fd);
+
+Status SetNonBlocking(int fd, const char* what);
+
+// Waits until `fd` reports `events` (or an error/hang-up, which the next system call on it
+// will report), `wake_fd` (if >= 0) becomes readable (kAborted) or `deadline` passes
+// (kTimedOut). `what` names the operation for messages.
+Status WaitFor(int fd, short events, int wake_fd, const Deadline& deadline, const char* what);
+
+// A parsed "HOST:PORT" / "[V6]:PORT".
+struct SocketAddress {
+  sockaddr_storage storage{};
+  socklen_t length = 0;
+
+  int family() const { return storage.ss_family; }
+  const sockaddr* get() const { return reinterpret_cast<const sockaddr*>(&storage); }
+};
+
+// Numeric addresses only (host names are not resolved). `transport` names it in messages.
+Result<SocketAddress> ParseAddress(std::string_view address, bool allow_port_zero,
+                                   std::string_view transport);
+
+// "a.b.c.d:port" or "[v6]:port".
+std::string FormatAddress(const sockaddr_storage& storage);
+
+}  // namespace lockstep::channel::internal

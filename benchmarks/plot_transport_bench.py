@@ -11,12 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 src = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/transport_bench.csv"
 dst = sys.argv[2] if len(sys.argv) > 2 else src.rsplit(".", 1)[0] + ".png"
 rows = [r for r in csv.DictReader(open(src)) if r["epoch_bytes"] != "0"]
-labels = [f"{r['transport']}/{r['medium']}\n{int(r['epoch_bytes']) // 1024} KiB" for r in rows]
+labels = [f"{r['transport']}\n{int(r['epoch_bytes']) // 1024} KiB" for r in rows]
 x = range(len(rows))
 fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
-w = 0.38
-a.bar([i - w / 2 for i in x], [float(r["stream_mbps"]) for r in rows], w, label="transport, epochs streamed")
-a.bar([i + w / 2 for i in x], [float(r["baseline_mbps"]) for r in rows], w, label="raw medium, same run")
+w = 0.27
+a.bar([i - w for i in x], [float(r["stream_mbps"]) for r in rows], w, label="transport, epochs streamed")
+a.bar([i for i in x], [float(r["baseline_mbps"]) for r in rows], w, label="raw medium, same run")
+a.bar([i + w for i in x], [float(r.get("baseline_copy_mbps") or 0) for r in rows], w,
+      label="raw memif + payload copied in and out")
 a.set_xticks(list(x), labels, fontsize=8)
 a.set_ylabel("MB/s")
 a.set_title("one-way throughput")

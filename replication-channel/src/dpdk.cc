@@ -97,7 +97,7 @@ constexpr size_t kFrameRoom = 2048;
 // The process's mbuf pool: enough for two ports' receive rings, windows and receive queues
 // (the conformance tests run both ends in one process).
 constexpr unsigned kPoolMbufs = 16383;
-constexpr unsigned kPoolCache = 64;  // per thread; flushed when the thread ends
+constexpr unsigned kPoolCache = 256;  // per thread; flushed when the thread ends
 constexpr uint16_t kRxDescriptors = 1024;
 constexpr uint16_t kTxDescriptors = 1024;
 constexpr uint16_t kBurst = 32;

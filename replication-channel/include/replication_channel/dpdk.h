@@ -67,7 +67,7 @@ struct DpdkOptions {
   // Arguments for rte_eal_init() (whitespace separated), see above.
   std::string eal_args = "--no-huge -m 256 --no-pci --no-shconf --log-level=*:error -l 0";
   // Most frames in flight past the last acknowledgement.
-  uint32_t window_frames = 1024;
+  uint32_t window_frames = 2048;
   // Outstanding data unacknowledged this long means the peer is gone.
   std::chrono::milliseconds peer_timeout{5000};
   // The protocol version this end speaks (tests of a mismatched peer change it).

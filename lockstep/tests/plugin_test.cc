@@ -175,21 +175,26 @@ TEST_CASE("the plugin refuses bad configuration with a reason", "[plugin]") {
   REQUIRE(std::string(err).find("ABI version") != std::string::npos);
 }
 
+// Listen and peer addresses of a pair over `transport` in this process (DPDK: two memif
+// ports on one socket, `ports` tells the pairs of ports of two tests apart).
+std::pair<std::string, std::string> PairAddresses(const std::string& transport, int ports) {
+  if (transport != "dpdk") {
+    std::string address = "127.0.0.1:" + std::to_string(FreePort());
+    return {address, address};
+  }
+  const std::string socket = "+socket=/tmp/lockstep-plugin-test-" + std::to_string(getpid()) + "-" +
+                             std::to_string(ports) + ".sock+socket-abstract=no";
+  return {"net_memif" + std::to_string(ports) + "+role=server" + socket + "#7",
+          "net_memif" + std::to_string(ports + 1) + "+role=client" + socket + "#7"};
+}
+
 TEST_CASE("a guest protected through the plugin ABI over TCP and over DPDK memif", "[plugin]") {
   const lockstep_plugin_api* api = LoadPlugin();
   Host primary_host(SmallGuest()), secondary_host(SmallGuest());
   lockstep_host_ops pops = primary_host.Ops(), sops = secondary_host.Ops();
   const std::string transport = GENERATE("tcp", "dpdk");
   CAPTURE(transport);
-  std::string listen = "127.0.0.1:" + std::to_string(FreePort());
-  std::string peer = listen;
-  if (transport == "dpdk") {
-    // Two memif ports of this process on one socket; '+' for ',' in settings.
-    const std::string socket = "+socket=/tmp/lockstep-plugin-test-" + std::to_string(getpid()) +
-                               ".sock+socket-abstract=no";
-    listen = "net_memif20+role=server" + socket + "#7";
-    peer = "net_memif21+role=client" + socket + "#7";
-  }
+  auto [listen, peer] = PairAddresses(transport, 20);
   std::string common =
       ",vm=vm1,witness=this-process,interval_ms=10,output_spacing_ms=0,"
       "pairing=00112233445566778899aabbccddeeff,transport=" +
@@ -233,6 +238,58 @@ TEST_CASE("a guest protected through the plugin ABI over TCP and over DPDK memif
   api->destroy(s);
   std::lock_guard<std::mutex> lock(primary_host.mu);
   REQUIRE(primary_host.states == std::vector<std::string>{"SYNCING", "PROTECTED", "STOPPED"});
+}
+
+TEST_CASE("a primary with another pairing key is refused, over TCP and over DPDK memif",
+          "[plugin]") {
+  const lockstep_plugin_api* api = LoadPlugin();
+  Host primary_host(SmallGuest()), secondary_host(SmallGuest());
+  lockstep_host_ops pops = primary_host.Ops(), sops = secondary_host.Ops();
+  const std::string transport = GENERATE("tcp", "dpdk");
+  CAPTURE(transport);
+  auto [listen, peer] = PairAddresses(transport, 30);
+  const std::string other_key = KeyFile() + ".other";
+  std::ofstream(other_key) << "ff0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n";
+  chmod(other_key.c_str(), 0600);
+  std::string common =
+      ",vm=vm1,witness=this-process,pairing=00112233445566778899aabbccddeeff,"
+      "transport=" +
+      transport;
+  char err[512] = {};
+  void* s = api->create(
+      &sops, ("role=secondary,host=b,listen=" + listen + common + ",key_file=" + KeyFile()).c_str(),
+      err, sizeof err);
+  INFO(err);
+  REQUIRE(s != nullptr);
+  void* p = api->create(
+      &pops, ("role=primary,host=a,peer=" + peer + common + ",key_file=" + other_key).c_str(), err,
+      sizeof err);
+  REQUIRE(p != nullptr);
+  REQUIRE(api->start(s, err, sizeof err) == 0);
+  primary_host.guest.Boot();
+  REQUIRE(api->start(p, err, sizeof err) == 0);
+  std::string ps, ss;
+  for (int i = 0; i < 1000; ++i) {
+    ps = StatusJson(api, p);
+    ss = StatusJson(api, s);
+    if (ps.find("pairing key") != std::string::npos &&
+        ss.find("refused a connection") != std::string::npos) {
+      break;
+    }
+    std::this_thread::sleep_for(10ms);
+  }
+  INFO(ps << "\n" << ss);
+  // Each side names the other's wrong proof; nothing was replicated; the secondary waits on
+  // for the real primary.
+  CHECK(ps.find("\"state\":\"IDLE\"") != std::string::npos);
+  CHECK(ps.find("did not prove it holds this host's pairing key") != std::string::npos);
+  CHECK(ps.find("\"epochs\":0,") != std::string::npos);
+  CHECK(ss.find("\"state\":\"IDLE\"") != std::string::npos);
+  CHECK(ss.find("refused a connection") != std::string::npos);
+  CHECK(ss.find("pairing-key proof is wrong") != std::string::npos);
+  api->destroy(p);
+  api->destroy(s);
+  std::remove(other_key.c_str());
 }
 
 TEST_CASE("a secondary given an address it cannot listen on says so at once", "[plugin]") {

@@ -1380,32 +1380,13 @@ class RdmaListener final : public Listener {
   // Waits for a TCP connection within `timeout`, then runs the handshake (which has its
   // own bound, kHandshakeTimeout).
   Result<std::unique_ptr<Channel>> Accept(std::chrono::milliseconds timeout) override {
-    const Deadline deadline(timeout >=
-                                    std::chrono::duration_cast<std::chrono::milliseconds>(kForever)
-                                ? kForever
-                                : std::chrono::microseconds(timeout));
-    while (true) {
-      if (aborted_.load(std::memory_order_acquire)) {
-        return Status::Aborted("rdma listener on " + address_ + " was aborted");
-      }
-      int fd = ::accept4(socket_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-      if (fd >= 0) {
-        Result<std::unique_ptr<Channel>> channel = Establish(UniqueFd(fd), options_, wake_.get());
-        if (channel.ok() || !aborted_.load()) return channel;
-        return Status::Aborted("rdma listener on " + address_ + " was aborted");
-      }
-      int err = errno;
-      if (err == EINTR || err == ECONNABORTED) continue;
-      if (err != EAGAIN && err != EWOULDBLOCK) {
-        return Status::FromErrno("accept on " + address_, err);
-      }
-      Status waited = WaitFor(socket_.get(), POLLIN, wake_.get(), deadline, "accept");
-      if (waited.code() == Status::Code::kTimedOut) {
-        return Status::TimedOut("no connection to " + address_ + " within " +
-                                std::to_string(timeout.count()) + " ms");
-      }
-      if (!waited.ok() && waited.code() != Status::Code::kAborted) return waited;
-    }
+    Result<UniqueFd> accepted =
+        AcceptOn(socket_.get(), wake_.get(), aborted_, timeout, "rdma", address_);
+    if (!accepted.ok()) return accepted.status();
+    Result<std::unique_ptr<Channel>> channel =
+        Establish(std::move(*accepted), options_, wake_.get());
+    if (channel.ok() || !aborted_.load()) return channel;
+    return Status::Aborted("rdma listener on " + address_ + " was aborted");
   }
 
   void Abort() override {
@@ -1432,26 +1413,12 @@ class RdmaTransport final : public Transport {
     if (!parsed.ok()) return parsed.status();
     LOCKSTEP_RETURN_IF_ERROR(RdmaAvailable(options_));
     const std::string where = "rdma listen on " + std::string(address);
-    UniqueFd socket(
-        ::socket(parsed->family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, IPPROTO_TCP));
-    if (socket.get() < 0) return Status::FromErrno(where + ": socket", errno);
-    int one = 1;
-    if (::setsockopt(socket.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0) {
-      return Status::FromErrno(where + ": setsockopt SO_REUSEADDR", errno);
-    }
-    if (::bind(socket.get(), parsed->get(), parsed->length) != 0) {
-      return Status::FromErrno(where + ": bind", errno);
-    }
-    if (::listen(socket.get(), 16) != 0) return Status::FromErrno(where + ": listen", errno);
-    sockaddr_storage bound{};
-    socklen_t bound_length = sizeof(bound);
-    if (::getsockname(socket.get(), reinterpret_cast<sockaddr*>(&bound), &bound_length) != 0) {
-      return Status::FromErrno(where + ": getsockname", errno);
-    }
+    auto listening = ListenOn(*parsed, where);
+    if (!listening.ok()) return listening.status();
     Result<UniqueFd> wake = MakeWakeFd();
     if (!wake.ok()) return wake.status().WithContext(where);
-    return std::unique_ptr<Listener>(
-        new RdmaListener(std::move(socket), std::move(*wake), FormatAddress(bound), options_));
+    return std::unique_ptr<Listener>(new RdmaListener(
+        std::move(listening->socket), std::move(*wake), listening->address, options_));
   }
 
   // Returns once the listener's Accept() answered the handshake (or `timeout` passed
@@ -1462,43 +1429,9 @@ class RdmaTransport final : public Transport {
     if (!parsed.ok()) return parsed.status();
     LOCKSTEP_RETURN_IF_ERROR(RdmaAvailable(options_));
     const std::string where = "rdma connect to " + std::string(address);
-    UniqueFd socket(
-        ::socket(parsed->family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, IPPROTO_TCP));
-    if (socket.get() < 0) return Status::FromErrno(where + ": socket", errno);
-    int err = 0;
-    if (::connect(socket.get(), parsed->get(), parsed->length) != 0) {
-      err = errno;
-      if (err == EINPROGRESS || err == EINTR) {
-        pollfd pfd = {socket.get(), POLLOUT, 0};
-        int n;
-        do {
-          n = ::poll(&pfd, 1, static_cast<int>(std::clamp<int64_t>(timeout.count(), 0, INT_MAX)));
-        } while (n < 0 && errno == EINTR);
-        if (n < 0) return Status::FromErrno(where + ": poll", errno);
-        if (n == 0) {
-          return Status::TimedOut(where + " timed out after " + std::to_string(timeout.count()) +
-                                  " ms");
-        }
-        socklen_t len = sizeof(err);
-        if (::getsockopt(socket.get(), SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
-      }
-    }
-    switch (err) {
-      case 0:
-        return Establish(std::move(socket), options_, /*abort_fd=*/-1);
-      case ECONNREFUSED:
-        return Status::PeerLost(where + " failed: " + Errno(err) +
-                                " (is the secondary listening?)");
-      case ECONNRESET:
-      case ETIMEDOUT:
-      case EHOSTUNREACH:
-      case ENETUNREACH:
-      case EHOSTDOWN:
-      case ENETDOWN:
-        return Status::PeerLost(where + " failed: " + Errno(err));
-      default:
-        return Status::FromErrno(where + " failed", err);
-    }
+    auto socket = ConnectTo(*parsed, timeout, where);
+    if (!socket.ok()) return socket.status();
+    return Establish(std::move(*socket), options_, /*abort_fd=*/-1);
   }
 
  private:

@@ -6,11 +6,17 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
+#include <climits>
 #include <cstring>
 
 namespace lockstep::channel::internal {
+
+namespace {
+constexpr int kListenBacklog = 16;
+}  // namespace
 
 std::string Errno(int err) { return std::strerror(err); }
 
@@ -133,6 +139,98 @@ std::string FormatAddress(const sockaddr_storage& storage) {
     return "[" + std::string(text) + "]:" + std::to_string(ntohs(sin6->sin6_port));
   }
   return "unknown address family " + std::to_string(storage.ss_family);
+}
+
+std::chrono::microseconds ToMicros(std::chrono::milliseconds timeout) {
+  if (timeout >= std::chrono::duration_cast<std::chrono::milliseconds>(kForever)) return kForever;
+  return timeout;
+}
+
+Result<ListeningSocket> ListenOn(const SocketAddress& address, const std::string& where,
+                                 SocketSetup setup, const void* context) {
+  UniqueFd socket(
+      ::socket(address.family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, IPPROTO_TCP));
+  if (socket.get() < 0) return Status::FromErrno(where + ": socket", errno);
+  int one = 1;
+  if (::setsockopt(socket.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0) {
+    return Status::FromErrno(where + ": setsockopt SO_REUSEADDR", errno);
+  }
+  if (setup) LOCKSTEP_RETURN_IF_ERROR(setup(socket.get(), context).WithContext(where));
+  if (::bind(socket.get(), address.get(), address.length) != 0) {
+    return Status::FromErrno(where + ": bind", errno);
+  }
+  if (::listen(socket.get(), kListenBacklog) != 0) {
+    return Status::FromErrno(where + ": listen", errno);
+  }
+  sockaddr_storage bound{};
+  socklen_t bound_length = sizeof(bound);
+  if (::getsockname(socket.get(), reinterpret_cast<sockaddr*>(&bound), &bound_length) != 0) {
+    return Status::FromErrno(where + ": getsockname", errno);
+  }
+  return ListeningSocket{std::move(socket), FormatAddress(bound)};
+}
+
+Result<UniqueFd> AcceptOn(int listening, int wake_fd, const std::atomic<bool>& aborted,
+                          std::chrono::milliseconds timeout, std::string_view transport,
+                          const std::string& address) {
+  const Deadline deadline(ToMicros(timeout));
+  while (true) {
+    if (aborted.load(std::memory_order_acquire)) {
+      return Status::Aborted(std::string(transport) + " listener on " + address + " was aborted");
+    }
+    int fd = ::accept4(listening, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd >= 0) return UniqueFd(fd);
+    int err = errno;
+    if (err == EINTR || err == ECONNABORTED) continue;
+    if (err != EAGAIN && err != EWOULDBLOCK) return Status::FromErrno("accept on " + address, err);
+    Status waited = WaitFor(listening, POLLIN, wake_fd, deadline, "accept");
+    if (waited.code() == Status::Code::kTimedOut) {
+      return Status::TimedOut("no connection to " + address + " within " +
+                              std::to_string(timeout.count()) + " ms");
+    }
+    if (!waited.ok() && waited.code() != Status::Code::kAborted) return waited;
+  }
+}
+
+Result<UniqueFd> ConnectTo(const SocketAddress& address, std::chrono::milliseconds timeout,
+                           const std::string& where, SocketSetup setup, const void* context) {
+  UniqueFd socket(
+      ::socket(address.family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, IPPROTO_TCP));
+  if (socket.get() < 0) return Status::FromErrno(where + ": socket", errno);
+  if (setup) LOCKSTEP_RETURN_IF_ERROR(setup(socket.get(), context).WithContext(where));
+  int err = 0;
+  if (::connect(socket.get(), address.get(), address.length) != 0) {
+    err = errno;
+    if (err == EINPROGRESS || err == EINTR) {
+      pollfd pfd = {socket.get(), POLLOUT, 0};
+      int n;
+      do {
+        n = ::poll(&pfd, 1, static_cast<int>(std::clamp<int64_t>(timeout.count(), 0, INT_MAX)));
+      } while (n < 0 && errno == EINTR);
+      if (n < 0) return Status::FromErrno(where + ": poll", errno);
+      if (n == 0) {
+        return Status::TimedOut(where + " timed out after " + std::to_string(timeout.count()) +
+                                " ms");
+      }
+      socklen_t len = sizeof(err);
+      if (::getsockopt(socket.get(), SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
+    }
+  }
+  switch (err) {
+    case 0:
+      return socket;
+    case ECONNREFUSED:
+      return Status::PeerLost(where + " failed: " + Errno(err) + " (is the secondary listening?)");
+    case ECONNRESET:
+    case ETIMEDOUT:
+    case EHOSTUNREACH:
+    case ENETUNREACH:
+    case EHOSTDOWN:
+    case ENETDOWN:
+      return Status::PeerLost(where + " failed: " + Errno(err));
+    default:
+      return Status::FromErrno(where + " failed", err);
+  }
 }
 
 }  // namespace lockstep::channel::internal

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include <atomic>
 #include <chrono>
 #include <string>
 #include <string_view>
@@ -90,5 +91,34 @@ Result<SocketAddress> ParseAddress(std::string_view address, bool allow_port_zer
 
 // "a.b.c.d:port" or "[v6]:port".
 std::string FormatAddress(const sockaddr_storage& storage);
+
+// Applied to a fresh socket before bind() or connect() (socket options). May be empty.
+using SocketSetup = Status (*)(int fd, const void* context);
+
+// A non-blocking TCP socket listening on `address` (SO_REUSEADDR; `setup` first), and the
+// address it is bound to ("HOST:PORT", the chosen port for port 0). `where` prefixes errors.
+struct ListeningSocket {
+  UniqueFd socket;
+  std::string address;
+};
+Result<ListeningSocket> ListenOn(const SocketAddress& address, const std::string& where,
+                                 SocketSetup setup = nullptr, const void* context = nullptr);
+
+// Accepts one connection on `listening` (non-blocking, close-on-exec), waiting until
+// `deadline` (kTimedOut, saying `timeout`), or until `wake_fd` is signalled and `aborted`
+// is true (kAborted). `transport` and `address` name the listener in messages.
+Result<UniqueFd> AcceptOn(int listening, int wake_fd, const std::atomic<bool>& aborted,
+                          std::chrono::milliseconds timeout, std::string_view transport,
+                          const std::string& address);
+
+// A non-blocking TCP socket connected to `address` within `timeout` (`setup` first).
+// kPeerLost when refused or unreachable ("is the secondary listening?"), kTimedOut past
+// `timeout`.
+Result<UniqueFd> ConnectTo(const SocketAddress& address, std::chrono::milliseconds timeout,
+                           const std::string& where, SocketSetup setup = nullptr,
+                           const void* context = nullptr);
+
+// `timeout` in microseconds, without overflowing for huge values (milliseconds::max()).
+std::chrono::microseconds ToMicros(std::chrono::milliseconds timeout);
 
 }  // namespace lockstep::channel::internal

@@ -41,13 +41,6 @@ using namespace internal;
 constexpr size_t kFrameHeaderBytes = 4;
 // Most iovecs one sendmsg() takes.
 constexpr size_t kIovBatch = IOV_MAX;
-constexpr int kListenBacklog = 16;
-// `timeout` in microseconds, without overflowing for huge values (milliseconds::max()).
-std::chrono::microseconds ToMicros(std::chrono::milliseconds timeout) {
-  if (timeout >= std::chrono::duration_cast<std::chrono::milliseconds>(kForever)) return kForever;
-  return timeout;
-}
-
 Status SetIntOption(int fd, int level, int name, int value, const char* what) {
   if (::setsockopt(fd, level, name, &value, sizeof(value)) != 0) {
     return Status::FromErrno(std::string("setsockopt ") + what, errno);
@@ -69,6 +62,13 @@ Status ConfigureStreamSocket(int fd, const TcpOptions& options) {
   LOCKSTEP_RETURN_IF_ERROR(SetIntOption(fd, IPPROTO_TCP, TCP_NODELAY, 1, "TCP_NODELAY"));
   LOCKSTEP_RETURN_IF_ERROR(SetIntOption(fd, SOL_SOCKET, SO_KEEPALIVE, 0, "SO_KEEPALIVE"));
   return SetBufferSizes(fd, options);
+}
+
+Status SetupListener(int fd, const void* options) {
+  return SetBufferSizes(fd, *static_cast<const TcpOptions*>(options));
+}
+Status SetupConnecting(int fd, const void* options) {
+  return ConfigureStreamSocket(fd, *static_cast<const TcpOptions*>(options));
 }
 
 class TcpChannel final : public Channel {
@@ -393,25 +393,10 @@ class TcpListener final : public Listener {
   std::string address() const override { return address_; }
 
   Result<std::unique_ptr<Channel>> Accept(std::chrono::milliseconds timeout) override {
-    const Deadline deadline(ToMicros(timeout));
-    while (true) {
-      if (aborted_.load(std::memory_order_acquire)) {
-        return Status::Aborted("tcp listener on " + address_ + " was aborted");
-      }
-      int fd = ::accept4(socket_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-      if (fd >= 0) return MakeChannel(UniqueFd(fd), options_);
-      int err = errno;
-      if (err == EINTR || err == ECONNABORTED) continue;
-      if (err != EAGAIN && err != EWOULDBLOCK) {
-        return Status::FromErrno("accept on " + address_, err);
-      }
-      Status waited = WaitFor(socket_.get(), POLLIN, wake_.get(), deadline, "accept");
-      if (waited.code() == Status::Code::kTimedOut) {
-        return Status::TimedOut("no connection to " + address_ + " within " +
-                                std::to_string(timeout.count()) + " ms");
-      }
-      if (!waited.ok() && waited.code() != Status::Code::kAborted) return waited;
-    }
+    Result<UniqueFd> accepted =
+        AcceptOn(socket_.get(), wake_.get(), aborted_, timeout, "tcp", address_);
+    if (!accepted.ok()) return accepted.status();
+    return MakeChannel(std::move(*accepted), options_);
   }
 
   void Abort() override {
@@ -437,27 +422,14 @@ class TcpTransport final : public Transport {
     Result<SocketAddress> parsed = ParseAddress(address, /*allow_port_zero=*/true, "tcp");
     if (!parsed.ok()) return parsed.status();
     const std::string where = "listen on " + std::string(address);
-    UniqueFd socket(
-        ::socket(parsed->family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, IPPROTO_TCP));
-    if (socket.get() < 0) return Status::FromErrno(where + ": socket", errno);
-    LOCKSTEP_RETURN_IF_ERROR(
-        SetIntOption(socket.get(), SOL_SOCKET, SO_REUSEADDR, 1, "SO_REUSEADDR").WithContext(where));
-    LOCKSTEP_RETURN_IF_ERROR(SetBufferSizes(socket.get(), options_).WithContext(where));
-    if (::bind(socket.get(), parsed->get(), parsed->length) != 0) {
-      return Status::FromErrno(where + ": bind", errno);
-    }
-    if (::listen(socket.get(), kListenBacklog) != 0) {
-      return Status::FromErrno(where + ": listen", errno);
-    }
-    sockaddr_storage bound{};
-    socklen_t bound_length = sizeof(bound);
-    if (::getsockname(socket.get(), reinterpret_cast<sockaddr*>(&bound), &bound_length) != 0) {
-      return Status::FromErrno(where + ": getsockname", errno);
-    }
+    // Buffer sizes on the listener: accepted sockets inherit them before the handshake
+    // fixes the TCP window scale.
+    auto listening = ListenOn(*parsed, where, &SetupListener, &options_);
+    if (!listening.ok()) return listening.status();
     Result<UniqueFd> wake = MakeWakeFd();
     if (!wake.ok()) return wake.status().WithContext(where);
-    return std::unique_ptr<Listener>(
-        new TcpListener(std::move(socket), std::move(*wake), FormatAddress(bound), options_));
+    return std::unique_ptr<Listener>(new TcpListener(std::move(listening->socket), std::move(*wake),
+                                                     listening->address, options_));
   }
 
   // The socket stays non-blocking after the handshake: every wait of the channel is a
@@ -467,46 +439,10 @@ class TcpTransport final : public Transport {
     Result<SocketAddress> parsed = ParseAddress(address, /*allow_port_zero=*/false, "tcp");
     if (!parsed.ok()) return parsed.status();
     const std::string where = "connect to " + std::string(address);
-    UniqueFd socket(
-        ::socket(parsed->family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, IPPROTO_TCP));
-    if (socket.get() < 0) return Status::FromErrno(where + ": socket", errno);
-    // Before connect(): the receive buffer size decides the window scale of the handshake.
-    LOCKSTEP_RETURN_IF_ERROR(ConfigureStreamSocket(socket.get(), options_).WithContext(where));
-
-    int err = 0;
-    if (::connect(socket.get(), parsed->get(), parsed->length) != 0) {
-      err = errno;
-      if (err == EINPROGRESS || err == EINTR) {
-        pollfd pfd = {socket.get(), POLLOUT, 0};
-        int n;
-        do {
-          n = ::poll(&pfd, 1, static_cast<int>(std::clamp<int64_t>(timeout.count(), 0, INT_MAX)));
-        } while (n < 0 && errno == EINTR);
-        if (n < 0) return Status::FromErrno(where + ": poll", errno);
-        if (n == 0) {
-          return Status::TimedOut(where + " timed out after " + std::to_string(timeout.count()) +
-                                  " ms");
-        }
-        socklen_t len = sizeof(err);
-        if (::getsockopt(socket.get(), SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
-      }
-    }
-    switch (err) {
-      case 0:
-        return MakeChannel(std::move(socket), options_);
-      case ECONNREFUSED:
-        return Status::PeerLost(where + " failed: " + Errno(err) +
-                                " (is the secondary listening?)");
-      case ECONNRESET:
-      case ETIMEDOUT:
-      case EHOSTUNREACH:
-      case ENETUNREACH:
-      case EHOSTDOWN:
-      case ENETDOWN:
-        return Status::PeerLost(where + " failed: " + Errno(err));
-      default:
-        return Status::FromErrno(where + " failed", err);
-    }
+    // Options before connect(): the receive buffer size decides the handshake's window scale.
+    auto socket = ConnectTo(*parsed, timeout, where, &SetupConnecting, &options_);
+    if (!socket.ok()) return socket.status();
+    return MakeChannel(std::move(*socket), options_);
   }
 
  private:

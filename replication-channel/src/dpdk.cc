@@ -336,7 +336,8 @@ class Port {
   friend class DpdkListener;
   Port(uint16_t port_id, std::string devargs, rte_mempool* pool)
       : port_id_(port_id), devargs_(std::move(devargs)), pool_(pool) {}
-  Status Start();
+  // `memif_buffer`: the bsize= a memif device was given (0: its default).
+  Status Start(size_t memif_buffer);
   void Poll();
   void Dispatch(rte_mbuf* frame);  // REQUIRES: mu_ held
 
@@ -389,13 +390,17 @@ Result<std::shared_ptr<Port>> Port::Open(const DpdkAddress& address, rte_mempool
     return Status::IoError("DPDK device '" + address.name + "' was created but has no port");
   }
   std::shared_ptr<Port> port(new Port(port_id, address.devargs, pool));
-  Status started = port->Start();
+  size_t memif_buffer = 0;
+  if (size_t at = ("," + address.args).find(",bsize="); at != std::string::npos) {
+    memif_buffer = std::strtoul(address.args.c_str() + at + 6, nullptr, 10);
+  }
+  Status started = port->Start(memif_buffer);
   if (!started.ok()) return started.WithContext("DPDK device '" + address.devargs + "'");
   ProbedPorts()[address.name] = port;
   return port;
 }
 
-Status Port::Start() {
+Status Port::Start(size_t memif_buffer) {
   rte_eth_dev_info info{};
   int rc = rte_eth_dev_info_get(port_id_, &info);
   if (rc != 0) return Status::IoError("no device information: " + RteError(-rc));
@@ -424,7 +429,10 @@ Status Port::Start() {
   rte_eth_macaddr_get(port_id_, &mac_);
   uint16_t mtu = RTE_ETHER_MTU;
   rte_eth_dev_get_mtu(port_id_, &mtu);
-  size_t frame = memif ? kFrameRoom : std::min<size_t>(size_t{mtu} + kEthernetHeader, kFrameRoom);
+  // A memif frame larger than its buffers would arrive in chained mbufs, which the
+  // receiver drops: never larger than bsize=.
+  size_t frame = memif ? std::min(kFrameRoom, memif_buffer ? memif_buffer : kFrameRoom)
+                       : std::min<size_t>(size_t{mtu} + kEthernetHeader, kFrameRoom);
   if (!memif && info.max_rx_pktlen > 0) frame = std::min<size_t>(frame, info.max_rx_pktlen);
   if (frame <= kHeaders + 64) {
     return Status::Unsupported("its frames (" + std::to_string(frame) + " bytes) are too small");

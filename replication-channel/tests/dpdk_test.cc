@@ -266,6 +266,27 @@ TEST_CASE("DPDK: a cut wire is a lost peer once nothing is acknowledged for peer
   CHECK(status.message().find("no acknowledgement") != std::string::npos);
 }
 
+TEST_CASE("DPDK: memif with buffers smaller than a frame (bsize=1024) still carries messages",
+          "[dpdk]") {
+  const std::string socket = ",socket=/tmp/lockstep-dpdk-small-" + std::to_string(getpid()) +
+                             ".sock,socket-abstract=no,bsize=1024";
+  std::shared_ptr<Transport> transport = SharedTransport();
+  auto listener = transport->Listen("net_memif40,role=server" + socket);
+  REQUIRE(listener.ok());
+  ChannelPair pair = ConnectPair(*transport, **listener, "net_memif41,role=client" + socket);
+  // 3 MiB is more 1024-byte frames than the receiver queues: the sender must wait for it.
+  std::vector<uint8_t> message = Pattern(3 << 20, 9);
+  Status sent;
+  std::jthread sender([&] { sent = SendBytes(*pair.a, message); });
+  std::vector<uint8_t> buffer(message.size());
+  size_t size = 0;
+  REQUIRE(pair.b->Receive(buffer, &size, kLong).ToString() == "OK");
+  sender.join();
+  CHECK(sent.ok());
+  CHECK(size == message.size());
+  CHECK(buffer == message);
+}
+
 // ----- two processes -----
 
 std::string ProbeCommand(const std::string& transport_args) {

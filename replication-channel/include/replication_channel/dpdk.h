@@ -5,6 +5,8 @@
 // by "#LINK" (a number, default 0) that tells apart several channels sharing one wire:
 //   net_memif0,role=server,socket=/run/lockstep/vm1.sock,socket-abstract=no
 //   net_af_packet0,iface=eth2,framecnt=4096#17
+// Frames: 2048 bytes on memif (its default buffer; never more than a bsize= given), the
+// interface's MTU elsewhere (the transport does not change a host interface's MTU).
 // A '+' stands for ',' (lockstep's settings are "key=value,..." and QEMU's options split
 // at ','): net_memif0+role=client+socket=/run/lockstep/vm1.sock#3.
 // The device is probed the first time an address names it and stays for the process's

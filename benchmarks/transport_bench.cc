@@ -7,18 +7,21 @@
 //   stream   one-way throughput: epochs sent back to back, the receiver drains them;
 //   epoch    an epoch, then a 16-byte ACK back; epochs per second and the ACK latency
 //            (send start to ACK received, p50/p99) — the engine's round.
-// Baselines, same run: the raw memif frame rate (two raw ports, frames of the size the DPDK
-// transport uses, transmitted and received with nothing of ours in the way) and a plain
+// Baselines, same run: the raw memif (and af_packet) frame rate (two raw ports, frames of the
+// size the DPDK transport uses, transmitted and received with nothing of ours in the way;
+// and again with the payload copied in and out, as any user's must be) and a plain
 // loopback TCP socket (the same epoch sizes written and read, an ACK back).
 // The aim (issue 6): DPDK over memif carries epochs at 50% or more of the raw memif rate.
 // Prints a table and writes CSV (and a PNG with python3-matplotlib) under --out.
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <rte_dev.h>
 #include <rte_ethdev.h>
 #include <rte_lcore.h>
 #include <rte_mbuf.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -29,9 +32,12 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <iostream>
+#include <map>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "replication_channel/transports.h"
@@ -232,21 +238,39 @@ RawPort OpenRawPort(const std::string& devargs, rte_mempool* pool) {
   return port;
 }
 
-// Frames of `frame_bytes` from one raw memif port to the other for `seconds`: MB/s of
+// Runs `body` with this thread in network namespace `name` ("" = where it is).
+void InNamespace(const std::string& name, const std::function<void()>& body) {
+  if (name.empty()) return body();
+  int own = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+  int target = open(("/var/run/netns/" + name).c_str(), O_RDONLY | O_CLOEXEC);
+  if (own < 0 || target < 0 || setns(target, CLONE_NEWNET) != 0) {
+    std::fprintf(stderr, "transport_bench: cannot enter network namespace %s\n", name.c_str());
+    std::exit(1);
+  }
+  close(target);
+  body();
+  setns(own, CLONE_NEWNET);
+  close(own);
+}
+
+rte_mempool* RawPool() {
+  static rte_mempool* pool = rte_pktmbuf_pool_create_by_ops(
+      "raw_frames", 4095, 256, 0, RTE_MBUF_DEFAULT_BUF_SIZE, SOCKET_ID_ANY, "lf_stack");
+  return pool;
+}
+
+// Frames of `frame_bytes` from raw port `from` to raw port `to` for `seconds`: MB/s of
 // frames received. `copy`: the sender copies each frame's bytes out of a 64 MiB buffer and
 // the receiver into another, as any user of the frames must (the transport does the same
 // two copies, from and into the caller's memory).
-double RawMemifMbps(size_t frame_bytes, double seconds, const std::string& socket, bool copy) {
+double RawFramesMbps(const RawPort& from, const RawPort& to, size_t frame_bytes, double seconds,
+                     bool copy) {
   constexpr size_t kSpan = 64u << 20;
   std::vector<uint8_t> source(copy ? kSpan : 0, 0x5A), sink(copy ? kSpan : 0);
-  static rte_mempool* pool = rte_pktmbuf_pool_create_by_ops(
-      "raw_frames", 4095, 256, 0, RTE_MBUF_DEFAULT_BUF_SIZE, SOCKET_ID_ANY, "lf_stack");
-  if (!pool) return 0;
-  static RawPort server =
-      OpenRawPort("net_memif90,role=server,socket=" + socket + ",socket-abstract=no", pool);
-  static RawPort client =
-      OpenRawPort("net_memif91,role=client,socket=" + socket + ",socket-abstract=no", pool);
-  if (!server.ok || !client.ok) return 0;
+  rte_mempool* pool = RawPool();
+  if (!pool || !from.ok || !to.ok) return 0;
+  const RawPort& client = from;
+  const RawPort& server = to;
   for (int i = 0; i < 5000; ++i) {
     rte_eth_link link{};
     if (rte_eth_link_get_nowait(client.id, &link) == 0 && link.link_status) break;
@@ -296,6 +320,29 @@ double RawMemifMbps(size_t frame_bytes, double seconds, const std::string& socke
   return bytes / elapsed / 1e6;
 }
 
+// Raw memif: two more ports on their own socket.
+std::pair<double, double> RawMemif(size_t frame, double seconds, const std::string& socket) {
+  static RawPort server =
+      OpenRawPort("net_memif90,role=server,socket=" + socket + ",socket-abstract=no", RawPool());
+  static RawPort client =
+      OpenRawPort("net_memif91,role=client,socket=" + socket + ",socket-abstract=no", RawPool());
+  return {RawFramesMbps(client, server, frame, seconds, false),
+          RawFramesMbps(client, server, frame, seconds, true)};
+}
+
+// Raw af_packet: two more ports on a second veth between the same namespaces.
+std::pair<double, double> RawAfPacket(size_t frame, double seconds, const std::string& ns_a,
+                                      const std::string& ns_b) {
+  static RawPort receiver, sender;
+  InNamespace(ns_a, [&] {
+    receiver = OpenRawPort("net_af_packet90,iface=lstb1a,framecnt=4096", RawPool());
+  });
+  InNamespace(
+      ns_b, [&] { sender = OpenRawPort("net_af_packet91,iface=lstb1b,framecnt=4096", RawPool()); });
+  return {RawFramesMbps(sender, receiver, frame, seconds, false),
+          RawFramesMbps(sender, receiver, frame, seconds, true)};
+}
+
 std::string Human(size_t bytes) {
   if (bytes >= (1u << 20)) return std::to_string(bytes >> 20) + " MiB";
   return std::to_string(bytes >> 10) + " KiB";
@@ -308,12 +355,16 @@ int main(int argc, char** argv) {
   std::string out = "benchmarks/results";
   double seconds = 1.0;
   std::string only;
+  bool af_packet = false;
   po::options_description options("transport_bench options");
   options.add_options()("help,h", "this text")("quick", po::bool_switch(&quick),
                                                "a short run (CI smoke test)")(
       "out", po::value(&out)->default_value(out), "directory for the CSV and PNG")(
       "seconds", po::value(&seconds)->default_value(seconds), "seconds per measurement")(
-      "transport", po::value(&only), "measure only this transport (tcp, dpdk, rdma)");
+      "transport", po::value(&only), "measure only this transport (tcp, dpdk, rdma)")(
+      "af-packet", po::bool_switch(&af_packet),
+      "also DPDK over net_af_packet across a veth between two namespaces (made and removed "
+      "here)");
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, options), vm);
@@ -337,15 +388,33 @@ int main(int argc, char** argv) {
 
   struct Pair {
     std::string transport, medium, listen, connect;
+    std::string listen_ns, connect_ns;  // network namespaces ("" = this one)
   };
   std::vector<Pair> pairs = {
-      {"tcp", "loopback", "127.0.0.1:0", ""},
+      {"tcp", "loopback", "127.0.0.1:0", "", "", ""},
       {"dpdk", "memif",
        "net_memif0,role=server,socket=" + socket_dir + "/memif.sock,socket-abstract=no",
-       "net_memif1,role=client,socket=" + socket_dir + "/memif.sock,socket-abstract=no"},
+       "net_memif1,role=client,socket=" + socket_dir + "/memif.sock,socket-abstract=no", "", ""},
   };
+  const std::string ns_a = "lstb" + std::to_string(getpid()) + "a";
+  const std::string ns_b = "lstb" + std::to_string(getpid()) + "b";
+  if (af_packet) {
+    // Two veth pairs between two namespaces: one for the transport, one for the raw baseline.
+    const std::string setup =
+        "ip netns add " + ns_a + " && ip netns add " + ns_b + " && ip link add lstb0a netns " +
+        ns_a + " type veth peer name lstb0b netns " + ns_b + " && ip link add lstb1a netns " +
+        ns_a + " type veth peer name lstb1b netns " + ns_b + " && ip -n " + ns_a +
+        " link set lstb0a up && ip -n " + ns_a + " link set lstb1a up" + " && ip -n " + ns_b +
+        " link set lstb0b up && ip -n " + ns_b + " link set lstb1b up";
+    if (std::system(setup.c_str()) != 0) {
+      std::fprintf(stderr, "transport_bench: --af-packet needs root (ip netns, veth)\n");
+      return 1;
+    }
+    pairs.push_back({"dpdk", "af_packet", "net_af_packet0,iface=lstb0a,framecnt=4096",
+                     "net_af_packet1,iface=lstb0b,framecnt=4096", ns_a, ns_b});
+  }
   if (Status rdma = RdmaAvailable(transport_options.rdma); rdma.ok()) {
-    pairs.push_back({"rdma", "verbs", "127.0.0.1:0", ""});
+    pairs.push_back({"rdma", "verbs", "127.0.0.1:0", "", "", ""});
   } else {
     Row row;
     row.transport = "rdma";
@@ -355,11 +424,12 @@ int main(int argc, char** argv) {
   }
 
   // The DPDK transport starts the EAL; the raw memif baseline then uses the same EAL.
-  double raw_memif_mbps = 0, raw_memif_copy_mbps = 0;
+  std::map<std::string, std::pair<double, double>> raw_by_medium;  // raw, raw+copy
   for (const Pair& p : pairs) {
     if (!only.empty() && p.transport != only) continue;
     auto transport = MakeTransport(p.transport, transport_options);
-    auto listener = (*transport)->Listen(p.listen);
+    Result<std::unique_ptr<Listener>> listener = Status::Aborted("");
+    InNamespace(p.listen_ns, [&] { listener = (*transport)->Listen(p.listen); });
     if (!listener.ok()) {
       std::fprintf(stderr, "transport_bench: %s: %s\n", p.transport.c_str(),
                    listener.status().ToString().c_str());
@@ -369,7 +439,8 @@ int main(int argc, char** argv) {
     for (size_t epoch : sizes) {
       // A fresh connection per size: what one size leaves queued does not slow the next.
       Result<std::unique_ptr<Channel>> a = Status::Aborted("");
-      std::thread connector([&] { a = (*transport)->Connect(address, 10s); });
+      std::thread connector(
+          [&] { InNamespace(p.connect_ns, [&] { a = (*transport)->Connect(address, 10s); }); });
       auto b = (*listener)->Accept(10s);
       connector.join();
       if (!a.ok() || !b.ok()) {
@@ -390,19 +461,21 @@ int main(int argc, char** argv) {
       if (uint64_t resent = (*a)->stats().retransmissions + (*b)->stats().retransmissions) {
         row.note += (row.note.empty() ? "" : "; ") + std::to_string(resent) + " frames resent";
       }
-      if (p.medium == "memif") {
-        if (raw_memif_mbps == 0) {
-          // The transport's frames on memif (replication_channel/dpdk.h): 2048 bytes.
-          const size_t frame = 2048;
-          raw_memif_mbps = RawMemifMbps(frame, seconds, socket_dir + "/raw.sock", false);
-          raw_memif_copy_mbps = RawMemifMbps(frame, seconds, socket_dir + "/raw.sock", true);
+      if (p.medium == "memif" || p.medium == "af_packet") {
+        // The transport's frames: 2048 bytes on memif, the veth's MTU (1500) on af_packet.
+        const size_t frame = p.medium == "memif" ? 2048 : 1514;
+        auto& [raw, raw_copy] = raw_by_medium[p.medium];
+        if (raw == 0) {
+          std::tie(raw, raw_copy) = p.medium == "memif"
+                                        ? RawMemif(frame, seconds, socket_dir + "/raw.sock")
+                                        : RawAfPacket(frame, seconds, ns_a, ns_b);
           std::printf(
-              "raw memif: %zu-byte frames, %.0f MB/s; with the payload copied in and "
-              "out %.0f MB/s\n",
-              frame, raw_memif_mbps, raw_memif_copy_mbps);
+              "raw %s: %zu-byte frames, %.0f MB/s; with the payload copied in and out "
+              "%.0f MB/s\n",
+              p.medium.c_str(), frame, raw, raw_copy);
         }
-        row.baseline_mbps = raw_memif_mbps;
-        row.baseline_copy_mbps = raw_memif_copy_mbps;
+        row.baseline_mbps = raw;
+        row.baseline_copy_mbps = raw_copy;
       } else {
         row.baseline_mbps = LoopbackSocketMbps(epoch, seconds);
       }
@@ -426,9 +499,10 @@ int main(int argc, char** argv) {
                 r.note.c_str());
   }
   std::printf(
-      "raw: memif frames of the transport's size with nothing of ours in the way (dpdk rows), "
-      "a plain loopback TCP socket with the same write size (tcp rows); raw+copy: the memif "
-      "frames' payload copied from and into memory, as any user's must be; same run.\n");
+      "raw: memif or af_packet frames of the transport's size with nothing of ours in the way "
+      "(dpdk rows; af_packet counts the frames that arrived), a plain loopback TCP socket with "
+      "the same write size (tcp rows); raw+copy: the frames' payload copied from and into "
+      "memory, as any user's must be; same run.\n");
 
   std::filesystem::create_directories(out);
   std::string csv = out + "/transport_bench.csv";
@@ -452,6 +526,9 @@ int main(int argc, char** argv) {
     std::printf("wrote %s\n", (out + "/transport_bench.png").c_str());
   }
   std::filesystem::remove_all(socket_dir);
+  if (af_packet) {
+    (void)std::system(("ip netns del " + ns_a + "; ip netns del " + ns_b).c_str());
+  }
   std::fflush(stdout);
   // DPDK's ports and threads stay up to the process's end; leave without tearing them down.
   std::_Exit(0);

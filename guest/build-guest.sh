@@ -23,43 +23,16 @@ source "$repo/scripts/lib/packages.sh"
 ensure_packages "${deps[@]}"
 
 # The kernel: the package linux-image-cloud-amd64 currently points at.
-mkdir -p "$cache"
-kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
-if [[ -z $kpkg ]]; then
-  echo "build-guest: cannot resolve linux-image-cloud-amd64 (run apt-get update as root)" >&2
-  exit 1
-fi
-kdir=$cache/$kpkg
-if [[ ! -d $kdir/boot ]]; then
-  rm -rf "$cache/dl" && mkdir -p "$cache/dl"
-  (cd "$cache/dl" && apt-get download -q "$kpkg" >/dev/null)
-  rm -rf "$kdir.tmp" && mkdir -p "$kdir.tmp"
-  dpkg-deb -x "$cache"/dl/"$kpkg"_*.deb "$kdir.tmp"
-  mv "$kdir.tmp" "$kdir"
-  rm -rf "$cache/dl"
-fi
-kver=$(ls "$kdir/lib/modules")
-depmod -b "$kdir" "$kver"
+# shellcheck source=lib/guest-parts.sh
+source "$repo/guest/lib/guest-parts.sh"
+fetch_kernel linux-image-cloud-amd64 "$cache"
 
 root=$out/initramfs
 rm -rf "$root"
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,etc,tmp,lib/modules}
-cp /bin/busybox "$root/bin/busybox"
-for tool in sh mount umount insmod ip cat echo sleep poweroff mkdir ls dmesg grep sed tr; do
-  ln -sf busybox "$root/bin/$tool"
-done
-
-# Modules in load order, dependencies first; built-in ones are skipped.
-: > "$root/etc/modules.order"
-for m in "${modules[@]}"; do
-  modprobe -d "$kdir" -S "$kver" --show-depends "$m" | while read -r kind path _; do
-    [[ $kind == insmod ]] || continue
-    name=$(basename "$path")
-    grep -qx "$name" "$root/etc/modules.order" && continue
-    cp "$path" "$root/lib/modules/$name"
-    echo "$name" >> "$root/etc/modules.order"
-  done
-done
+install_busybox "$root" sh mount umount insmod ip cat echo sleep poweroff mkdir ls dmesg grep \
+  sed tr
+install_modules "$root" "${modules[@]}"
 
 g++ -std=c++20 -O2 -static -pthread -Wall -Wextra -Werror "$repo/guest/workload.cc" \
   -o "$root/bin/lockstep-workload"

@@ -39,24 +39,9 @@ source "$repo/scripts/lib/packages.sh"
 ensure_packages "${deps[@]}"
 
 # The kernel: the package linux-image-amd64 currently points at.
-mkdir -p "$cache"
-kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
-if [[ -z $kpkg ]]; then
-  echo "build-rdma-guest: cannot resolve linux-image-amd64 (run apt-get update as root)" >&2
-  exit 1
-fi
-kdir=$cache/$kpkg
-if [[ ! -d $kdir/boot ]]; then
-  dl=$cache/dl-$kpkg
-  rm -rf "$dl" && mkdir -p "$dl"
-  (cd "$dl" && apt-get download -q "$kpkg" >/dev/null)
-  rm -rf "$kdir.tmp" && mkdir -p "$kdir.tmp"
-  dpkg-deb -x "$dl"/"$kpkg"_*.deb "$kdir.tmp"
-  mv "$kdir.tmp" "$kdir"
-  rm -rf "$dl"
-fi
-kver=$(ls "$kdir/lib/modules")
-[[ -f $kdir/lib/modules/$kver/modules.dep ]] || depmod -b "$kdir" "$kver"
+# shellcheck source=lib/guest-parts.sh
+source "$repo/guest/lib/guest-parts.sh"
+fetch_kernel linux-image-amd64 "$cache"
 if ((fetch_only)); then
   echo "build-rdma-guest: kernel $kver cached in $kdir"
   echo "$out"
@@ -66,28 +51,9 @@ fi
 root=$out/initramfs
 rm -rf "$root"
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,etc/libibverbs.d,tmp,lib/modules}
-cp /bin/busybox "$root/bin/busybox"
-for tool in sh mount insmod ip cat cut echo sleep poweroff mkdir ls dmesg grep sed tr \
-  seq; do
-  ln -sf busybox "$root/bin/$tool"
-done
-
-# Modules in load order, dependencies first; built-in ones are skipped.
-: > "$root/etc/modules.order"
-for m in "${modules[@]}"; do
-  modprobe -d "$kdir" -S "$kver" --show-depends "$m" | while read -r kind path _; do
-    [[ $kind == insmod ]] || continue
-    name=$(basename "$path")
-    grep -qx "$name" "$root/etc/modules.order" && continue
-    cp "$path" "$root/lib/modules/$name"
-    echo "$name" >> "$root/etc/modules.order"
-  done
-done
-# Compressed modules (some kernels ship .ko.xz) would need a decompressing insmod.
-if grep -qv '\.ko$' "$root/etc/modules.order"; then
-  echo "build-rdma-guest: the kernel ships compressed modules; decompress them first" >&2
-  exit 1
-fi
+install_busybox "$root" sh mount insmod ip cat cut echo sleep poweroff mkdir ls dmesg grep sed \
+  tr seq
+install_modules "$root" "${modules[@]}"
 
 # Copies a file to the same path under the initramfs (following symlinks).
 copy_file() {

@@ -1367,39 +1367,24 @@ Result<std::unique_ptr<Channel>> Establish(UniqueFd socket, const RdmaOptions& o
   return std::unique_ptr<Channel>(std::move(channel));
 }
 
-class RdmaListener final : public Listener {
+class RdmaListener final : public SocketListener {
  public:
-  RdmaListener(UniqueFd socket, UniqueFd wake, std::string address, RdmaOptions options)
-      : socket_(std::move(socket)),
-        wake_(std::move(wake)),
-        address_(std::move(address)),
+  RdmaListener(ListeningSocket listening, UniqueFd wake, RdmaOptions options)
+      : SocketListener(std::move(listening), std::move(wake), "rdma"),
         options_(std::move(options)) {}
-
-  std::string address() const override { return address_; }
 
   // Waits for a TCP connection within `timeout`, then runs the handshake (which has its
   // own bound, kHandshakeTimeout).
   Result<std::unique_ptr<Channel>> Accept(std::chrono::milliseconds timeout) override {
-    Result<UniqueFd> accepted =
-        AcceptOn(socket_.get(), wake_.get(), aborted_, timeout, "rdma", address_);
+    Result<UniqueFd> accepted = AcceptSocket(timeout);
     if (!accepted.ok()) return accepted.status();
-    Result<std::unique_ptr<Channel>> channel =
-        Establish(std::move(*accepted), options_, wake_.get());
-    if (channel.ok() || !aborted_.load()) return channel;
-    return Status::Aborted("rdma listener on " + address_ + " was aborted");
-  }
-
-  void Abort() override {
-    if (aborted_.exchange(true)) return;
-    Signal(wake_.get());
+    Result<std::unique_ptr<Channel>> channel = Establish(std::move(*accepted), options_, wake_fd());
+    if (channel.ok() || !aborted()) return channel;
+    return Status::Aborted("rdma listener on " + address() + " was aborted");
   }
 
  private:
-  const UniqueFd socket_;
-  const UniqueFd wake_;  // an eventfd; readable once Abort() ran
-  const std::string address_;
   const RdmaOptions options_;
-  std::atomic<bool> aborted_{false};
 };
 
 class RdmaTransport final : public Transport {
@@ -1413,12 +1398,7 @@ class RdmaTransport final : public Transport {
     if (!parsed.ok()) return parsed.status();
     LOCKSTEP_RETURN_IF_ERROR(RdmaAvailable(options_));
     const std::string where = "rdma listen on " + std::string(address);
-    auto listening = ListenOn(*parsed, where);
-    if (!listening.ok()) return listening.status();
-    Result<UniqueFd> wake = MakeWakeFd();
-    if (!wake.ok()) return wake.status().WithContext(where);
-    return std::unique_ptr<Listener>(new RdmaListener(
-        std::move(listening->socket), std::move(*wake), listening->address, options_));
+    return MakeSocketListener<RdmaListener>(*parsed, where, nullptr, nullptr, options_);
   }
 
   // Returns once the listener's Accept() answered the handshake (or `timeout` passed

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -117,6 +118,51 @@ Result<UniqueFd> AcceptOn(int listening, int wake_fd, const std::atomic<bool>& a
 Result<UniqueFd> ConnectTo(const SocketAddress& address, std::chrono::milliseconds timeout,
                            const std::string& where, SocketSetup setup = nullptr,
                            const void* context = nullptr);
+
+// A Listener on a TCP socket: its address, Abort(), and AcceptSocket() for the transport's
+// Accept(), which makes the channel of the accepted socket. Thread-safe as Listener says.
+class SocketListener : public Listener {
+ public:
+  SocketListener(ListeningSocket listening, UniqueFd wake, std::string_view transport)
+      : socket_(std::move(listening.socket)),
+        wake_(std::move(wake)),
+        address_(std::move(listening.address)),
+        transport_(transport) {}
+
+  std::string address() const override { return address_; }
+  void Abort() override {
+    if (aborted_.exchange(true)) return;
+    Signal(wake_.get());
+  }
+
+ protected:
+  Result<UniqueFd> AcceptSocket(std::chrono::milliseconds timeout) {
+    return AcceptOn(socket_.get(), wake_.get(), aborted_, timeout, transport_, address_);
+  }
+  int wake_fd() const { return wake_.get(); }
+  bool aborted() const { return aborted_.load(std::memory_order_acquire); }
+
+ private:
+  const UniqueFd socket_;
+  const UniqueFd wake_;  // an eventfd; readable once Abort() ran
+  const std::string address_;
+  const std::string_view transport_;
+  std::atomic<bool> aborted_{false};
+};
+
+// Listens on `address` (`where` prefixes errors) and makes a `ListenerType` of it: a
+// SocketListener constructed from (ListeningSocket, UniqueFd wake, extra...).
+template <typename ListenerType, typename... Extra>
+Result<std::unique_ptr<Listener>> MakeSocketListener(const SocketAddress& address,
+                                                     const std::string& where, SocketSetup setup,
+                                                     const void* context, Extra&&... extra) {
+  auto listening = ListenOn(address, where, setup, context);
+  if (!listening.ok()) return listening.status();
+  Result<UniqueFd> wake = MakeWakeFd();
+  if (!wake.ok()) return wake.status().WithContext(where);
+  return std::unique_ptr<Listener>(
+      new ListenerType(std::move(*listening), std::move(*wake), std::forward<Extra>(extra)...));
+}
 
 // `timeout` in microseconds, without overflowing for huge values (milliseconds::max()).
 std::chrono::microseconds ToMicros(std::chrono::milliseconds timeout);

@@ -382,34 +382,19 @@ Result<std::unique_ptr<Channel>> MakeChannel(UniqueFd socket, const TcpOptions& 
       new TcpChannel(std::move(socket), std::move(*wake), FormatAddress(peer)));
 }
 
-class TcpListener final : public Listener {
+class TcpListener final : public SocketListener {
  public:
-  TcpListener(UniqueFd socket, UniqueFd wake, std::string address, TcpOptions options)
-      : socket_(std::move(socket)),
-        wake_(std::move(wake)),
-        address_(std::move(address)),
-        options_(options) {}
-
-  std::string address() const override { return address_; }
+  TcpListener(ListeningSocket listening, UniqueFd wake, TcpOptions options)
+      : SocketListener(std::move(listening), std::move(wake), "tcp"), options_(options) {}
 
   Result<std::unique_ptr<Channel>> Accept(std::chrono::milliseconds timeout) override {
-    Result<UniqueFd> accepted =
-        AcceptOn(socket_.get(), wake_.get(), aborted_, timeout, "tcp", address_);
+    Result<UniqueFd> accepted = AcceptSocket(timeout);
     if (!accepted.ok()) return accepted.status();
     return MakeChannel(std::move(*accepted), options_);
   }
 
-  void Abort() override {
-    if (aborted_.exchange(true)) return;
-    Signal(wake_.get());
-  }
-
  private:
-  const UniqueFd socket_;
-  const UniqueFd wake_;  // an eventfd; readable once Abort() ran
-  const std::string address_;
   const TcpOptions options_;
-  std::atomic<bool> aborted_{false};
 };
 
 class TcpTransport final : public Transport {
@@ -424,12 +409,7 @@ class TcpTransport final : public Transport {
     const std::string where = "listen on " + std::string(address);
     // Buffer sizes on the listener: accepted sockets inherit them before the handshake
     // fixes the TCP window scale.
-    auto listening = ListenOn(*parsed, where, &SetupListener, &options_);
-    if (!listening.ok()) return listening.status();
-    Result<UniqueFd> wake = MakeWakeFd();
-    if (!wake.ok()) return wake.status().WithContext(where);
-    return std::unique_ptr<Listener>(new TcpListener(std::move(listening->socket), std::move(*wake),
-                                                     listening->address, options_));
+    return MakeSocketListener<TcpListener>(*parsed, where, &SetupListener, &options_, options_);
   }
 
   // The socket stays non-blocking after the handshake: every wait of the channel is a

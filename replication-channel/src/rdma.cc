@@ -210,6 +210,11 @@ Result<int> ChooseGid(ibv_context* context, const RdmaOptions& options, const ib
                       ibv_gid* gid) {
   const char* name = ::ibv_get_device_name(context->device);
   if (options.gid_index >= 0) {
+    if (options.gid_index > 255 || options.gid_index >= port.gid_tbl_len) {
+      return Status::InvalidArgument("GID index " + std::to_string(options.gid_index) + " of " +
+                                     name + " is out of range: its table has " +
+                                     std::to_string(port.gid_tbl_len) + " entries");
+    }
     int rc = ::ibv_query_gid(context, options.port, options.gid_index, gid);
     if (rc != 0) {
       return Status::InvalidArgument("GID index " + std::to_string(options.gid_index) + " of " +
@@ -529,9 +534,10 @@ RdmaChannel::~RdmaChannel() {
       if (!aborted_.load() && !failed_ && !peer_gone_) {
         // Every message's last request is signalled: no signalled request left means
         // every message was acknowledged.
-        state_cv_.wait_for(lock, kCloseDrain,
-                           [&] { return failed_ || peer_gone_ || signalled_count_ == 0; });
-        if (!failed_) {
+        state_cv_.wait_for(lock, kCloseDrain, [&] {
+          return failed_ || peer_gone_ || aborted_.load() || signalled_count_ == 0;
+        });
+        if (!failed_ && !aborted_.load()) {
           uint8_t goodbye[kGoodbyeBytes] = {};
           PutU32(goodbye, kGoodbyeWord);
           PutU64(goodbye + 8, completed_through_.load());
@@ -589,6 +595,10 @@ Status RdmaChannel::Open() {
   const auto max_wr = static_cast<uint32_t>(std::max(device_attr.max_qp_wr, 8));
   send_depth_ = std::min(options_.send_queue_depth, max_wr);
   own_credits_ = std::min(options_.receive_credits, (max_wr - kReceiveSlack) / 2);
+  if (own_credits_ == 0) {
+    return Status::Unsupported(name + " takes too few work requests per queue pair (" +
+                               std::to_string(device_attr.max_qp_wr) + ") for the rdma transport");
+  }
   receive_slots_ = 2 * own_credits_ + kReceiveSlack;
 
   pd_ = ::ibv_alloc_pd(context_);
@@ -822,8 +832,10 @@ template <typename Ready>
 Status RdmaChannel::WaitUntil(std::unique_lock<std::mutex>& lock, const Deadline& deadline,
                               Ready ready, bool fail_when_peer_gone) {
   while (true) {
-    LOCKSTEP_RETURN_IF_ERROR(UsableLocked(fail_when_peer_gone));
+    // What is done is done, even if the channel failed since (a completion and the peer's
+    // goodbye handled together).
     if (ready()) return Status::Ok();
+    LOCKSTEP_RETURN_IF_ERROR(UsableLocked(fail_when_peer_gone));
     if (deadline.infinite()) {
       state_cv_.wait(lock);
     } else if (state_cv_.wait_until(lock, deadline.when()) == std::cv_status::timeout) {
@@ -841,6 +853,9 @@ Status RdmaChannel::Fail(Status error, bool keep_arrived) {
 
 Status RdmaChannel::FailLocked(Status error, bool keep_arrived) {
   if (aborted_.load(std::memory_order_acquire)) return AbortedStatus();
+  // A local failure that ends delivery (a message that did not fit) ends it even after the
+  // peer's loss had left the arrived messages readable.
+  if (failed_ && !keep_arrived) keep_arrived_ = false;
   if (!failed_) {
     failed_ = true;
     keep_arrived_ = keep_arrived;
@@ -1239,7 +1254,9 @@ void RdmaChannel::HandleAsyncEvents() {
   ibv_async_event event;
   while (::ibv_get_async_event(context_, &event) == 0) {
     ibv_event_type type = event.event_type;
+    const bool other_port = type == IBV_EVENT_PORT_ERR && event.element.port_num != options_.port;
     ::ibv_ack_async_event(&event);
+    if (other_port) continue;  // another port's trouble is not this channel's
     switch (type) {
       case IBV_EVENT_QP_FATAL:
       case IBV_EVENT_QP_REQ_ERR:

@@ -398,7 +398,12 @@ class RdmaChannel final : public Channel {
   Status WaitUntil(std::unique_lock<std::mutex>& lock, const Deadline& deadline, Ready ready,
                    bool fail_when_peer_gone);
   // Posts a credit update; REQUIRES state_mu_.
-  Status PostCreditLocked(std::unique_lock<std::mutex>& lock);
+  // Posts a credit update now if the send queue has room, else leaves it to the completion
+  // that frees a slot (credit_pending_): Receive() never waits for the send queue.
+  // REQUIRES: state_mu_ held.
+  void ReturnCreditLocked();
+  Status PostCreditNowLocked();
+  bool credit_pending_ = false;  // GUARDED_BY(state_mu_)
   bool SignalNextLocked() const { return wr_posted_ + 1 - last_signalled_ >= send_depth_ / 4; }
   void PushSignalledLocked(const Signalled& record) {
     signalled_[(signalled_head_ + signalled_count_) % signalled_.size()] = record;
@@ -1038,10 +1043,18 @@ Status RdmaChannel::WaitForCompletion(uint64_t seq, std::chrono::microseconds ti
   return status;
 }
 
-Status RdmaChannel::PostCreditLocked(std::unique_lock<std::mutex>& lock) {
-  LOCKSTEP_RETURN_IF_ERROR(WaitUntil(
-      lock, Deadline(kForever), [&] { return wr_posted_ - wr_completed_.load() < send_depth_; },
-      /*fail_when_peer_gone=*/true));
+void RdmaChannel::ReturnCreditLocked() {
+  if (failed_ || peer_gone_ || aborted_.load()) return;
+  if (wr_posted_ - wr_completed_.load() >= send_depth_) {
+    credit_pending_ = true;
+    return;
+  }
+  credit_pending_ = false;
+  // A failure here shows on the next call; the message that freed the credit was delivered.
+  (void)PostCreditNowLocked();
+}
+
+Status RdmaChannel::PostCreditNowLocked() {
   const uint64_t index = wr_posted_ + 1;
   uint8_t* slot = SendSlot(index);  // free: request index - send_depth_ has completed
   PutU32(slot, kCreditWord);
@@ -1119,10 +1132,7 @@ Status RdmaChannel::Receive(std::span<uint8_t> into, size_t* size,
   // quarter of a limit came free.
   if (arrived_count_ == 0 || consumed_bytes_ - reported_bytes_ >= ring / 4 ||
       consumed_messages_ - reported_messages_ >= std::max<uint64_t>(credits_ / 4, 1)) {
-    if (!failed_ && !peer_gone_ && !aborted_.load()) {
-      // A failure here shows on the next call; this message was delivered.
-      (void)PostCreditLocked(lock);
-    }
+    ReturnCreditLocked();
   }
   return Status::Ok();
 }
@@ -1208,6 +1218,7 @@ void RdmaChannel::HandleCompletionLocked(const ibv_wc& wc) {
         signalled_head_ = (signalled_head_ + 1) % signalled_.size();
         --signalled_count_;
       }
+      if (credit_pending_) ReturnCreditLocked();  // a slot came free for it
       break;
     case IBV_WC_RECV_RDMA_WITH_IMM: {
       const uint32_t length = be32toh(wc.imm_data);

@@ -1254,9 +1254,7 @@ class DpdkTransport final : public Transport {
   Result<std::unique_ptr<Listener>> Listen(std::string_view text) override {
     auto address = ParseAddress(text);
     if (!address.ok()) return address.status();
-    auto pool = Eal::Get(options_.eal_args);
-    if (!pool.ok()) return pool.status();
-    auto port = Port::Open(*address, *pool);
+    auto port = OpenPort(*address);
     if (!port.ok()) return port.status();
     auto listener = std::make_unique<DpdkListener>(*port, options_, *address);
     Status attached = (*port)->AttachListener(listener.get());
@@ -1270,9 +1268,7 @@ class DpdkTransport final : public Transport {
   Result<std::unique_ptr<Channel>> Connect(std::string_view text, milliseconds timeout) override {
     auto address = ParseAddress(text);
     if (!address.ok()) return address.status();
-    auto pool = Eal::Get(options_.eal_args);
-    if (!pool.ok()) return pool.status();
-    auto port = Port::Open(*address, *pool);
+    auto port = OpenPort(*address);
     if (!port.ok()) return port.status();
     auto deadline = Clock::now() + timeout;
     while (!(*port)->LinkUp()) {
@@ -1315,6 +1311,13 @@ class DpdkTransport final : public Transport {
   }
 
  private:
+  // The EAL (started on first use) and the address's port (probed on first use).
+  Result<std::shared_ptr<Port>> OpenPort(const DpdkAddress& address) {
+    auto pool = Eal::Get(options_.eal_args);
+    if (!pool.ok()) return pool.status();
+    return Port::Open(address, *pool);
+  }
+
   const DpdkOptions options_;
 };
 

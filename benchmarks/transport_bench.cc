@@ -38,6 +38,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "replication_channel/transports.h"
@@ -53,12 +54,17 @@ namespace {
 const std::string kEal =
     "--no-huge -m 512 --no-pci --no-shconf --no-telemetry --log-level=error -l 0";
 
+// One transport and epoch size: the medians of --repeat measurements, each taken right
+// beside a measurement of the raw medium (the ratios are medians of those pairs' ratios:
+// the machine's speed drifts between measurements, two adjacent ones see the same).
 struct Row {
   std::string transport, medium;
   size_t epoch_bytes = 0;
   double stream_mbps = 0, epochs_per_s = 0, ack_p50_us = 0, ack_p99_us = 0;
   double baseline_mbps = 0;       // the raw medium's rate measured in this run
   double baseline_copy_mbps = 0;  // memif: the raw rate with the payload copied in and out
+  double ratio_pct = 0, copy_ratio_pct = 0;  // stream against each baseline
+  int repeats = 0;
   std::string note;
 };
 
@@ -67,6 +73,8 @@ double Percentile(std::vector<double> v, double p) {
   std::sort(v.begin(), v.end());
   return v[std::min(v.size() - 1, static_cast<size_t>(p * v.size()))];
 }
+
+double Median(std::vector<double> v) { return Percentile(std::move(v), 0.5); }
 
 double Seconds(SteadyClock::time_point since) {
   return std::chrono::duration<double>(SteadyClock::now() - since).count();
@@ -297,8 +305,15 @@ double RawFramesMbps(const RawPort& from, const RawPort& to, size_t frame_bytes,
       uint16_t sent = rte_eth_tx_burst(client.id, 0, frames, 32);
       if (sent < 32) rte_pktmbuf_free_bulk(frames + sent, 32 - sent);
     }
+    // The frames this thread's cache holds go back to the pool (the next measurement's).
+    if (rte_mempool_cache* cache = rte_mempool_default_cache(pool, rte_lcore_id())) {
+      rte_mempool_cache_flush(cache, pool);
+    }
+    rte_thread_unregister();
   });
-  rte_thread_register();
+  // (Registering a thread DPDK knows already would give it another lcore and strand the
+  // frames its old cache holds.)
+  if (rte_lcore_id() == LCORE_ID_ANY) rte_thread_register();
   auto start = SteadyClock::now();
   uint64_t bytes = 0;
   rte_mbuf* frames[32];
@@ -333,12 +348,16 @@ std::pair<double, double> RawMemif(size_t frame, double seconds, const std::stri
 // Raw af_packet: two more ports on a second veth between the same namespaces.
 std::pair<double, double> RawAfPacket(size_t frame, double seconds, const std::string& ns_a,
                                       const std::string& ns_b) {
-  static RawPort receiver, sender;
-  InNamespace(ns_a, [&] {
-    receiver = OpenRawPort("net_af_packet90,iface=lstb1a,framecnt=4096", RawPool());
-  });
-  InNamespace(
-      ns_b, [&] { sender = OpenRawPort("net_af_packet91,iface=lstb1b,framecnt=4096", RawPool()); });
+  static RawPort receiver, sender;  // opened once: a DPDK device is probed once
+  static bool opened = false;
+  if (!std::exchange(opened, true)) {
+    InNamespace(ns_a, [&] {
+      receiver = OpenRawPort("net_af_packet90,iface=lstb1a,framecnt=4096", RawPool());
+    });
+    InNamespace(ns_b, [&] {
+      sender = OpenRawPort("net_af_packet91,iface=lstb1b,framecnt=4096", RawPool());
+    });
+  }
   return {RawFramesMbps(sender, receiver, frame, seconds, false),
           RawFramesMbps(sender, receiver, frame, seconds, true)};
 }
@@ -356,11 +375,17 @@ int main(int argc, char** argv) {
   double seconds = 1.0;
   std::string only;
   bool af_packet = false;
+  int repeat = 3;
+  std::vector<size_t> epoch_kib;
   po::options_description options("transport_bench options");
   options.add_options()("help,h", "this text")("quick", po::bool_switch(&quick),
                                                "a short run (CI smoke test)")(
       "out", po::value(&out)->default_value(out), "directory for the CSV and PNG")(
       "seconds", po::value(&seconds)->default_value(seconds), "seconds per measurement")(
+      "repeat", po::value(&repeat)->default_value(repeat),
+      "measurements per transport and size, each beside one of the raw medium (medians "
+      "reported)")("epoch-kib", po::value(&epoch_kib)->multitoken(),
+                   "epoch sizes in KiB (default 64 1024 4096 16384; --quick: 64 4096)")(
       "transport", po::value(&only), "measure only this transport (tcp, dpdk, rdma)")(
       "af-packet", po::bool_switch(&af_packet),
       "also DPDK over net_af_packet across a veth between two namespaces (made and removed "
@@ -377,9 +402,27 @@ int main(int argc, char** argv) {
     std::cout << options;
     return 0;
   }
-  if (quick) seconds = std::min(seconds, 0.3);
+  if (quick) {
+    seconds = std::min(seconds, 0.3);
+    repeat = 1;
+  }
+  if (repeat < 1 || seconds <= 0) {
+    std::cerr << "transport_bench: --repeat must be 1 or more and --seconds more than 0\n";
+    return 2;
+  }
   std::vector<size_t> sizes = quick ? std::vector<size_t>{64 << 10, 4 << 20}
                                     : std::vector<size_t>{64 << 10, 1 << 20, 4 << 20, 16 << 20};
+  if (!epoch_kib.empty()) {
+    sizes.clear();
+    for (size_t kib : epoch_kib) {
+      if (kib == 0 || kib > (kMaxMessageBytes >> 10)) {
+        std::cerr << "transport_bench: --epoch-kib " << kib << " is not between 1 and "
+                  << (kMaxMessageBytes >> 10) << "\n";
+        return 2;
+      }
+      sizes.push_back(kib << 10);
+    }
+  }
   const std::string socket_dir = "/tmp/lockstep-transport-bench-" + std::to_string(getpid());
   std::filesystem::create_directories(socket_dir);
   TransportOptions transport_options;
@@ -424,7 +467,6 @@ int main(int argc, char** argv) {
   }
 
   // The DPDK transport starts the EAL; the raw memif baseline then uses the same EAL.
-  std::map<std::string, std::pair<double, double>> raw_by_medium;  // raw, raw+copy
   for (const Pair& p : pairs) {
     if (!only.empty() && p.transport != only) continue;
     auto transport = MakeTransport(p.transport, transport_options);
@@ -452,32 +494,48 @@ int main(int argc, char** argv) {
       row.transport = p.transport;
       row.medium = p.medium;
       row.epoch_bytes = epoch;
-      Measured m = MeasureChannel(**a, **b, epoch, seconds);
-      row.stream_mbps = m.stream_mbps;
-      row.epochs_per_s = m.epochs_per_s;
-      row.ack_p50_us = m.ack_p50_us;
-      row.ack_p99_us = m.ack_p99_us;
-      row.note = m.error;
+      row.repeats = repeat;
+      std::vector<double> stream, epochs, p50, p99, raw, raw_copy, ratio, copy_ratio;
+      for (int r = 0; r < repeat && row.note.empty(); ++r) {
+        Measured m = MeasureChannel(**a, **b, epoch, seconds);
+        row.note = m.error;
+        stream.push_back(m.stream_mbps);
+        epochs.push_back(m.epochs_per_s);
+        p50.push_back(m.ack_p50_us);
+        p99.push_back(m.ack_p99_us);
+        double base = 0, base_copy = 0;
+        if (p.medium == "memif" || p.medium == "af_packet") {
+          // The transport's frames: 2048 bytes on memif, the veth's MTU (1500) on af_packet.
+          const size_t frame = p.medium == "memif" ? 2048 : 1514;
+          std::tie(base, base_copy) = p.medium == "memif"
+                                          ? RawMemif(frame, seconds, socket_dir + "/raw.sock")
+                                          : RawAfPacket(frame, seconds, ns_a, ns_b);
+          std::printf(
+              "%s %s %s: %.0f MB/s; raw %zu-byte frames %.0f MB/s, with the payload "
+              "copied in and out %.0f MB/s\n",
+              p.transport.c_str(), p.medium.c_str(), Human(epoch).c_str(), m.stream_mbps, frame,
+              base, base_copy);
+        } else {
+          base = LoopbackSocketMbps(epoch, seconds);
+          std::printf("%s %s %s: %.0f MB/s; raw %.0f MB/s\n", p.transport.c_str(), p.medium.c_str(),
+                      Human(epoch).c_str(), m.stream_mbps, base);
+        }
+        std::fflush(stdout);
+        raw.push_back(base);
+        raw_copy.push_back(base_copy);
+        ratio.push_back(base > 0 ? 100 * m.stream_mbps / base : 0);
+        copy_ratio.push_back(base_copy > 0 ? 100 * m.stream_mbps / base_copy : 0);
+      }
+      row.stream_mbps = Median(stream);
+      row.epochs_per_s = Median(epochs);
+      row.ack_p50_us = Median(p50);
+      row.ack_p99_us = Median(p99);
+      row.baseline_mbps = Median(raw);
+      row.baseline_copy_mbps = Median(raw_copy);
+      row.ratio_pct = Median(ratio);
+      row.copy_ratio_pct = Median(copy_ratio);
       if (uint64_t resent = (*a)->stats().retransmissions + (*b)->stats().retransmissions) {
         row.note += (row.note.empty() ? "" : "; ") + std::to_string(resent) + " frames resent";
-      }
-      if (p.medium == "memif" || p.medium == "af_packet") {
-        // The transport's frames: 2048 bytes on memif, the veth's MTU (1500) on af_packet.
-        const size_t frame = p.medium == "memif" ? 2048 : 1514;
-        auto& [raw, raw_copy] = raw_by_medium[p.medium];
-        if (raw == 0) {
-          std::tie(raw, raw_copy) = p.medium == "memif"
-                                        ? RawMemif(frame, seconds, socket_dir + "/raw.sock")
-                                        : RawAfPacket(frame, seconds, ns_a, ns_b);
-          std::printf(
-              "raw %s: %zu-byte frames, %.0f MB/s; with the payload copied in and out "
-              "%.0f MB/s\n",
-              p.medium.c_str(), frame, raw, raw_copy);
-        }
-        row.baseline_mbps = raw;
-        row.baseline_copy_mbps = raw_copy;
-      } else {
-        row.baseline_mbps = LoopbackSocketMbps(epoch, seconds);
       }
       rows.push_back(row);
     }
@@ -491,30 +549,30 @@ int main(int argc, char** argv) {
       std::printf("%-6s %-9s %s\n", r.transport.c_str(), r.medium.c_str(), r.note.c_str());
       continue;
     }
-    auto percent = [&](double base) { return base > 0 ? 100 * r.stream_mbps / base : 0.0; };
     std::printf("%-6s %-9s %8s %11.0f %11.0f %5.0f%% %11.0f %5.0f%% %9.0f %9.0f %9.0f %s\n",
                 r.transport.c_str(), r.medium.c_str(), Human(r.epoch_bytes).c_str(), r.stream_mbps,
-                r.baseline_mbps, percent(r.baseline_mbps), r.baseline_copy_mbps,
-                percent(r.baseline_copy_mbps), r.epochs_per_s, r.ack_p50_us, r.ack_p99_us,
-                r.note.c_str());
+                r.baseline_mbps, r.ratio_pct, r.baseline_copy_mbps, r.copy_ratio_pct,
+                r.epochs_per_s, r.ack_p50_us, r.ack_p99_us, r.note.c_str());
   }
   std::printf(
       "raw: memif or af_packet frames of the transport's size with nothing of ours in the way "
       "(dpdk rows; af_packet counts the frames that arrived), a plain loopback TCP socket with "
       "the same write size (tcp rows); raw+copy: the frames' payload copied from and into "
-      "memory, as any user's must be; same run.\n");
+      "memory, as any user's must be; same run. Medians of %d measurements, each beside its "
+      "own of the raw medium; a ratio is the median of those pairs' ratios.\n",
+      repeat);
 
   std::filesystem::create_directories(out);
   std::string csv = out + "/transport_bench.csv";
   if (FILE* f = std::fopen(csv.c_str(), "w")) {
     std::fprintf(f,
                  "transport,medium,epoch_bytes,stream_mbps,baseline_mbps,baseline_copy_mbps,"
-                 "epochs_per_s,ack_p50_us,ack_p99_us,note\n");
+                 "ratio_pct,copy_ratio_pct,epochs_per_s,ack_p50_us,ack_p99_us,repeats,note\n");
     for (const Row& r : rows) {
-      std::fprintf(f, "%s,%s,%zu,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,\"%s\"\n", r.transport.c_str(),
-                   r.medium.c_str(), r.epoch_bytes, r.stream_mbps, r.baseline_mbps,
-                   r.baseline_copy_mbps, r.epochs_per_s, r.ack_p50_us, r.ack_p99_us,
-                   r.note.c_str());
+      std::fprintf(f, "%s,%s,%zu,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%d,\"%s\"\n",
+                   r.transport.c_str(), r.medium.c_str(), r.epoch_bytes, r.stream_mbps,
+                   r.baseline_mbps, r.baseline_copy_mbps, r.ratio_pct, r.copy_ratio_pct,
+                   r.epochs_per_s, r.ack_p50_us, r.ack_p99_us, r.repeats, r.note.c_str());
     }
     std::fclose(f);
     std::printf("wrote %s\n", csv.c_str());

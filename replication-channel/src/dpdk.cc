@@ -3,18 +3,20 @@
 // Ownership. A Port (one DPDK ethdev, probed once per process) owns its poller thread and
 // knows at most one Listener and one Connection at a time. A Connection (the Channel) holds
 // the Port; the Port holds a plain pointer to the Connection, set and cleared under
-// Port::mu_, and the poller calls into the Connection only while holding Port::mu_, so a
-// Connection that detached itself is never touched again. Lock order: Port::mu_, then a
-// Connection's locks; a Connection never takes Port::mu_ while holding its own.
+// Port::mu_, and polling (Port::PollOnce) calls into the Connection only while holding
+// Port::mu_, so a Connection that detached itself is never touched again. Lock order:
+// Port::mu_, then a Connection's locks; a Connection takes Port::mu_ only with try_lock
+// (PollOnce, from Send() under send_mu_ or from Receive()), which never waits.
 //
 // Data path. Send() (under send_mu_) cuts the message into frames, copies the bytes into
 // mbufs from the process's pool (no heap), keeps every frame (one extra reference) in
-// `inflight_` until acknowledged and transmits them in bursts. The poller receives,
-// frees acknowledged frames and publishes `acked_`; the two never write the same slot
-// (Send() waits until the slot's old frame is acknowledged). On the receiving side the
-// poller appends in-order frames to `ring_` (single producer) and Receive() (single
-// consumer) copies their payload into the caller's buffer; frames that arrive early wait
-// in `early_` until the gap is filled.
+// `inflight_` until acknowledged and transmits them in bursts. Polling receives, frees
+// acknowledged frames and publishes `acked_`; the two never write the same slot (Send()
+// waits until the slot's old frame is acknowledged). On the receiving side polling appends
+// in-order frames to `ring_` (one producer at a time: it holds Port::mu_) and Receive()
+// (single consumer) copies their payload into the caller's buffer; frames that arrive early
+// wait in `early_` until the gap is filled. "Poller only" below means: only under
+// Port::mu_, by whichever thread polls.
 //
 // The PMDs this transport is used with (memif, af_packet) copy a frame out of the mbuf
 // during rte_eth_tx_burst() and release it there, so retransmitting an mbuf we still hold
@@ -118,6 +120,8 @@ constexpr int kIdlePollsBeforeNap = 200;
 constexpr microseconds kNap{20};
 constexpr microseconds kIdleNap{100};      // after 1 ms without a frame
 constexpr microseconds kDormantNap{1000};  // after 10 ms without a frame
+// The poller leaves the port to Send()/Receive() while they polled it this recently.
+constexpr microseconds kUserPollCover{200};
 constexpr microseconds kForever = std::chrono::hours(24 * 365);
 
 std::string RteError(int err) { return std::string(rte_strerror(err)); }
@@ -345,6 +349,19 @@ class Port {
   void Poll();
   void Dispatch(rte_mbuf* frame);  // REQUIRES: mu_ held
 
+ public:
+  // One round of the poller's work: receive what arrived and hand it out, check the link,
+  // run the connection's timers (acks, retransmission, peer loss). Any thread may do it:
+  // a Send() between bursts (acks) and a Receive() waiting for frames (their bytes are then
+  // in its cache when it copies them out), and while they do, the poller naps instead of
+  // taking turns with them for the CPU (2 cores here: sender, receiver and two pollers
+  // did not fit). Returns how many frames came, -1 if another thread is polling.
+  // REQUIRES: the caller holds no lock of a Connection's but send_mu_.
+  int PollOnce(bool by_poller = false);
+  // The calling thread, which polled, will not poll for a while: the poller takes over now.
+  void StopCovering() { last_user_poll_.store(0, std::memory_order_relaxed); }
+
+ private:
   const uint16_t port_id_;
   const std::string devargs_;
   rte_mempool* const pool_;
@@ -356,10 +373,16 @@ class Port {
   std::mutex tx_mu_;  // rte_eth_tx_burst on one queue is not thread-safe
 
   std::mutex mu_;
+  Clock::time_point next_link_check_{};    // GUARDED_BY(mu_)
+  std::atomic<Clock::rep> last_frame_{0};  // when a frame last arrived
+  // When a thread other than the poller last polled; the poller naps for kUserPollCover
+  // after it.
+  std::atomic<Clock::rep> last_user_poll_{0};
   DpdkListener* listener_ = nullptr;  // GUARDED_BY(mu_)
   Connection* connection_ = nullptr;  // GUARDED_BY(mu_)
   // Unaccepted connections a newer SYN replaced; the poller destroys them outside mu_.
   std::vector<std::unique_ptr<Connection>> retired_;  // GUARDED_BY(mu_)
+  std::atomic<bool> retired_pending_{false};
 };
 
 std::mutex g_ports_mu;
@@ -532,7 +555,7 @@ class Connection final : public Channel {
   bool accepted() const { return accepted_; }
   bool dead() const { return lost_.load() || aborted_.load(); }
 
-  // Called by the poller. REQUIRES: the port's mu_ held.
+  // Called by whichever thread polls. REQUIRES: the port's mu_ held.
   void OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_ether_addr& from);
   void OnTimer(Clock::time_point now);
   void Lose(std::string why) {
@@ -584,9 +607,19 @@ class Connection final : public Channel {
   template <typename Ready>
   bool WaitUntil(std::condition_variable& cv, std::atomic<int>& waiting, Clock::time_point deadline,
                  Ready ready) {
-    for (int spin = 0; spin < 64; ++spin) {
+    // While frames keep coming, this thread receives them itself (PollOnce): no wake-up to
+    // wait for, and their bytes are in this thread's cache when Receive() copies them out.
+    // Once nothing came for a while it sleeps, and the port's poller wakes it.
+    for (int idle = 0; idle < kIdlePollsBeforeNap;) {
       if (ready()) return true;
+      if (port_->PollOnce() > 0) {
+        idle = 0;
+      } else {
+        ++idle;
+      }
+      if (idle % 16 == 0 && Clock::now() >= deadline) return ready();
     }
+    port_->StopCovering();  // the poller takes over while this thread sleeps
     std::unique_lock lock(wait_mu_);
     waiting.fetch_add(1);
     bool ok = true;
@@ -769,6 +802,7 @@ Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
     if (batched == kBurst) {
       port_->Transmit(batch, batched, /*wait=*/true, &aborted_);
       batched = 0;
+      port_->PollOnce();  // acks: frees frames, opens the window
     }
     left -= payload;
     first = false;
@@ -1143,6 +1177,7 @@ void DpdkListener::OnSyn(const FrameHeader& header, const rte_ether_addr& from) 
   if (pending_) {
     pending_->Lose("replaced by a newer connection before it was accepted");
     port_->retired_.push_back(std::move(pending_));
+    port_->retired_pending_ = true;
   }
   port_->connection_ = connection.get();
   pending_ = std::move(connection);
@@ -1179,43 +1214,58 @@ void Port::Dispatch(rte_mbuf* frame) {
   rte_pktmbuf_free(frame);
 }
 
+int Port::PollOnce(bool by_poller) {
+  // Never waits for the lock: whoever holds it is doing this same work.
+  std::unique_lock lock(mu_, std::try_to_lock);
+  if (!lock.owns_lock()) return -1;
+  rte_mbuf* frames[kBurst];
+  uint16_t count = rte_eth_rx_burst(port_id_, 0, frames, kBurst);
+  auto now = Clock::now();
+  for (uint16_t i = 0; i < count; ++i) Dispatch(frames[i]);
+  if (now >= next_link_check_) {
+    rte_eth_link link{};
+    bool up = rte_eth_link_get_nowait(port_id_, &link) == 0 && link.link_status;
+    link_up_.store(up, std::memory_order_release);
+    if (!up && connection_ && connection_->handshake_ == 1) {
+      connection_->Lose("the port's link went down (memif: the peer's process ended)");
+    }
+    next_link_check_ = now + kLinkCheckInterval;
+  }
+  if (connection_) connection_->OnTimer(now);
+  if (count > 0) last_frame_.store(now.time_since_epoch().count(), std::memory_order_relaxed);
+  if (!by_poller) last_user_poll_.store(now.time_since_epoch().count(), std::memory_order_relaxed);
+  return count;
+}
+
 void Port::Poll() {
   // Not real-time even if the thread that opened the port was: it spins under traffic.
   sched_param normal{};
   pthread_setschedparam(pthread_self(), SCHED_OTHER, &normal);
   RegisterThisThread();
-  rte_mbuf* frames[kBurst];
   int idle = 0;
-  auto next_link_check = Clock::now();
-  auto last_frame = Clock::now();
+  last_frame_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
   while (!stop_.load(std::memory_order_relaxed)) {
-    uint16_t count = rte_eth_rx_burst(port_id_, 0, frames, kBurst);
-    auto now = Clock::now();
-    std::unique_lock lock(mu_);
-    for (uint16_t i = 0; i < count; ++i) Dispatch(frames[i]);
-    if (now >= next_link_check) {
-      rte_eth_link link{};
-      bool up = rte_eth_link_get_nowait(port_id_, &link) == 0 && link.link_status;
-      link_up_.store(up, std::memory_order_release);
-      if (!up && connection_ && connection_->handshake_ == 1) {
-        connection_->Lose("the port's link went down (memif: the peer's process ended)");
-      }
-      next_link_check = now + kLinkCheckInterval;
+    auto user_polled =
+        Clock::time_point(Clock::duration(last_user_poll_.load(std::memory_order_relaxed)));
+    if (auto covered = user_polled + kUserPollCover - Clock::now();
+        covered > Clock::duration::zero()) {
+      // Another thread polls the port: look again when its cover ends.
+      Nap(std::max(kNap, std::chrono::duration_cast<microseconds>(covered)));
+      continue;
     }
-    if (connection_) connection_->OnTimer(now);
-    if (!retired_.empty()) {
+    int count = PollOnce(/*by_poller=*/true);
+    if (retired_pending_.exchange(false)) {
+      std::unique_lock lock(mu_);
       std::vector<std::unique_ptr<Connection>> retired = std::move(retired_);
       retired_.clear();
       lock.unlock();
       retired.clear();  // their destructors take mu_
-      lock.lock();
     }
     if (count > 0) {
       idle = 0;
-      last_frame = now;
     } else if (idle >= kIdlePollsBeforeNap || ++idle == kIdlePollsBeforeNap) {
-      lock.unlock();
-      auto quiet = now - last_frame;
+      auto quiet = Clock::now() -
+                   Clock::time_point(Clock::duration(last_frame_.load(std::memory_order_relaxed)));
       Nap(quiet < milliseconds(1) ? kNap : quiet < milliseconds(10) ? kIdleNap : kDormantNap);
     }
   }

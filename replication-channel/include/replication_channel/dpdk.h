@@ -20,11 +20,13 @@
 // no PCI access (DPDK 22.11 refuses --in-memory beside --no-huge, hence --no-shconf); two
 // processes on one machine should pass different cores (-l).
 //
-// Threads. Each port has one poller thread: it receives every frame, answers acks,
-// retransmits and notices a link going down. Send() builds frames in the caller's thread
-// and transmits them itself; Receive() copies payload out of the received frames into the
-// caller's buffer. The poller spins while there is traffic and sleeps in short naps
-// (tens of microseconds) when idle, so an idle channel costs little CPU.
+// Threads. Send() builds frames in the caller's thread and transmits them itself;
+// Receive() copies payload out of the received frames into the caller's buffer. Polling
+// the port (receiving frames, answering acks, retransmitting, noticing a link going down)
+// is done by whichever thread is there: a Send() between bursts, a Receive() waiting for
+// frames (run to completion: no hand-over, the bytes are in its cache), else the port's
+// poller thread, which naps while another thread polls and in short naps (tens of
+// microseconds, longer the longer nothing came) when idle, so an idle channel costs little.
 //
 // Wire format, version 1. Every frame is an Ethernet II frame, EtherType 0x88B5 (IEEE
 // 802 local experimental), followed by this header, little-endian, then the payload:

@@ -5,8 +5,10 @@
 // the Port; the Port holds a plain pointer to the Connection, set and cleared under
 // Port::mu_, and polling (Port::PollOnce) calls into the Connection only while holding
 // Port::mu_, so a Connection that detached itself is never touched again. Lock order:
-// Port::mu_, then a Connection's locks; a Connection takes Port::mu_ only with try_lock
-// (PollOnce, from Send() under send_mu_ or from Receive()), which never waits.
+// Port::mu_, then a Connection's locks; a Connection never waits for Port::mu_ while it
+// holds a lock of its own (Send() polls under send_mu_ with a try_lock, which never waits).
+// Polling from Send()/Receive() may allocate only when the connection ends (Lose()'s
+// reason) or a new peer connects (OnSyn): never on the data path.
 //
 // Data path. Send() (under send_mu_) cuts the message into frames, copies the bytes into
 // mbufs from the process's pool (no heap), keeps every frame (one extra reference) in
@@ -261,6 +263,19 @@ void RegisterThisThread() {
   (void)registration;
 }
 
+// Whether the calling thread may poll a port (Port::PollOnce): not a real-time one (the
+// engine's heartbeat threads are SCHED_FIFO). Polling can take a while under traffic, and
+// a real-time thread doing it would keep normal threads (the receiver, the poller) off its
+// CPU; it waits for the poller instead. Decided on a thread's first call (threads set
+// their policy when they start).
+bool PollsHere() {
+  thread_local const bool polls = [] {
+    int policy = sched_getscheduler(0);
+    return policy != SCHED_FIFO && policy != SCHED_RR;
+  }();
+  return polls;
+}
+
 void Nap(microseconds length = kNap) {
   timespec nap{0, static_cast<long>(length.count()) * 1000};
   nanosleep(&nap, nullptr);
@@ -279,6 +294,7 @@ class Port {
 
   ~Port() {
     stop_ = true;
+    StopCovering();
     if (poller_.joinable()) poller_.join();
   }
 
@@ -290,9 +306,9 @@ class Port {
   bool LinkUp() const { return link_up_.load(std::memory_order_acquire); }
 
   // Transmits `frames` (each consumed). What the port's queue does not take is freed (a
-  // DATA frame is still held for retransmission): at once when `wait` is false — the
-  // poller never waits, or two pollers each blocked sending to the other would stall both
-  // links — else after the queue stayed full for kTransmitPatience, or when `give_up`
+  // DATA frame is still held for retransmission): at once when `wait` is false — polling
+  // never waits, or two ports each blocked sending to the other would stall both links —
+  // else after the queue stayed full for kTransmitPatience, or when `give_up`
   // turns true or the link goes down. Safe from any thread.
   void Transmit(rte_mbuf** frames, uint16_t count, bool wait,
                 const std::atomic<bool>* give_up = nullptr) {
@@ -348,18 +364,23 @@ class Port {
   Status Start(size_t memif_buffer);
   void Poll();
   void Dispatch(rte_mbuf* frame);  // REQUIRES: mu_ held
+  // The poller: sleeps while another thread polled within kUserPollCover; true if it did.
+  bool WaitWhileCovered();
 
  public:
   // One round of the poller's work: receive what arrived and hand it out, check the link,
   // run the connection's timers (acks, retransmission, peer loss). Any thread may do it:
-  // a Send() between bursts (acks) and a Receive() waiting for frames (their bytes are then
-  // in its cache when it copies them out), and while they do, the poller naps instead of
-  // taking turns with them for the CPU (2 cores here: sender, receiver and two pollers
-  // did not fit). Returns how many frames came, -1 if another thread is polling.
-  // REQUIRES: the caller holds no lock of a Connection's but send_mu_.
+  // Send() between bursts and while it waits for window room, Receive() while it waits for
+  // frames and between frames it copies out (the bytes then arrive in its cache). While
+  // they do, the poller sleeps instead of taking turns with them for the CPU (on 2 cores a
+  // sender, a receiver and two spinning pollers did not fit). Returns how many frames
+  // came, -1 if another thread holds mu_ (polling, or attaching/detaching).
+  // REQUIRES: the caller holds no lock of a Connection's but send_mu_; not a real-time
+  // thread (see PollsHere()).
   int PollOnce(bool by_poller = false);
-  // The calling thread, which polled, will not poll for a while: the poller takes over now.
-  void StopCovering() { last_user_poll_.store(0, std::memory_order_relaxed); }
+  // The calling thread polled and will not poll for a while (it is going to sleep): the
+  // poller takes over at once instead of when the cover (kUserPollCover) runs out.
+  void StopCovering();
 
  private:
   const uint16_t port_id_;
@@ -375,9 +396,12 @@ class Port {
   std::mutex mu_;
   Clock::time_point next_link_check_{};    // GUARDED_BY(mu_)
   std::atomic<Clock::rep> last_frame_{0};  // when a frame last arrived
-  // When a thread other than the poller last polled; the poller naps for kUserPollCover
-  // after it.
+  // When a thread other than the poller last polled (0: none is); the poller sleeps for
+  // kUserPollCover after it, or until StopCovering().
   std::atomic<Clock::rep> last_user_poll_{0};
+  std::mutex cover_mu_;
+  std::condition_variable cover_cv_;
+  std::atomic<bool> poller_waiting_{false};
   DpdkListener* listener_ = nullptr;  // GUARDED_BY(mu_)
   Connection* connection_ = nullptr;  // GUARDED_BY(mu_)
   // Unaccepted connections a newer SYN replaced; the poller destroys them outside mu_.
@@ -609,17 +633,21 @@ class Connection final : public Channel {
                  Ready ready) {
     // While frames keep coming, this thread receives them itself (PollOnce): no wake-up to
     // wait for, and their bytes are in this thread's cache when Receive() copies them out.
-    // Once nothing came for a while it sleeps, and the port's poller wakes it.
-    for (int idle = 0; idle < kIdlePollsBeforeNap;) {
+    // Once nothing came for a while it sleeps; whichever thread polls next wakes it.
+    const bool polls = PollsHere();
+    for (int idle = 0; idle < (polls ? kIdlePollsBeforeNap : 64);) {
       if (ready()) return true;
-      if (port_->PollOnce() > 0) {
+      if (polls && port_->PollOnce() > 0) {
         idle = 0;
       } else {
         ++idle;
       }
-      if (idle % 16 == 0 && Clock::now() >= deadline) return ready();
+      if (idle % 16 == 0 && Clock::now() >= deadline) {
+        if (polls) port_->StopCovering();
+        return ready();
+      }
     }
-    port_->StopCovering();  // the poller takes over while this thread sleeps
+    if (polls) port_->StopCovering();  // the poller takes over while this thread sleeps
     std::unique_lock lock(wait_mu_);
     waiting.fetch_add(1);
     bool ok = true;
@@ -683,7 +711,8 @@ class Connection final : public Channel {
   uint64_t recover_through_ = 0;  // recovering from a loss until acked_ reaches this
   uint64_t fast_retransmitted_ = 0;
 
-  // Receiving. ring_ is a single-producer (poller) single-consumer (Receive) queue.
+  // Receiving. ring_ is a single-producer (polling, under the port's mu_) single-consumer
+  // (Receive) queue.
   std::vector<rte_mbuf*> ring_;
   std::atomic<uint64_t> ring_head_{0};
   std::atomic<uint64_t> ring_tail_{0};
@@ -700,6 +729,7 @@ class Connection final : public Channel {
   size_t placed_ = 0;
   bool in_message_ = false;
   bool broken_ = false;
+  uint64_t consumed_ = 0;  // frames Receive() took from ring_
   std::atomic<uint64_t> messages_received_{0};
   std::atomic<uint64_t> bytes_received_{0};
   uint64_t data_frames_ = 0;  // poller only: for drop_every_nth_frame
@@ -802,7 +832,7 @@ Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
     if (batched == kBurst) {
       port_->Transmit(batch, batched, /*wait=*/true, &aborted_);
       batched = 0;
-      port_->PollOnce();  // acks: frees frames, opens the window
+      if (PollsHere()) port_->PollOnce();  // acks: frees frames, opens the window
     }
     left -= payload;
     first = false;
@@ -907,6 +937,10 @@ Status Connection::Receive(std::span<uint8_t> into, size_t* size, microseconds t
     placed_ += header.payload;
     rte_pktmbuf_free(current_);
     current_ = nullptr;
+    // Keep polling while busy copying out, as Send() does between bursts: the next frames
+    // then come in this thread (hot in its cache), and the poller does not wake to take
+    // turns with it for the CPU.
+    if (++consumed_ % kBurst == 0 && PollsHere()) port_->PollOnce();
     if (placed_ == message_bytes_) {
       in_message_ = false;
       *size = message_bytes_;
@@ -1081,7 +1115,7 @@ class DpdkListener final : public Listener {
   Result<std::unique_ptr<Channel>> Accept(milliseconds timeout) override;
   void Abort() override { aborted_ = true; }
 
-  // The poller: a SYN for this link that no connection of ours answers. Like a TCP
+  // Polling: a SYN for this link that no connection of ours answers. Like a TCP
   // backlog of one, the connection is made and answered at once, so the peer may send
   // before Accept() (a newer SYN replaces an unaccepted one: its sender gave up).
   // REQUIRES: the port's mu_ held.
@@ -1214,6 +1248,31 @@ void Port::Dispatch(rte_mbuf* frame) {
   rte_pktmbuf_free(frame);
 }
 
+bool Port::WaitWhileCovered() {
+  auto polled = last_user_poll_.load(std::memory_order_seq_cst);
+  if (polled == 0) return false;
+  auto until = Clock::time_point(Clock::duration(polled)) + kUserPollCover;
+  if (Clock::now() >= until) return false;
+  std::unique_lock lock(cover_mu_);
+  poller_waiting_.store(true, std::memory_order_seq_cst);
+  // Until the cover ends, or StopCovering() (or the destructor) ends it early.
+  cover_cv_.wait_until(lock, until, [&] {
+    return last_user_poll_.load(std::memory_order_seq_cst) == 0 ||
+           stop_.load(std::memory_order_relaxed);
+  });
+  poller_waiting_.store(false, std::memory_order_relaxed);
+  return true;
+}
+
+void Port::StopCovering() {
+  last_user_poll_.store(0, std::memory_order_seq_cst);
+  // Either the poller sees 0 before it waits, or this sees it waiting and wakes it.
+  if (poller_waiting_.load(std::memory_order_seq_cst)) {
+    std::lock_guard lock(cover_mu_);
+    cover_cv_.notify_one();
+  }
+}
+
 int Port::PollOnce(bool by_poller) {
   // Never waits for the lock: whoever holds it is doing this same work.
   std::unique_lock lock(mu_, std::try_to_lock);
@@ -1245,15 +1304,6 @@ void Port::Poll() {
   int idle = 0;
   last_frame_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
   while (!stop_.load(std::memory_order_relaxed)) {
-    auto user_polled =
-        Clock::time_point(Clock::duration(last_user_poll_.load(std::memory_order_relaxed)));
-    if (auto covered = user_polled + kUserPollCover - Clock::now();
-        covered > Clock::duration::zero()) {
-      // Another thread polls the port: look again when its cover ends.
-      Nap(std::max(kNap, std::chrono::duration_cast<microseconds>(covered)));
-      continue;
-    }
-    int count = PollOnce(/*by_poller=*/true);
     if (retired_pending_.exchange(false)) {
       std::unique_lock lock(mu_);
       std::vector<std::unique_ptr<Connection>> retired = std::move(retired_);
@@ -1261,6 +1311,8 @@ void Port::Poll() {
       lock.unlock();
       retired.clear();  // their destructors take mu_
     }
+    if (WaitWhileCovered()) continue;
+    int count = PollOnce(/*by_poller=*/true);
     if (count > 0) {
       idle = 0;
     } else if (idle >= kIdlePollsBeforeNap || ++idle == kIdlePollsBeforeNap) {

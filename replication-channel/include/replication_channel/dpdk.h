@@ -23,10 +23,13 @@
 // Threads. Send() builds frames in the caller's thread and transmits them itself;
 // Receive() copies payload out of the received frames into the caller's buffer. Polling
 // the port (receiving frames, answering acks, retransmitting, noticing a link going down)
-// is done by whichever thread is there: a Send() between bursts, a Receive() waiting for
-// frames (run to completion: no hand-over, the bytes are in its cache), else the port's
-// poller thread, which naps while another thread polls and in short naps (tens of
-// microseconds, longer the longer nothing came) when idle, so an idle channel costs little.
+// is done by whichever thread is there: a Send() between bursts and while it waits for
+// window room, a Receive() while it waits for frames and between frames it copies out (run
+// to completion: no hand-over, the bytes arrive in its cache), else the port's poller
+// thread. The poller sleeps while another thread polled within the last 200 µs, wakes at
+// once when that thread goes to sleep, and naps (tens of microseconds, longer the longer
+// nothing came) when idle, so an idle channel costs little CPU. Real-time threads (the
+// engine's heartbeats) never poll: they leave it to the poller.
 //
 // Wire format, version 1. Every frame is an Ethernet II frame, EtherType 0x88B5 (IEEE
 // 802 local experimental), followed by this header, little-endian, then the payload:

@@ -495,6 +495,7 @@ class RdmaChannel final : public Channel {
   uint64_t wr_posted_ = 0;            // work requests posted, the last one's index
   uint64_t last_signalled_ = 0;       // index of the last signalled one
   uint64_t messages_posted_ = 0;      // message ends posted
+  uint64_t posted_bytes_ = 0;         // bytes of posted writes (remote_written_'s copy)
   std::vector<Signalled> signalled_;  // a ring of send_depth_ entries, made by Open()
   size_t signalled_head_ = 0;
   size_t signalled_count_ = 0;
@@ -917,6 +918,7 @@ Status RdmaChannel::PostWrite(bool last, size_t total, uint64_t seq) {
   }
   if (last) ++messages_posted_;
   remote_written_ += wr_bytes_;
+  posted_bytes_ = remote_written_;
   sge_count_ = 0;
   wr_bytes_ = 0;
   wr_uses_bounce_ = false;
@@ -1248,6 +1250,16 @@ void RdmaChannel::HandleCompletionLocked(const ibv_wc& wc) {
       }
       const uint64_t bytes = GetU64(slot + 8);
       const uint64_t messages = GetU64(slot + 16);
+      if (bytes > posted_bytes_ || messages > messages_posted_) {
+        // It cannot have consumed what was never sent: a corrupt peer, which would
+        // otherwise make us overwrite its ring (or wait forever on a count that went back).
+        (void)FailLocked(Status::Corruption("peer " + peer_ + " reports having consumed " +
+                                            std::to_string(messages) + " messages and " +
+                                            std::to_string(bytes) + " bytes; only " +
+                                            std::to_string(messages_posted_) + " and " +
+                                            std::to_string(posted_bytes_) + " were sent"));
+        return;
+      }
       if (bytes > peer_consumed_bytes_.load()) peer_consumed_bytes_.store(bytes);
       if (messages > peer_consumed_messages_.load()) peer_consumed_messages_.store(messages);
       if (Status s = PostReceive(static_cast<uint32_t>(wc.wr_id)); !s.ok()) (void)FailLocked(s);
@@ -1350,11 +1362,16 @@ Result<std::unique_ptr<Channel>> Establish(UniqueFd socket, const RdmaOptions& o
   ::setsockopt(socket.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   const Deadline deadline(kHandshakeTimeout);
 
-  auto channel = std::make_unique<RdmaChannel>(options, peer);
-  LOCKSTEP_RETURN_IF_ERROR(channel->Open());
+  // The hello's first kHelloFixedBytes (magic, version, length) need no device: both ends
+  // send and check them before opening the device and pinning the ring, so a stranger on
+  // the port (a scan, a tcp or dpdk endpoint, another version) costs no pinned memory.
+  // The bytes on the wire are the same as one whole hello.
   uint8_t hello[kHelloBytes];
-  channel->LocalHello().Encode(hello);
-  LOCKSTEP_RETURN_IF_ERROR(WriteAll(socket.get(), hello, sizeof(hello), abort_fd, deadline, peer));
+  Hello preamble;
+  preamble.version = options.protocol_version;
+  preamble.Encode(hello);
+  LOCKSTEP_RETURN_IF_ERROR(
+      WriteAll(socket.get(), hello, kHelloFixedBytes, abort_fd, deadline, peer));
 
   uint8_t remote[kHelloBytes];
   LOCKSTEP_RETURN_IF_ERROR(
@@ -1376,6 +1393,11 @@ Result<std::unique_ptr<Channel>> Establish(UniqueFd socket, const RdmaOptions& o
                               std::to_string(GetU32(remote + 12)) + " bytes, expected " +
                               std::to_string(kHelloBytes));
   }
+  auto channel = std::make_unique<RdmaChannel>(options, peer);
+  LOCKSTEP_RETURN_IF_ERROR(channel->Open());
+  channel->LocalHello().Encode(hello);
+  LOCKSTEP_RETURN_IF_ERROR(WriteAll(socket.get(), hello + kHelloFixedBytes,
+                                    kHelloBytes - kHelloFixedBytes, abort_fd, deadline, peer));
   LOCKSTEP_RETURN_IF_ERROR(ReadAll(socket.get(), remote + kHelloFixedBytes,
                                    kHelloBytes - kHelloFixedBytes, abort_fd, deadline, peer));
   Hello remote_hello;

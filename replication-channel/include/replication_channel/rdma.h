@@ -56,7 +56,9 @@
 // violation by the peer) delivers nothing more.
 //
 // Wire protocol, version 1 (kRdmaProtocolVersion). All integers little-endian.
-//   Hello, both ends send one at once after the TCP connect (72 bytes):
+//   Hello (72 bytes). Both ends send its first 16 bytes at once after the TCP connect and
+//   check the peer's; only then do they open the device, pin the ring and send the rest
+//   (a stranger on the port costs no pinned memory):
 //     0  u8[8]  magic "LSTPRDMA"
 //     8  u32    protocol version
 //    12  u32    hello size in bytes (72 in version 1); the fields above never change

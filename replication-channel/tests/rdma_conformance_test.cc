@@ -6,7 +6,13 @@
 // tests/rdma_guests_test.sh), so this binary is not registered with ctest directly.
 // LOCKSTEP_RDMA_LISTEN sets where the listener binds (default 127.0.0.1:0); both ends of a
 // pair use the same device.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <cstdlib>
+#include <fstream>
 #include <string>
 #include <thread>
 
@@ -111,6 +117,60 @@ TEST_CASE("rdma: a tcp peer is refused as not speaking the rdma protocol") {
   connecting.join();
   CHECK(a.status().code() == Code::kVersionMismatch);
   CHECK_THAT(a.status().message(), Catch::Matchers::Contains("does not speak"));
+}
+
+// This process's pinned memory (VmPin, kB), which registering an RDMA region raises; -1
+// if the kernel does not report it.
+long PinnedKib() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("VmPin:", 0) == 0) return std::strtol(line.c_str() + 6, nullptr, 10);
+  }
+  return -1;
+}
+
+// A plain TCP connection to an IPv4 "a.b.c.d:port"; -1 on failure.
+int ConnectPlainTcp(const std::string& address) {
+  sockaddr_in to{};
+  to.sin_family = AF_INET;
+  size_t colon = address.rfind(':');
+  to.sin_port = htons(static_cast<uint16_t>(std::stoi(address.substr(colon + 1))));
+  if (inet_pton(AF_INET, address.substr(0, colon).c_str(), &to.sin_addr) != 1) return -1;
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd >= 0 && ::connect(fd, reinterpret_cast<sockaddr*>(&to), sizeof(to)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+TEST_CASE("rdma: a stranger on the listener's port pins nothing before it says who it is") {
+  std::unique_ptr<Transport> rdma = MakeRdmaTransport(TestOptions());
+  auto listener = rdma->Listen(ListenAddress());
+  REQUIRE(listener.ok());
+  const long before = PinnedKib();
+  REQUIRE(before >= 0);
+  Result<std::unique_ptr<Channel>> accepted = Status::Aborted("not run");
+  std::thread accepting([&] { accepted = (*listener)->Accept(30s); });
+  int stranger = ConnectPlainTcp((*listener)->address());
+  REQUIRE(stranger >= 0);
+  // The listener's first 16 bytes (magic, version, length) come before it opens the device
+  // and pins its ring; once they are here, nothing may be pinned yet.
+  char first[16];
+  REQUIRE(::recv(stranger, first, sizeof(first), MSG_WAITALL) == sizeof(first));
+  CHECK(std::string(first, 8) == "LSTPRDMA");
+  CHECK(PinnedKib() == before);
+  // 16 bytes that are not lockstep's: refused, and still nothing pinned.
+  REQUIRE(::send(stranger, "GET / HTTP/1.1\r\n", 16, MSG_NOSIGNAL) == 16);
+  accepting.join();
+  ::close(stranger);
+  CHECK(accepted.status().code() == Code::kVersionMismatch);
+  CHECK(PinnedKib() == before);
+
+  // The measure works: a real channel does pin its ring.
+  std::unique_ptr<Transport> connector = MakeRdmaTransport(TestOptions());
+  ChannelPair pair = ConnectRdmaPair(*connector, **listener);
+  CHECK(PinnedKib() > before + 1024);
 }
 
 TEST_CASE("rdma: a message larger than the peer's ring is refused, the channel stays usable") {

@@ -10,7 +10,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 src = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/transport_bench.csv"
 dst = sys.argv[2] if len(sys.argv) > 2 else src.rsplit(".", 1)[0] + ".png"
-rows = [r for r in csv.DictReader(open(src)) if r["epoch_bytes"] != "0"]
+# Rows that measured something (not a transport that could not run, not a failed size).
+rows = [r for r in csv.DictReader(open(src))
+        if r["epoch_bytes"] != "0" and float(r["stream_mbps"]) > 0]
 def size(b):
     b = int(b)
     return f"{b >> 20} MiB" if b >= 1 << 20 else f"{b >> 10} KiB"

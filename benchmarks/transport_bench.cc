@@ -74,7 +74,13 @@ double Percentile(std::vector<double> v, double p) {
   return v[std::min(v.size() - 1, static_cast<size_t>(p * v.size()))];
 }
 
-double Median(std::vector<double> v) { return Percentile(std::move(v), 0.5); }
+// The middle value; the mean of the two middle ones for an even count.
+double Median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  size_t half = v.size() / 2;
+  return v.size() % 2 ? v[half] : (v[half - 1] + v[half]) / 2;
+}
 
 double Seconds(SteadyClock::time_point since) {
   return std::chrono::duration<double>(SteadyClock::now() - since).count();
@@ -87,13 +93,17 @@ struct Measured {
   std::string error;
 };
 
-Measured MeasureChannel(Channel& a, Channel& b, size_t epoch, double seconds) {
+// `source`: the epoch's bytes, registered with `a` once by the caller (a region stays
+// registered for the channel's life: registering a new buffer per measurement would pile
+// them up).
+Measured MeasureChannel(Channel& a, Channel& b, const std::vector<uint8_t>& source,
+                        double seconds) {
   Measured m;
-  std::vector<uint8_t> source(epoch, 0x5A), sink(epoch + 64);
+  const size_t epoch = source.size();
+  std::vector<uint8_t> sink(epoch + 64);
   std::vector<ConstSlice> pages;
   for (size_t at = 0; at < epoch; at += 4096)
     pages.push_back({source.data() + at, std::min<size_t>(4096, epoch - at)});
-  (void)a.RegisterMemory(source.data(), source.size());
 
   // Stream: the sender sends for `seconds`, then a 1-byte end marker.
   std::atomic<bool> stop{false};
@@ -406,7 +416,7 @@ int main(int argc, char** argv) {
     seconds = std::min(seconds, 0.3);
     repeat = 1;
   }
-  if (repeat < 1 || seconds <= 0) {
+  if (repeat < 1 || !(seconds > 0)) {
     std::cerr << "transport_bench: --repeat must be 1 or more and --seconds more than 0\n";
     return 2;
   }
@@ -498,11 +508,17 @@ int main(int argc, char** argv) {
       row.transport = p.transport;
       row.medium = p.medium;
       row.epoch_bytes = epoch;
-      row.repeats = repeat;
       std::vector<double> stream, epochs, p50, p99, raw, raw_copy, ratio, copy_ratio;
-      for (int r = 0; r < repeat && row.note.empty(); ++r) {
-        Measured m = MeasureChannel(**a, **b, epoch, seconds);
-        row.note = m.error;
+      const std::vector<uint8_t> source(epoch, 0x5A);
+      (void)(*a)->RegisterMemory(source.data(), source.size());
+      for (int r = 0; r < repeat; ++r) {
+        Measured m = MeasureChannel(**a, **b, source, seconds);
+        if (!m.error.empty()) {
+          // The channel is unusable now: this size ends with the repeats that succeeded.
+          row.note = "repeat " + std::to_string(r + 1) + " failed: " + m.error;
+          break;
+        }
+        ++row.repeats;
         stream.push_back(m.stream_mbps);
         epochs.push_back(m.epochs_per_s);
         p50.push_back(m.ack_p50_us);

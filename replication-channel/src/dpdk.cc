@@ -664,6 +664,13 @@ class Connection final : public Channel {
     waiting.fetch_sub(1);
     return ok;
   }
+  // At the end of a Send() or Receive() that may have polled: if a thread is asleep on
+  // this channel in the other direction, the poller takes over at once instead of after
+  // the cover (kUserPollCover) this thread left. Without sleepers nothing happens, so
+  // back-to-back calls of one thread do not wake the poller each time.
+  void HandOverPolling(const std::atomic<int>& other_waiting) {
+    if (other_waiting.load(std::memory_order_relaxed) > 0 && PollsHere()) port_->StopCovering();
+  }
   void NotifyIfWaiting(std::condition_variable& cv, std::atomic<int>& waiting) {
     // The caller's release store (ring_tail_, acked_) must not pass this load.
     std::atomic_thread_fence(std::memory_order_seq_cst);
@@ -843,6 +850,9 @@ Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
   bytes_sent_.fetch_add(total);
   // The bytes were copied into frames: the caller's buffers are free again.
   completed_.store(message, std::memory_order_release);
+  // This thread polled and now leaves; a Receive() asleep on this channel (the engine's
+  // ack reader beside its epoch sender) must not wait out the poller's cover.
+  HandOverPolling(receive_waiting_);
   if (seq) *seq = message;
   return Status::Ok();
 }
@@ -945,6 +955,7 @@ Status Connection::Receive(std::span<uint8_t> into, size_t* size, microseconds t
     if (placed_ == message_bytes_) {
       in_message_ = false;
       *size = message_bytes_;
+      HandOverPolling(send_waiting_);  // as at the end of Send()
       messages_received_.fetch_add(1, std::memory_order_relaxed);
       bytes_received_.fetch_add(message_bytes_, std::memory_order_relaxed);
       return Status::Ok();

@@ -151,8 +151,18 @@ TEST_CASE("rdma: a stranger on the listener's port pins nothing before it says w
   const long before = PinnedKib();
   REQUIRE(before >= 0);
   Result<std::unique_ptr<Channel>> accepted = Status::Aborted("not run");
-  std::thread accepting([&] { accepted = (*listener)->Accept(30s); });
+  std::jthread accepting([&] { accepted = (*listener)->Accept(30s); });
   int stranger = ConnectPlainTcp((*listener)->address());
+  // Should a REQUIRE below fail, the listener is aborted and the stranger hung up before
+  // `accepting` is joined (destroyed first: declared last).
+  struct Cleanup {
+    Listener& listener;
+    int& fd;
+    ~Cleanup() {
+      listener.Abort();
+      if (fd >= 0) ::close(fd);
+    }
+  } cleanup{**listener, stranger};
   REQUIRE(stranger >= 0);
   // The listener's first 16 bytes (magic, version, length) come before it opens the device
   // and pins its ring; once they are here, nothing may be pinned yet.
@@ -163,7 +173,6 @@ TEST_CASE("rdma: a stranger on the listener's port pins nothing before it says w
   // 16 bytes that are not lockstep's: refused, and still nothing pinned.
   REQUIRE(::send(stranger, "GET / HTTP/1.1\r\n", 16, MSG_NOSIGNAL) == 16);
   accepting.join();
-  ::close(stranger);
   CHECK(accepted.status().code() == Code::kVersionMismatch);
   CHECK(PinnedKib() == before);
 

@@ -27,7 +27,8 @@
 // window room, a Receive() while it waits for frames and between frames it copies out (run
 // to completion: no hand-over, the bytes arrive in its cache), else the port's poller
 // thread. The poller sleeps while another thread polled within the last 200 µs, wakes at
-// once when that thread goes to sleep, and naps (tens of microseconds, longer the longer
+// once when that thread goes to sleep (or leaves while another sleeps on the channel), and
+// naps (tens of microseconds, longer the longer
 // nothing came) when idle, so an idle channel costs little CPU. Real-time threads (the
 // engine's heartbeats) never poll: they leave it to the poller.
 //

@@ -98,6 +98,21 @@ std::string StatusJson(const lockstep_plugin_api* api, void* r) {
   return buf;
 }
 
+// Polls both replicas' status every 10 ms until `done(primary, secondary)` or `tries` polls;
+// returns the last two.
+template <typename Done>
+std::pair<std::string, std::string> PollStatus(const lockstep_plugin_api* api, void* p, void* s,
+                                               int tries, Done done) {
+  std::string ps, ss;
+  for (int i = 0; i < tries; ++i) {
+    ps = StatusJson(api, p);
+    ss = StatusJson(api, s);
+    if (done(ps, ss)) break;
+    std::this_thread::sleep_for(10ms);
+  }
+  return {ps, ss};
+}
+
 GuestConfig SmallGuest() {
   GuestConfig g;
   g.blocks = {{"pc.ram", 4u << 20}, {"pc.bios", 64u << 10}};
@@ -215,17 +230,11 @@ TEST_CASE("a guest protected through the plugin ABI over TCP and over DPDK memif
   primary_host.guest.SetHeldHook([api, p] { api->output_pending(p); });
   primary_host.guest.Boot();
   REQUIRE(api->start(p, err, sizeof err) == 0);
-  std::string ps, ss;
-  for (int i = 0; i < 500; ++i) {
-    ps = StatusJson(api, p);
-    ss = StatusJson(api, s);
-    if (ps.find("\"state\":\"PROTECTED\"") != std::string::npos &&
-        ss.find("\"state\":\"PROTECTED\"") != std::string::npos &&
-        ps.find("\"acked_epoch\":1,") == std::string::npos) {
-      break;
-    }
-    std::this_thread::sleep_for(10ms);
-  }
+  auto [ps, ss] = PollStatus(api, p, s, 500, [](const std::string& ps, const std::string& ss) {
+    return ps.find("\"state\":\"PROTECTED\"") != std::string::npos &&
+           ss.find("\"state\":\"PROTECTED\"") != std::string::npos &&
+           ps.find("\"acked_epoch\":1,") == std::string::npos;
+  });
   INFO(ps << "\n" << ss);
   REQUIRE(ps.find("\"role\":\"primary\",\"state\":\"PROTECTED\"") != std::string::npos);
   REQUIRE(ss.find("\"role\":\"secondary\",\"state\":\"PROTECTED\"") != std::string::npos);
@@ -268,16 +277,10 @@ TEST_CASE("a primary with another pairing key is refused, over TCP and over DPDK
   REQUIRE(api->start(s, err, sizeof err) == 0);
   primary_host.guest.Boot();
   REQUIRE(api->start(p, err, sizeof err) == 0);
-  std::string ps, ss;
-  for (int i = 0; i < 1000; ++i) {
-    ps = StatusJson(api, p);
-    ss = StatusJson(api, s);
-    if (ps.find("pairing key") != std::string::npos &&
-        ss.find("refused a connection") != std::string::npos) {
-      break;
-    }
-    std::this_thread::sleep_for(10ms);
-  }
+  auto [ps, ss] = PollStatus(api, p, s, 1000, [](const std::string& ps, const std::string& ss) {
+    return ps.find("pairing key") != std::string::npos &&
+           ss.find("refused a connection") != std::string::npos;
+  });
   INFO(ps << "\n" << ss);
   // Each side names the other's wrong proof; nothing was replicated; the secondary waits on
   // for the real primary.

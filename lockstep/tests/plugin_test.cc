@@ -19,6 +19,7 @@
 
 #include "free_port.h"
 #include "lockstep/plugin_abi.h"
+#include "process_dir.h"
 #include "simulated_guest.h"
 
 using namespace lockstep;
@@ -120,10 +121,14 @@ GuestConfig SmallGuest() {
   return g;
 }
 
+const std::string& ProcessDirPath() {
+  return lockstep::testing::ProcessDir("lockstep-plugin-test");
+}
+
 // A pairing key file as `lockstepctl pair` writes it (mode 0600), made once per process.
 const std::string& KeyFile() {
   static const std::string path = [] {
-    std::string p = "/tmp/lockstep-plugin-test-key-" + std::to_string(getpid());
+    std::string p = ProcessDirPath() + "/key";
     std::ofstream(p) << "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n";
     chmod(p.c_str(), 0600);
     return p;
@@ -197,8 +202,8 @@ std::pair<std::string, std::string> PairAddresses(const std::string& transport, 
     std::string address = "127.0.0.1:" + std::to_string(FreePort());
     return {address, address};
   }
-  const std::string socket = "+socket=/tmp/lockstep-plugin-test-" + std::to_string(getpid()) + "-" +
-                             std::to_string(ports) + ".sock+socket-abstract=no";
+  const std::string socket = "+socket=" + ProcessDirPath() + "/memif-" + std::to_string(ports) +
+                             ".sock+socket-abstract=no";
   return {"net_memif" + std::to_string(ports) + "+role=server" + socket + "#7",
           "net_memif" + std::to_string(ports + 1) + "+role=client" + socket + "#7"};
 }

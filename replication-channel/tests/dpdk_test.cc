@@ -23,6 +23,7 @@
 #include <utility>
 
 #include "channel_test_util.h"
+#include "process_dir.h"
 
 namespace lockstep::channel::testing {
 namespace {
@@ -40,9 +41,9 @@ std::shared_ptr<Transport> SharedTransport() {
   return transport;
 }
 
-std::string MemifSocket() {
-  return "/tmp/lockstep-dpdk-test-" + std::to_string(getpid()) + ".sock";
-}
+const std::string& TestDir() { return lockstep::testing::ProcessDir("lockstep-dpdk-test"); }
+
+std::string MemifSocket() { return TestDir() + "/memif.sock"; }
 
 // Runs `body` with this thread in network namespace `name` (/var/run/netns/NAME).
 void InNamespace(const std::string& name, const std::function<void()>& body) {
@@ -268,8 +269,7 @@ TEST_CASE("DPDK: a cut wire is a lost peer once nothing is acknowledged for peer
 
 TEST_CASE("DPDK: memif with buffers smaller than a frame (bsize=1024) still carries messages",
           "[dpdk]") {
-  const std::string socket = ",socket=/tmp/lockstep-dpdk-small-" + std::to_string(getpid()) +
-                             ".sock,socket-abstract=no,bsize=1024";
+  const std::string socket = ",socket=" + TestDir() + "/small.sock,socket-abstract=no,bsize=1024";
   std::shared_ptr<Transport> transport = SharedTransport();
   auto listener = transport->Listen("net_memif40,role=server" + socket);
   REQUIRE(listener.ok());
@@ -316,7 +316,7 @@ std::string ReadFile(const std::string& path) {
 }
 
 TEST_CASE("DPDK between two processes: memif, and af_packet across two namespaces", "[dpdk]") {
-  std::string dir = "/tmp/lockstep-dpdk-probe-" + std::to_string(getpid());
+  std::string dir = TestDir() + "/probe";
   Run("mkdir -p " + dir);
   std::string listen, connect;
   SECTION("memif") {
@@ -356,7 +356,7 @@ TEST_CASE("DPDK between two processes: memif, and af_packet across two namespace
 }
 
 TEST_CASE("DPDK between two processes: kill -9 of the sender is a lost peer, promptly", "[dpdk]") {
-  std::string dir = "/tmp/lockstep-dpdk-kill-" + std::to_string(getpid());
+  std::string dir = TestDir() + "/kill";
   Run("mkdir -p " + dir);
   std::string socket = ",socket=" + dir + "/memif.sock,socket-abstract=no";
   pid_t listener = Spawn(ProbeCommand("--eal '--no-huge -m 512 --no-pci --no-shconf -l 0' "

@@ -107,6 +107,10 @@ constexpr uint16_t kTxDescriptors = 1024;
 constexpr uint16_t kBurst = 32;
 // Frames a receiver queues for Receive(), and keeps when they arrive early (each).
 constexpr uint32_t kReceiveQueueFrames = 2048;
+// A receiver under a stream of frames acknowledges every this many (far below any window),
+// and the rest once no frame came for kAckDelay (far below kInitialRto).
+constexpr uint32_t kAckEveryFrames = 32;
+constexpr microseconds kAckDelay{10};
 
 constexpr microseconds kInitialRto{5000};
 constexpr microseconds kMaxRto{100000};
@@ -119,6 +123,8 @@ constexpr milliseconds kCloseLinger{200};
 // longer nothing arrived (an idle port cost a quarter of a core in 20 µs naps; a channel
 // in use hears heartbeats every millisecond and keeps the short nap).
 constexpr int kIdlePollsBeforeNap = 200;
+// A Send() or Receive() waiting for frames polls this long before it sleeps.
+constexpr microseconds kSpinBeforeSleep{50};
 constexpr microseconds kNap{20};
 constexpr microseconds kIdleNap{100};      // after 1 ms without a frame
 constexpr microseconds kDormantNap{1000};  // after 10 ms without a frame
@@ -363,7 +369,7 @@ class Port {
   // `memif_buffer`: the bsize= a memif device was given (0: its default).
   Status Start(size_t memif_buffer);
   void Poll();
-  void Dispatch(rte_mbuf* frame);  // REQUIRES: mu_ held
+  void Dispatch(rte_mbuf* frame, Clock::time_point now);  // REQUIRES: mu_ held
   // The poller: sleeps while another thread polled within kUserPollCover; true if it did.
   bool WaitWhileCovered();
 
@@ -534,6 +540,7 @@ class Connection final : public Channel {
       rte_pktmbuf_free(ring_[i % kReceiveQueueFrames]);
     }
     if (current_) rte_pktmbuf_free(current_);
+    FreeCopied();
     for (rte_mbuf*& frame : early_) {
       if (frame) rte_pktmbuf_free(frame);
     }
@@ -581,8 +588,11 @@ class Connection final : public Channel {
   bool dead() const { return lost_.load() || aborted_.load(); }
 
   // Called by whichever thread polls. REQUIRES: the port's mu_ held.
-  void OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_ether_addr& from);
-  void OnTimer(Clock::time_point now);
+  // `now`: the time the poll that received it read once (for every frame it received).
+  void OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_ether_addr& from,
+               Clock::time_point now);
+  // `frames`: how many the poll that calls it received (0: the link is quiet now).
+  void OnTimer(Clock::time_point now, int frames);
   void Lose(std::string why) {
     {
       std::lock_guard lock(why_mu_);
@@ -634,19 +644,34 @@ class Connection final : public Channel {
                  Ready ready) {
     // While frames keep coming, this thread receives them itself (PollOnce): no wake-up to
     // wait for, and their bytes are in this thread's cache when Receive() copies them out.
-    // Once nothing came for a while it sleeps; whichever thread polls next wakes it.
+    // Once nothing came for kSpinBeforeSleep it sleeps; whichever thread polls next wakes
+    // it. While it spins it yields the CPU now and then: a thread woken to run (the
+    // engine's epoch sender, told of an ACK) must not wait for the spin to end.
     const bool polls = PollsHere();
-    for (int idle = 0; idle < (polls ? kIdlePollsBeforeNap : 64);) {
+    Clock::time_point idle_since{};
+    for (int idle = 0, round = 0;;) {
       if (ready()) return true;
       if (polls && port_->PollOnce() > 0) {
         idle = 0;
       } else {
         ++idle;
       }
-      if (idle % 16 == 0 && Clock::now() >= deadline) {
+      // The clock every 16 rounds, productive or not: frames of no use to `ready` (ACKs
+      // while a Receive() waits) must not keep it past its deadline, and reading the clock
+      // per round cost as much as a frame's bookkeeping.
+      if (++round % 16 != 0) continue;
+      auto now = Clock::now();
+      if (now >= deadline) {
         if (polls) port_->StopCovering();
         return ready();
       }
+      if (idle < 16) {
+        idle_since = {};
+        continue;
+      }
+      if (idle_since == Clock::time_point{}) idle_since = now;
+      if (!polls || now - idle_since >= kSpinBeforeSleep) break;
+      sched_yield();
     }
     if (polls) port_->StopCovering();  // the poller takes over while this thread sleeps
     std::unique_lock lock(wait_mu_);
@@ -670,6 +695,10 @@ class Connection final : public Channel {
   // back-to-back calls of one thread do not wake the poller each time.
   void HandOverPolling(const std::atomic<int>& other_waiting) {
     if (other_waiting.load(std::memory_order_relaxed) > 0 && PollsHere()) port_->StopCovering();
+  }
+  void FreeCopied() {
+    rte_pktmbuf_free_bulk(copied_, copied_count_);
+    copied_count_ = 0;
   }
   void NotifyIfWaiting(std::condition_variable& cv, std::atomic<int>& waiting) {
     // The caller's release store (ring_tail_, acked_) must not pass this load.
@@ -724,14 +753,19 @@ class Connection final : public Channel {
   std::vector<rte_mbuf*> ring_;
   std::atomic<uint64_t> ring_head_{0};
   std::atomic<uint64_t> ring_tail_{0};
-  std::vector<rte_mbuf*> early_;  // poller only: frame seq at early_[seq % size]
-  uint64_t expected_ = 1;         // poller only: the next frame in order
-  bool ack_due_ = false;          // poller only
-  uint8_t ack_flags_ = 0;         // poller only
+  std::vector<rte_mbuf*> early_;   // poller only: frame seq at early_[seq % size]
+  uint64_t expected_ = 1;          // poller only: the next frame in order
+  bool ack_due_ = false;           // poller only: something to acknowledge
+  bool ack_now_ = false;           // poller only: and it cannot wait for more frames
+  uint32_t unacked_ = 0;           // poller only: in-order frames since the last ACK
+  Clock::time_point last_data_{};  // poller only: when the last of them came
+  uint8_t ack_flags_ = 0;          // poller only
   std::atomic<uint32_t> advertised_window_{kReceiveQueueFrames};
   std::atomic<bool> window_update_{false};
   // Receive() only: the message in progress (kept across a kTimedOut).
   rte_mbuf* current_ = nullptr;
+  rte_mbuf* copied_[kBurst];  // frames copied out, freed together (FreeCopied)
+  uint16_t copied_count_ = 0;
   const uint8_t* into_ = nullptr;
   size_t message_bytes_ = 0;
   size_t placed_ = 0;
@@ -758,6 +792,11 @@ Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
   const uint16_t max_payload = port_->max_payload();
   rte_mbuf* batch[kBurst];
   uint16_t batched = 0;
+  // Frames taken from the pool kBurst at a time (one at a time cost more than the rest of
+  // a frame's bookkeeping); never more than the message needs.
+  rte_mbuf* spare[kBurst];
+  uint16_t spares = 0, spare_at = 0;
+  auto drop_spares = [&] { rte_pktmbuf_free_bulk(spare + spare_at, spares - spare_at); };
   size_t slice = 0;
   size_t slice_offset = 0;
   size_t left = total;
@@ -781,9 +820,16 @@ Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
     }
     if (dead()) {
       if (batched > 0) rte_pktmbuf_free_bulk(batch, batched);
+      drop_spares();
       return Gone();
     }
-    rte_mbuf* frame = rte_pktmbuf_alloc(port_->pool());
+    if (spare_at == spares) {
+      spare_at = spares = 0;
+      auto want =
+          static_cast<uint16_t>(std::min<size_t>(kBurst, (left + max_payload - 1) / max_payload));
+      if (rte_pktmbuf_alloc_bulk(port_->pool(), spare, want) == 0) spares = want;
+    }
+    rte_mbuf* frame = spare_at < spares ? spare[spare_at++] : rte_pktmbuf_alloc(port_->pool());
     while (!frame) {
       // The pool is shared by every port here; frames come back as peers acknowledge.
       if (batched > 0) {
@@ -946,13 +992,15 @@ Status Connection::Receive(std::span<uint8_t> into, size_t* size, microseconds t
     }
     std::memcpy(into.data() + placed_, bytes + kHeaders, header.payload);
     placed_ += header.payload;
-    rte_pktmbuf_free(current_);
+    copied_[copied_count_++] = current_;
     current_ = nullptr;
+    if (copied_count_ == kBurst) FreeCopied();
     // Keep polling while busy copying out, as Send() does between bursts: the next frames
     // then come in this thread (hot in its cache), and the poller does not wake to take
     // turns with it for the CPU.
     if (++consumed_ % kBurst == 0 && PollsHere()) port_->PollOnce();
     if (placed_ == message_bytes_) {
+      FreeCopied();
       in_message_ = false;
       *size = message_bytes_;
       HandOverPolling(send_waiting_);  // as at the end of Send()
@@ -965,7 +1013,8 @@ Status Connection::Receive(std::span<uint8_t> into, size_t* size, microseconds t
 
 // ----- the poller's side -----
 
-void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_ether_addr& from) {
+void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_ether_addr& from,
+                         Clock::time_point now) {
   switch (header.type) {
     case kSynAck:
       if (!accepted_ && handshake_ == 0) {
@@ -992,19 +1041,23 @@ void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_e
       Lose("the peer closed the connection");
       break;
     case kProbe:
-      ack_due_ = true;
+      ack_due_ = ack_now_ = true;
       break;
     case kAck: {
       uint64_t acked = acked_.load(std::memory_order_relaxed);
       peer_window_.store(header.window, std::memory_order_relaxed);
       uint64_t sent = sent_through_.load(std::memory_order_acquire);
       if (header.seq > acked && header.seq <= sent) {
-        for (uint64_t s = acked + 1; s <= header.seq; ++s) {
-          rte_pktmbuf_free(inflight_[s % capacity_]);
-          inflight_[s % capacity_] = nullptr;
+        for (uint64_t s = acked + 1; s <= header.seq;) {
+          // A run of slots up to the end of inflight_, freed in one call.
+          uint64_t at = s % capacity_;
+          uint64_t run = std::min<uint64_t>(header.seq - s + 1, capacity_ - at);
+          rte_pktmbuf_free_bulk(&inflight_[at], static_cast<unsigned>(run));
+          std::fill_n(inflight_.begin() + at, run, nullptr);
+          s += run;
         }
         acked_.store(header.seq, std::memory_order_release);
-        last_progress_ = Clock::now();
+        last_progress_ = now;
         rto_ = kInitialRto;
         if (recover_through_ > header.seq) {
           Retransmit(1);  // a partial ack: the next hole (the timer keeps running: a burst
@@ -1027,12 +1080,14 @@ void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_e
       if (options_.drop_every_nth_frame && ++data_frames_ % options_.drop_every_nth_frame == 0) {
         break;
       }
-      last_heard_.store(Clock::now().time_since_epoch().count(), std::memory_order_release);
+      last_heard_.store(now.time_since_epoch().count(), std::memory_order_release);
       uint64_t queued =
           ring_tail_.load(std::memory_order_relaxed) - ring_head_.load(std::memory_order_acquire);
       uint64_t room = kReceiveQueueFrames - queued;
       ack_due_ = true;
       if (header.seq == expected_ && room > 0) {
+        ++unacked_;
+        last_data_ = now;
         uint64_t tail = ring_tail_.load(std::memory_order_relaxed);
         ring_[tail % kReceiveQueueFrames] = frame;
         ++tail;
@@ -1051,12 +1106,14 @@ void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_e
       if (header.seq > expected_ && header.seq - expected_ < room) {
         rte_mbuf*& slot = early_[header.seq % kReceiveQueueFrames];
         ack_flags_ |= kFlagOutOfOrder;
+        ack_now_ = true;  // the sender resends the gap's first frame at once
         if (!slot) {
           slot = frame;
           return;
         }
       }
-      break;  // a duplicate, or past the window: dropped (the ack tells the sender)
+      ack_now_ = true;  // the sender's timer fired early, or it overran the window
+      break;            // a duplicate, or past the window: dropped (the ack tells the sender)
     }
     default:
       break;
@@ -1064,11 +1121,17 @@ void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_e
   rte_pktmbuf_free(frame);
 }
 
-void Connection::OnTimer(Clock::time_point now) {
-  if (window_update_.exchange(false, std::memory_order_acq_rel)) ack_due_ = true;
-  if (ack_due_) {
+void Connection::OnTimer(Clock::time_point now, int frames) {
+  if (window_update_.exchange(false, std::memory_order_acq_rel)) ack_due_ = ack_now_ = true;
+  // Delayed acknowledgement: while frames stream in, one ACK per kAckEveryFrames of them
+  // (an ACK per poll was one per frame or two when the receiver kept up with the sender,
+  // and each costs both sides a frame); the rest once the stream paused for kAckDelay; at
+  // once on a gap or a duplicate and when asked.
+  if (ack_due_ &&
+      (ack_now_ || unacked_ >= kAckEveryFrames || (frames <= 0 && now - last_data_ >= kAckDelay))) {
     SendAck(ack_flags_);
-    ack_due_ = false;
+    ack_due_ = ack_now_ = false;
+    unacked_ = 0;
     ack_flags_ = 0;
   }
   if (!established_flag_ || dead()) return;
@@ -1236,7 +1299,7 @@ void Port::DetachConnection(Connection* connection) {
   if (connection_ == connection) connection_ = nullptr;
 }
 
-void Port::Dispatch(rte_mbuf* frame) {
+void Port::Dispatch(rte_mbuf* frame, Clock::time_point now) {
   if (frame->data_len < kHeaders || frame->nb_segs != 1) {
     rte_pktmbuf_free(frame);
     return;
@@ -1254,7 +1317,7 @@ void Port::Dispatch(rte_mbuf* frame) {
       !(connection_ && connection_->conn() == header.conn)) {
     listener_->OnSyn(header, ethernet->src_addr);
   } else if (connection_ && connection_->conn() == header.conn) {
-    connection_->OnFrame(frame, header, ethernet->src_addr);
+    connection_->OnFrame(frame, header, ethernet->src_addr, now);
     return;  // OnFrame owns it
   }
   rte_pktmbuf_free(frame);
@@ -1292,7 +1355,7 @@ int Port::PollOnce(bool by_poller) {
   rte_mbuf* frames[kBurst];
   uint16_t count = rte_eth_rx_burst(port_id_, 0, frames, kBurst);
   auto now = Clock::now();
-  for (uint16_t i = 0; i < count; ++i) Dispatch(frames[i]);
+  for (uint16_t i = 0; i < count; ++i) Dispatch(frames[i], now);
   if (now >= next_link_check_) {
     rte_eth_link link{};
     bool up = rte_eth_link_get_nowait(port_id_, &link) == 0 && link.link_status;
@@ -1302,7 +1365,7 @@ int Port::PollOnce(bool by_poller) {
     }
     next_link_check_ = now + kLinkCheckInterval;
   }
-  if (connection_) connection_->OnTimer(now);
+  if (connection_) connection_->OnTimer(now, count);
   if (count > 0) last_frame_.store(now.time_since_epoch().count(), std::memory_order_relaxed);
   if (!by_poller) last_user_poll_.store(now.time_since_epoch().count(), std::memory_order_relaxed);
   return count;

@@ -75,6 +75,7 @@ enum FrameType : uint8_t {
   kRst = 7,
 };
 constexpr uint8_t kFlagFirst = 1;       // DATA: the message's first frame
+constexpr uint8_t kFlagLast = 4;        // DATA: the message's last frame (ACK it at once)
 constexpr uint8_t kFlagOutOfOrder = 2;  // ACK: sent because a frame arrived past a gap
 
 struct __attribute__((packed)) FrameHeader {
@@ -107,8 +108,9 @@ constexpr uint16_t kTxDescriptors = 1024;
 constexpr uint16_t kBurst = 32;
 // Frames a receiver queues for Receive(), and keeps when they arrive early (each).
 constexpr uint32_t kReceiveQueueFrames = 2048;
-// A receiver under a stream of frames acknowledges every this many (far below any window),
-// and the rest once no frame came for kAckDelay (far below kInitialRto).
+// A receiver under a stream of frames acknowledges every this many (far below the default
+// windows; a sender with a window smaller than this waits for the pause rule), and the rest
+// once no frame came in order for kAckDelay (far below kInitialRto).
 constexpr uint32_t kAckEveryFrames = 32;
 constexpr microseconds kAckDelay{10};
 
@@ -591,8 +593,7 @@ class Connection final : public Channel {
   // `now`: the time the poll that received it read once (for every frame it received).
   void OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_ether_addr& from,
                Clock::time_point now);
-  // `frames`: how many the poll that calls it received (0: the link is quiet now).
-  void OnTimer(Clock::time_point now, int frames);
+  void OnTimer(Clock::time_point now);
   void Lose(std::string why) {
     {
       std::lock_guard lock(why_mu_);
@@ -649,7 +650,8 @@ class Connection final : public Channel {
     // engine's epoch sender, told of an ACK) must not wait for the spin to end.
     const bool polls = PollsHere();
     Clock::time_point idle_since{};
-    for (int idle = 0, round = 0;;) {
+    unsigned round = 0;  // wraps harmlessly
+    for (int idle = 0;;) {
       if (ready()) return true;
       if (polls && port_->PollOnce() > 0) {
         idle = 0;
@@ -754,6 +756,7 @@ class Connection final : public Channel {
   std::atomic<uint64_t> ring_head_{0};
   std::atomic<uint64_t> ring_tail_{0};
   std::vector<rte_mbuf*> early_;   // poller only: frame seq at early_[seq % size]
+  uint32_t early_count_ = 0;       // poller only: frames in early_
   uint64_t expected_ = 1;          // poller only: the next frame in order
   bool ack_due_ = false;           // poller only: something to acknowledge
   bool ack_now_ = false;           // poller only: and it cannot wait for more frames
@@ -846,18 +849,19 @@ Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
     ethernet->dst_addr = peer_mac_;
     ethernet->src_addr = port_->mac();
     ethernet->ether_type = rte_cpu_to_be_16(kEtherType);
-    FrameHeader header{kMagic,
-                       options_.protocol_version,
-                       kData,
-                       static_cast<uint8_t>(first ? kFlagFirst : 0),
-                       0,
-                       link_,
-                       conn_,
-                       frame_seq,
-                       0,
-                       static_cast<uint32_t>(first ? total : 0),
-                       static_cast<uint16_t>(payload),
-                       0};
+    FrameHeader header{
+        kMagic,
+        options_.protocol_version,
+        kData,
+        static_cast<uint8_t>((first ? kFlagFirst : 0) | (left == payload ? kFlagLast : 0)),
+        0,
+        link_,
+        conn_,
+        frame_seq,
+        0,
+        static_cast<uint32_t>(first ? total : 0),
+        static_cast<uint16_t>(payload),
+        0};
     std::memcpy(bytes + kEthernetHeader, &header, sizeof(header));
     uint8_t* out = bytes + kHeaders;
     for (size_t want = payload; want > 0;) {
@@ -1057,18 +1061,22 @@ void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_e
           s += run;
         }
         acked_.store(header.seq, std::memory_order_release);
+        acked = header.seq;
         last_progress_ = now;
         rto_ = kInitialRto;
-        if (recover_through_ > header.seq) {
+        if (recover_through_ > acked) {
+          fast_retransmitted_ = acked + 1;
           Retransmit(1);  // a partial ack: the next hole (the timer keeps running: a burst
                           // of losses is resent by it, not one frame per round trip)
         } else {
           recover_through_ = 0;
           retransmitted_at_ = last_progress_;
         }
-      } else if ((header.flags & kFlagOutOfOrder) && header.seq == acked && sent > acked &&
-                 fast_retransmitted_ != acked + 1) {
-        // The receiver got something past a gap: resend the gap's first frame once.
+      }
+      // The receiver got something past a gap: resend the gap's first frame once. (With
+      // delayed acknowledgement the same ACK often acknowledges the frames before the gap.)
+      if ((header.flags & kFlagOutOfOrder) && header.seq == acked && sent > acked &&
+          fast_retransmitted_ != acked + 1) {
         fast_retransmitted_ = acked + 1;
         recover_through_ = sent;
         Retransmit(1);
@@ -1088,17 +1096,25 @@ void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_e
       if (header.seq == expected_ && room > 0) {
         ++unacked_;
         last_data_ = now;
+        // A message's end is acknowledged at once: its receiver may turn to other work
+        // and leave the port to the poller, which waits out its cover first.
+        if (header.flags & kFlagLast) ack_now_ = true;
         uint64_t tail = ring_tail_.load(std::memory_order_relaxed);
         ring_[tail % kReceiveQueueFrames] = frame;
         ++tail;
         ++expected_;
-        // Frames that arrived early follow it.
+        // Frames that arrived early follow it. A gap filled (a resent frame came) is
+        // acknowledged at once, as out of order if another gap follows: the sender is
+        // recovering and resends the next hole on that ACK.
         while (rte_mbuf*& next = early_[expected_ % kReceiveQueueFrames]) {
           ring_[tail % kReceiveQueueFrames] = next;
           next = nullptr;
           ++tail;
           ++expected_;
+          --early_count_;
+          ack_now_ = true;
         }
+        if (early_count_ > 0) ack_flags_ |= kFlagOutOfOrder;
         ring_tail_.store(tail, std::memory_order_release);
         NotifyIfWaiting(receive_cv_, receive_waiting_);
         return;  // the frame is the ring's now
@@ -1106,9 +1122,10 @@ void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_e
       if (header.seq > expected_ && header.seq - expected_ < room) {
         rte_mbuf*& slot = early_[header.seq % kReceiveQueueFrames];
         ack_flags_ |= kFlagOutOfOrder;
-        ack_now_ = true;  // the sender resends the gap's first frame at once
+        ack_now_ = true;  // the sender resends the gap's first frame on it
         if (!slot) {
           slot = frame;
+          ++early_count_;
           return;
         }
       }
@@ -1121,14 +1138,14 @@ void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_e
   rte_pktmbuf_free(frame);
 }
 
-void Connection::OnTimer(Clock::time_point now, int frames) {
+void Connection::OnTimer(Clock::time_point now) {
   if (window_update_.exchange(false, std::memory_order_acq_rel)) ack_due_ = ack_now_ = true;
   // Delayed acknowledgement: while frames stream in, one ACK per kAckEveryFrames of them
   // (an ACK per poll was one per frame or two when the receiver kept up with the sender,
-  // and each costs both sides a frame); the rest once the stream paused for kAckDelay; at
-  // once on a gap or a duplicate and when asked.
-  if (ack_due_ &&
-      (ack_now_ || unacked_ >= kAckEveryFrames || (frames <= 0 && now - last_data_ >= kAckDelay))) {
+  // and each costs both sides a frame); the rest once no DATA came in order for kAckDelay
+  // (frames the other way, ACKs of our own sends, do not hold it back); at once at a
+  // message's end, on a gap, a filled gap or a duplicate, and when asked.
+  if (ack_due_ && (ack_now_ || unacked_ >= kAckEveryFrames || now - last_data_ >= kAckDelay)) {
     SendAck(ack_flags_);
     ack_due_ = ack_now_ = false;
     unacked_ = 0;
@@ -1365,7 +1382,7 @@ int Port::PollOnce(bool by_poller) {
     }
     next_link_check_ = now + kLinkCheckInterval;
   }
-  if (connection_) connection_->OnTimer(now, count);
+  if (connection_) connection_->OnTimer(now);
   if (count > 0) last_frame_.store(now.time_since_epoch().count(), std::memory_order_relaxed);
   if (!by_poller) last_user_poll_.store(now.time_since_epoch().count(), std::memory_order_relaxed);
   return count;

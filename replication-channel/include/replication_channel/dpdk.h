@@ -45,7 +45,10 @@
 //   u16 reserved (0)
 // Types: SYN (connect; payload: nothing), SYN_ACK, REFUSE (payload: why, text), DATA,
 // ACK, PROBE (asks for an ACK: window and loss recovery), RST (the connection ends).
-// Flags: FIRST on a message's first DATA frame. A message is the payload of its frames
+// Flags: FIRST (1) on a message's first DATA frame, LAST (4) on its last (the receiver
+// acknowledges it at once; other DATA frames are acknowledged every 32 or after a short
+// pause, and a receiver that ignores LAST is still correct), OUT_OF_ORDER (2) on an ACK sent
+// because a frame arrived past a gap. A message is the payload of its frames
 // in order; frames are at most the port's MTU (jumbo frames where the port takes them).
 //
 // Reliability: cumulative acks, the receiver keeps frames that arrive early (up to its

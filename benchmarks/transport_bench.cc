@@ -325,12 +325,13 @@ rte_mempool* RawPool() {
 }
 
 // Frames of `frame_bytes` from raw port `from` to raw port `to` for `seconds`: MB/s of
-// frames received. `copy`: the sender copies each frame's bytes out of a 64 MiB buffer and
-// the receiver into another, as any user of the frames must (the transport does the same
-// two copies, from and into the caller's memory).
+// frames received. `copy`: the sender copies each frame's bytes out of a buffer of `span`
+// bytes, over and over, and the receiver into another, as any user of the frames must (the
+// transport does the same two copies, from the caller's epoch and into its receive buffer,
+// which are as big as an epoch: hot in cache for small ones, not for large ones).
 double RawFramesMbps(const RawPort& from, const RawPort& to, size_t frame_bytes, double seconds,
-                     bool copy) {
-  constexpr size_t kSpan = 64u << 20;
+                     bool copy, size_t span) {
+  const size_t kSpan = std::max(span, 4 * frame_bytes);
   std::vector<uint8_t> source(copy ? kSpan : 0, 0x5A), sink(copy ? kSpan : 0);
   rte_mempool* pool = RawPool();
   if (!pool || !from.ok || !to.ok) return 0;
@@ -396,28 +397,28 @@ double RawFramesMbps(const RawPort& from, const RawPort& to, size_t frame_bytes,
 // rate is measured right beside whatever comes after (before a stream: copy, raw; after it:
 // raw, copy).
 std::pair<double, double> RawAndCopyMbps(const RawPort& from, const RawPort& to, size_t frame,
-                                         double seconds, bool copy_first) {
+                                         double seconds, bool copy_first, size_t span) {
   if (copy_first) {
-    double copy = RawFramesMbps(from, to, frame, seconds, true);
-    return {RawFramesMbps(from, to, frame, seconds, false), copy};
+    double copy = RawFramesMbps(from, to, frame, seconds, true, span);
+    return {RawFramesMbps(from, to, frame, seconds, false, span), copy};
   }
-  double raw = RawFramesMbps(from, to, frame, seconds, false);
-  return {raw, RawFramesMbps(from, to, frame, seconds, true)};
+  double raw = RawFramesMbps(from, to, frame, seconds, false, span);
+  return {raw, RawFramesMbps(from, to, frame, seconds, true, span)};
 }
 
 // Raw memif: two more ports on their own socket.
 std::pair<double, double> RawMemif(size_t frame, double seconds, const std::string& socket,
-                                   bool copy_first) {
+                                   bool copy_first, size_t span) {
   static RawPort server =
       OpenRawPort("net_memif90,role=server,socket=" + socket + ",socket-abstract=no", RawPool());
   static RawPort client =
       OpenRawPort("net_memif91,role=client,socket=" + socket + ",socket-abstract=no", RawPool());
-  return RawAndCopyMbps(client, server, frame, seconds, copy_first);
+  return RawAndCopyMbps(client, server, frame, seconds, copy_first, span);
 }
 
 // Raw af_packet: two more ports on a second veth between the same namespaces.
 std::pair<double, double> RawAfPacket(size_t frame, double seconds, const std::string& ns_a,
-                                      const std::string& ns_b, bool copy_first) {
+                                      const std::string& ns_b, bool copy_first, size_t span) {
   static RawPort receiver, sender;  // opened once: a DPDK device is probed once
   static bool opened = false;
   if (!std::exchange(opened, true)) {
@@ -428,7 +429,7 @@ std::pair<double, double> RawAfPacket(size_t frame, double seconds, const std::s
       sender = OpenRawPort("net_af_packet91,iface=lstb1b,framecnt=4096", RawPool());
     });
   }
-  return RawAndCopyMbps(sender, receiver, frame, seconds, copy_first);
+  return RawAndCopyMbps(sender, receiver, frame, seconds, copy_first, span);
 }
 
 std::string Human(size_t bytes) {
@@ -579,8 +580,9 @@ int main(int argc, char** argv) {
       // The raw rate is measured right beside the stream on both sides (raw+copy further out).
       auto measure_raw = [&](bool copy_first) -> std::pair<double, double> {
         if (!frames) return {LoopbackSocketMbps(epoch, seconds), 0.0};
-        return p.medium == "memif" ? RawMemif(frame, seconds, socket_dir + "/raw.sock", copy_first)
-                                   : RawAfPacket(frame, seconds, ns_a, ns_b, copy_first);
+        return p.medium == "memif"
+                   ? RawMemif(frame, seconds, socket_dir + "/raw.sock", copy_first, epoch)
+                   : RawAfPacket(frame, seconds, ns_a, ns_b, copy_first, epoch);
       };
       const int tries = quick ? 1 : kPairTries;
       for (int r = 0; r < repeat && row.note.empty(); ++r) {
@@ -668,7 +670,8 @@ int main(int argc, char** argv) {
       "raw: memif or af_packet frames of the transport's size with nothing of ours in the way "
       "(dpdk rows; af_packet counts the frames that arrived), a plain loopback TCP socket with "
       "the same write size (tcp rows); raw+copy: the frames' payload copied from and into "
-      "memory, as any user's must be; same run. 2thr p50: the ACK read by another thread "
+      "buffers of the epoch's size, as any user's must be; same run. 2thr p50: the ACK read by "
+      "another thread "
       "than the sender's, as the engine does. Medians of %d measurements; each stream has the "
       "raw medium measured just before and just after it and its ratio is against their "
       "mean (a ratio is the median of those); a pair whose two raw measurements differ by "

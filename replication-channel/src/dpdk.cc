@@ -742,6 +742,7 @@ class Connection final : public Channel {
   std::atomic<uint64_t> bytes_sent_{0};
   std::atomic<bool> send_blocked_{false};
   std::atomic<uint64_t> retransmissions_{0};
+  std::atomic<Clock::rep> resumed_at_{0};  // Send(): the first frame after none outstanding
   // Poller only:
   Clock::time_point last_progress_{};     // the last time acked_ advanced
   Clock::time_point retransmitted_at_{};  // or we retransmitted, whichever is later
@@ -882,6 +883,10 @@ Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
     }
     frame->data_len = static_cast<uint16_t>(kHeaders + payload);
     frame->pkt_len = frame->data_len;
+    if (frame_seq == acked_.load(std::memory_order_acquire) + 1) {
+      // Nothing was outstanding: the retransmission clocks start now (OnTimer).
+      resumed_at_.store(Clock::now().time_since_epoch().count(), std::memory_order_release);
+    }
     rte_mbuf_refcnt_update(frame, 1);  // ours until acknowledged; the other is the PMD's
     inflight_[frame_seq % capacity_] = frame;
     next_seq_ = frame_seq + 1;
@@ -1163,6 +1168,13 @@ void Connection::OnTimer(Clock::time_point now) {
       port_->SendControl(peer_mac_, options_.protocol_version, kProbe, 0, link_, conn_, acked, 0);
     }
   } else {
+    // The clocks run from the last progress, or from when frames went out again after
+    // nothing was outstanding: the polls that would have moved them up while the channel
+    // was idle may not have run (a poller starved of CPU: resends seen on memif).
+    const auto resumed =
+        Clock::time_point(Clock::duration(resumed_at_.load(std::memory_order_acquire)));
+    last_progress_ = std::max(last_progress_, resumed);
+    retransmitted_at_ = std::max(retransmitted_at_, resumed);
     auto silent = now - last_progress_;
     if (silent > options_.peer_timeout) {
       Lose("no acknowledgement for " +

@@ -76,7 +76,7 @@ enum FrameType : uint8_t {
 };
 constexpr uint8_t kFlagFirst = 1;       // DATA: the message's first frame
 constexpr uint8_t kFlagLast = 4;        // DATA: the message's last frame (ACK it at once)
-constexpr uint8_t kFlagOutOfOrder = 2;  // ACK: sent because a frame arrived past a gap
+constexpr uint8_t kFlagOutOfOrder = 2;  // ACK: frames past a gap are held (resend the gap)
 
 struct __attribute__((packed)) FrameHeader {
   uint32_t magic;
@@ -744,7 +744,7 @@ class Connection final : public Channel {
   std::atomic<uint64_t> retransmissions_{0};
   std::atomic<Clock::rep> resumed_at_{0};  // Send(): the first frame after none outstanding
   // Poller only:
-  Clock::time_point last_progress_{};     // the last time acked_ advanced
+  Clock::time_point last_progress_{};     // the last time acked_ advanced (or resumed_at_)
   Clock::time_point retransmitted_at_{};  // or we retransmitted, whichever is later
   Clock::time_point last_probe_{};
   microseconds rto_ = kInitialRto;
@@ -763,7 +763,6 @@ class Connection final : public Channel {
   bool ack_now_ = false;           // poller only: and it cannot wait for more frames
   uint32_t unacked_ = 0;           // poller only: in-order frames since the last ACK
   Clock::time_point last_data_{};  // poller only: when the last of them came
-  uint8_t ack_flags_ = 0;          // poller only
   std::atomic<uint32_t> advertised_window_{kReceiveQueueFrames};
   std::atomic<bool> window_update_{false};
   // Receive() only: the message in progress (kept across a kTimedOut).
@@ -1108,25 +1107,24 @@ void Connection::OnFrame(rte_mbuf* frame, const FrameHeader& header, const rte_e
         ring_[tail % kReceiveQueueFrames] = frame;
         ++tail;
         ++expected_;
-        // Frames that arrived early follow it. A gap filled (a resent frame came) is
-        // acknowledged at once, as out of order if another gap follows: the sender is
-        // recovering and resends the next hole on that ACK.
+        // Frames that arrived early follow it. While frames past a gap are held, the frame
+        // that fills or shortens the gap is acknowledged at once (as out of order if a gap
+        // remains): the sender is recovering and resends the next hole on that ACK.
+        const bool gap = early_count_ > 0;
         while (rte_mbuf*& next = early_[expected_ % kReceiveQueueFrames]) {
           ring_[tail % kReceiveQueueFrames] = next;
           next = nullptr;
           ++tail;
           ++expected_;
           --early_count_;
-          ack_now_ = true;
         }
-        if (early_count_ > 0) ack_flags_ |= kFlagOutOfOrder;
+        if (gap) ack_now_ = true;
         ring_tail_.store(tail, std::memory_order_release);
         NotifyIfWaiting(receive_cv_, receive_waiting_);
         return;  // the frame is the ring's now
       }
       if (header.seq > expected_ && header.seq - expected_ < room) {
         rte_mbuf*& slot = early_[header.seq % kReceiveQueueFrames];
-        ack_flags_ |= kFlagOutOfOrder;
         ack_now_ = true;  // the sender resends the gap's first frame on it
         if (!slot) {
           slot = frame;
@@ -1149,12 +1147,13 @@ void Connection::OnTimer(Clock::time_point now) {
   // (an ACK per poll was one per frame or two when the receiver kept up with the sender,
   // and each costs both sides a frame); the rest once no DATA came in order for kAckDelay
   // (frames the other way, ACKs of our own sends, do not hold it back); at once at a
-  // message's end, on a gap, a filled gap or a duplicate, and when asked.
+  // message's end, on a gap opened, shortened or filled, on a duplicate, and when asked.
   if (ack_due_ && (ack_now_ || unacked_ >= kAckEveryFrames || now - last_data_ >= kAckDelay)) {
-    SendAck(ack_flags_);
+    // OUT_OF_ORDER says what holds now (a flag gathered since the last ACK could outlive
+    // the gap it was set for, and the sender would resend a frame that was never lost).
+    SendAck(early_count_ > 0 ? kFlagOutOfOrder : 0);
     ack_due_ = ack_now_ = false;
     unacked_ = 0;
-    ack_flags_ = 0;
   }
   if (!established_flag_ || dead()) return;
   uint64_t acked = acked_.load(std::memory_order_relaxed);

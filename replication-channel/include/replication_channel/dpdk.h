@@ -47,12 +47,13 @@
 // ACK, PROBE (asks for an ACK: window and loss recovery), RST (the connection ends).
 // Flags: FIRST (1) on a message's first DATA frame, LAST (4) on its last (the receiver
 // acknowledges it at once; other DATA frames are acknowledged every 32 or after a short
-// pause, and a receiver that ignores LAST is still correct), OUT_OF_ORDER (2) on an ACK sent
-// because a frame arrived past a gap. A message is the payload of its frames
+// pause, and a receiver that ignores LAST is still correct), OUT_OF_ORDER (2) on an ACK while
+// the receiver holds frames past a gap (sent at once when a frame opens, shortens or fills
+// one). A message is the payload of its frames
 // in order; frames are at most the port's MTU (jumbo frames where the port takes them).
 //
 // Reliability: cumulative acks, the receiver keeps frames that arrive early (up to its
-// window); the sender retransmits the first unacknowledged frame on a duplicate ack and
+// window); the sender retransmits the first unacknowledged frame on an OUT_OF_ORDER ack and
 // after a timeout, and every one up to the sender's point of loss while recovering (like
 // TCP NewReno). Flow control: the sender never has more frames past the last ack than
 // the receiver's advertised window or DpdkOptions::window_frames. Peer loss: an RST, the

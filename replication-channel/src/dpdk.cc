@@ -799,7 +799,6 @@ Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
   // a frame's bookkeeping); never more than the message needs.
   rte_mbuf* spare[kBurst];
   uint16_t spares = 0, spare_at = 0;
-  auto drop_spares = [&] { rte_pktmbuf_free_bulk(spare + spare_at, spares - spare_at); };
   size_t slice = 0;
   size_t slice_offset = 0;
   size_t left = total;
@@ -823,7 +822,7 @@ Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
     }
     if (dead()) {
       if (batched > 0) rte_pktmbuf_free_bulk(batch, batched);
-      drop_spares();
+      rte_pktmbuf_free_bulk(spare + spare_at, spares - spare_at);
       return Gone();
     }
     if (spare_at == spares) {
@@ -882,8 +881,9 @@ Status Connection::Send(std::span<const ConstSlice> gather, uint64_t* seq) {
     }
     frame->data_len = static_cast<uint16_t>(kHeaders + payload);
     frame->pkt_len = frame->data_len;
-    if (frame_seq == acked_.load(std::memory_order_acquire) + 1) {
-      // Nothing was outstanding: the retransmission clocks start now (OnTimer).
+    if (first && frame_seq == acked_.load(std::memory_order_acquire) + 1) {
+      // Nothing was outstanding: the retransmission clocks start now (OnTimer). Checked once
+      // per message: if acks catch up within one, the poll that took them moved the clocks.
       resumed_at_.store(Clock::now().time_since_epoch().count(), std::memory_order_release);
     }
     rte_mbuf_refcnt_update(frame, 1);  // ours until acknowledged; the other is the PMD's
